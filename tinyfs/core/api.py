@@ -1,0 +1,271 @@
+"""The Python API (SPEC section 9): Archive, transactions as context managers, read access."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .commit import CommitRequest, CommitResult, NewFile, commit
+from .errors import Forbidden, InvalidName, NotFound, TinyfsError
+from .ids import check_label, check_logical_path, check_rid, parent_of
+from .layout import ArchiveRoot, init_archive
+from .model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State
+
+
+class Archive:
+    """An archive root. `with Archive(path) as a:` or plain use; nothing needs closing today."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = ArchiveRoot(root)
+
+    @staticmethod
+    def init(root: str | os.PathLike, mode: str = "preservation", digests: list[str] | None = None,
+             immutable: bool = False) -> Archive:
+        init_archive(root, mode, digests, immutable)
+        return Archive(root)
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.root.resource_ids())
+
+    def __contains__(self, rid: str) -> bool:
+        return self.root.exists(rid)
+
+    def new(self, rid: str | None = None, *, message: str = "", creator: str = "", label: str | None = None
+            ) -> Transaction:
+        """A transaction creating a new resource (id: a fresh UUIDv7 when not given)."""
+        if rid is None:
+            from .ids import new_instance_id
+            rid = new_instance_id()
+        check_rid(rid)
+        if self.root.exists(rid):
+            from .errors import AlreadyExists
+            raise AlreadyExists(f"resource {rid!r} already exists")
+        return Transaction(self.root, rid, None, message=message, creator=creator, label=label)
+
+    def get(self, rid: str, mode: str = "r", *, message: str = "", creator: str = "",
+            label: str | None = None) -> Resource | Transaction:
+        """mode "r": a Resource to read; "a" or "t": a transaction on top of its current state."""
+        head = self.root.require(rid)
+        if mode == "r":
+            return Resource(self.root, rid)
+        if mode in ("a", "t"):
+            return Transaction(self.root, rid, head, message=message, creator=creator, label=label)
+        raise InvalidName(f"unknown mode {mode!r} (use 'r', 'a' or 't')")
+
+    def events(self, start: str | None = None) -> Iterator[dict]:
+        return self.root.events.read(start)
+
+    def purge(self, rid: str) -> None:
+        from .commit import purge
+        purge(self.root, rid)
+
+
+class Resource:
+    """Read access to a resource's current state (or any instance's)."""
+
+    def __init__(self, root: ArchiveRoot, rid: str):
+        self._root, self.id = root, rid
+
+    @property
+    def instances(self) -> list[InstanceDoc]:
+        return [self._root.instance(self.id, iid) for iid in self._root.instance_ids(self.id)]
+
+    def state(self, instance: str | None = None) -> State:
+        return self._root.state(self.id, self._root.resolve_instance(self.id, instance))
+
+    def open(self, path: str, instance: str | None = None) -> BinaryIO:
+        iid = self._root.resolve_instance(self.id, instance)
+        doc = self._root.instance(self.id, iid)
+        entry = doc.state.files.get(path)
+        if entry is None:
+            raise NotFound(f"{self.id}: no file {path!r} in instance {iid}")
+        return open(self._root.stored_path(self.id, doc.stored[entry.digest]), "rb")
+
+    def read(self, path: str, instance: str | None = None) -> bytes:
+        with self.open(path, instance) as f:
+            return f.read()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state().files)
+
+
+class Transaction:
+    """Changes to one resource, committed on a clean `with` exit, dropped on an exception.
+
+    Bytes are read at commit (copied into the new bag while they are hashed, one pass).
+    """
+
+    def __init__(self, root: ArchiveRoot, rid: str, base: str | None, *, message: str = "",
+                 creator: str = "", label: str | None = None):
+        self._root, self.rid, self.base = root, rid, base
+        self.message, self.creator = message, creator
+        self.label = check_label(label) if label is not None else None
+        self._base_state = root.state(rid, base) if base else State()
+        self._changes: dict[str, object] = {}
+        self.result: CommitResult | None = None
+        self._done = False
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    # -- what exists in the transaction so far ------------------------------
+    def _current(self, path: str):
+        if path in self._changes:
+            return self._changes[path]
+        return self._base_state.get(path)
+
+    def _paths(self) -> set[str]:
+        live = {p for p in self._base_state.entries() if self._changes.get(p, True) is not None}
+        return live | {p for p, c in self._changes.items() if c is not None}
+
+    def _ensure_parents(self, path: str) -> None:
+        parent = parent_of(path)
+        if not parent:
+            return
+        existing = self._current(parent)
+        if isinstance(existing, DirEntry):
+            return
+        if existing is not None:
+            raise InvalidName(f"{parent!r} exists and is not a directory")
+        self._ensure_parents(parent)
+        self._changes[parent] = DirEntry(0o755, _now_ns())
+
+    # -- changes ---------------------------------------------------------
+    def add(self, source: str | os.PathLike, path: str | None = None) -> None:
+        """Add a file, symlink or directory tree at `path` (default: its base name)."""
+        self._check_open()
+        source = Path(source)
+        path = check_logical_path(path if path is not None else _name_of(source))
+        st = os.lstat(source)
+        self._remove_tree(path)
+        self._ensure_parents(path)
+        self._add_one(source, path, st)
+        if stat.S_ISDIR(st.st_mode):
+            for dirpath, dirs, files in os.walk(source):
+                rel_dir = os.path.relpath(dirpath, source)
+                for name in sorted(dirs + files):
+                    full = Path(dirpath, name)
+                    rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                    self._add_one(full, check_logical_path(f"{path}/{_decoded(rel)}"), os.lstat(full))
+
+    def _add_one(self, source: Path, path: str, st: os.stat_result) -> None:
+        if stat.S_ISREG(st.st_mode):
+            self._changes[path] = NewFile(source, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns,
+                                          _user_xattrs(source), linkable=False)
+        elif stat.S_ISDIR(st.st_mode):
+            self._changes[path] = DirEntry(stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+        elif stat.S_ISLNK(st.st_mode):
+            self._changes[path] = LinkEntry(os.readlink(source), st.st_mtime_ns)
+        else:
+            raise Forbidden(f"{source}: only regular files, directories and symbolic links can be archived")
+
+    def add_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Add a file from memory (written to a temporary file read again at commit)."""
+        import tempfile
+        self._check_open()
+        check_logical_path(path)
+        fd, tmp = tempfile.mkstemp(prefix=".api-", dir=self._root.transactions)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        self._remove_tree(path)
+        self._ensure_parents(path)
+        self._changes[path] = NewFile(Path(tmp), len(data), mode, _now_ns(), linkable=True)
+
+    def remove(self, path: str) -> None:
+        """Remove a file, symlink or directory (with everything below it)."""
+        self._check_open()
+        if self._current(path) is None:
+            raise NotFound(f"{self.rid}: no {path!r} to remove")
+        self._remove_tree(path)
+
+    def _remove_tree(self, path: str) -> None:
+        prefix = path + "/"
+        for p in [p for p in self._paths() if p == path or p.startswith(prefix)]:
+            if p in self._base_state.entries():
+                self._changes[p] = None
+            else:
+                self._changes.pop(p, None)
+
+    # -- ending ------------------------------------------------------------
+    def commit(self) -> CommitResult:
+        self._check_open()
+        self._done = True
+        req = CommitRequest(self.rid, self.base, dict(self._changes), message=self.message,
+                            creator=self.creator, label=self.label)
+        try:
+            self.result = commit(self._root, req)
+        finally:
+            self._cleanup()
+        return self.result
+
+    def rollback(self) -> None:
+        if not self._done:
+            self._done = True
+            self._cleanup()
+            self._root.events.append("transaction.rolled_back", self.rid, None)
+
+    def _cleanup(self) -> None:
+        for change in self._changes.values():
+            if isinstance(change, NewFile) and change.linkable:
+                try:
+                    os.unlink(change.source)
+                except FileNotFoundError:
+                    pass
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise TinyfsError("this transaction is already committed or rolled back")
+
+
+def _name_of(source: Path) -> str:
+    name = os.path.basename(os.path.normpath(os.path.abspath(source)))
+    return _decoded(name)
+
+
+def _decoded(name: str) -> str:
+    """A name from os.listdir; one that was not UTF-8 is refused (EILSEQ)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        from .errors import BadEncoding
+        raise BadEncoding(f"name is not valid UTF-8: {os.fsencode(name)!r}") from None
+    return name
+
+
+def _user_xattrs(source: Path) -> dict[str, str]:
+    try:
+        names = os.listxattr(source, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        if name.startswith("user.") and not name.startswith("user.tinyfs."):
+            try:
+                out[name] = base64.b64encode(os.getxattr(source, name, follow_symlinks=False)).decode()
+            except OSError:
+                pass
+    return out
+
+
+def _now_ns() -> int:
+    import time
+    return time.time_ns()
+
+
+__all__ = ["Archive", "Resource", "Transaction", "FileEntry"]

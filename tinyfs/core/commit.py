@@ -1,0 +1,400 @@
+"""Turning a transaction into a new instance: atomic, durable, deduplicated.
+
+Order of work (SPEC sections 3-6):
+  1. Under the resource lock, stage the new bag in transactions/.commit-<rid>-<iid>/.
+  2. Resolve digests of new bytes (hashing on all cores where the writer did not already).
+  3. Diff against the transaction's base, apply the changes on top of the head
+     (ESTALE when a path changed on both sides), check the label.
+  4. Place each new digest's bytes once (hard link of a staged blob, or a copy
+     made while hashing), write tag files and instance.json, syncfs.
+  5. One rename into resources/, fsync the parent: the instance exists whole or not at all.
+  6. Log the event. A crash anywhere before 5 leaves only a .commit-* directory,
+     which `recover` deletes; after 5 it leaves leftovers `recover` also deletes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import bagwrite
+from .digests import copy_and_hash, hash_file, parallel
+from .durable import fsync_dir, write_new
+from .errors import Forbidden, LabelTaken, NotFound, Stale, TinyfsError
+from .ids import check_label, check_rid, new_instance_id, parent_of
+from .layout import ArchiveRoot
+from .model import DirEntry, Entry, FileEntry, InstanceDoc, LinkEntry, State, utc_now
+
+log = logging.getLogger(__name__)
+
+COMMIT_PREFIX = ".commit-"
+TRASH_PREFIX = ".trash-"
+ALT_DIR = ".tinyfs"
+# Longest absolute path we let a stored file reach (PATH_MAX is 4096 with the NUL).
+MAX_STORED_ABSPATH = 4000
+
+
+@dataclass
+class NewFile:
+    """Bytes not yet in the archive: a staged blob (linkable) or a user's file (copied)."""
+
+    source: Path
+    size: int
+    mode: int
+    mtime_ns: int
+    xattrs: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] | None = None
+    linkable: bool = True
+    label: str = ""          # the logical path, for error messages
+
+    def entry(self, primary: str) -> FileEntry:
+        return FileEntry(self.digests[primary], self.size, self.mode, self.mtime_ns, self.xattrs)
+
+
+Change = FileEntry | NewFile | LinkEntry | DirEntry | None
+
+
+@dataclass
+class CommitRequest:
+    rid: str
+    base: str | None                     # the head the changes were made against
+    changes: dict[str, Change]           # path -> new entry, or None to remove
+    full: bool = False                   # True: `changes` is the whole target state, not a delta
+    message: str = ""
+    creator: str = ""
+    label: str | None = None
+    marker: Callable[[str], None] | None = None   # told the new iid just before the final rename
+
+
+@dataclass
+class CommitResult:
+    instance: str | None                 # None: nothing changed, nothing committed
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    bytes_stored: int = 0
+    files_stored: int = 0
+
+
+def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], None] | None = None) -> CommitResult:
+    check_rid(req.rid)
+    if req.label is not None:
+        check_label(req.label)
+    with archive.resource_lock(req.rid):
+        head = archive.head(req.rid)
+        iid = new_instance_id(after=head)
+        stage = archive.transactions / f"{COMMIT_PREFIX}{req.rid}-{iid}"
+        stage.mkdir()
+        try:
+            return _commit_locked(archive, req, head, iid, stage, progress)
+        except BaseException as e:
+            shutil.rmtree(stage, ignore_errors=True, onerror=_force_remove)
+            if isinstance(e, TinyfsError) or isinstance(e, OSError):
+                archive.events.append("commit.failed", req.rid, None, error=str(e))
+            raise
+
+
+def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, iid: str, stage: Path,
+                   progress) -> CommitResult:
+    cfg = archive.config
+    if req.base is not None and head is None:
+        raise Stale(f"resource {req.rid!r} no longer exists")
+    base_state = archive.state(req.rid, req.base) if req.base else State()
+    head_doc = archive.instance(req.rid, head) if head else None
+    head_state = head_doc.state if head_doc else State()
+
+    pending = stage / "pending"
+    pending.mkdir()
+    new_files = _resolve_digests(req.changes, cfg.digests, pending, progress)
+    changes = {p: (c.entry(cfg.primary) if isinstance(c, NewFile) else c) for p, c in req.changes.items()}
+    delta = _diff(base_state, changes) if req.full else _drop_noops(base_state, changes)
+    merged = _merge(base_state, head_state, delta, req.rid)
+    _check_tree(merged)
+
+    if req.label is not None and req.label in archive.labels(req.rid):
+        raise LabelTaken(f"label {req.label!r} is already used by resource {req.rid!r}")
+    if head is not None and merged.entries() == head_state.entries() and req.label is None:
+        archive.events.append("transaction.unchanged", req.rid, head)
+        shutil.rmtree(stage)
+        return CommitResult(None)
+    if head is None and not merged.entries():
+        archive.events.append("transaction.unchanged", req.rid, None)
+        shutil.rmtree(stage)
+        return CommitResult(None)
+
+    dynamic = cfg.mode == "dynamic"
+    res_rel = Path("instances") / iid
+    inst = stage / res_rel
+    (inst / "data").mkdir(parents=True)
+    stored: dict[str, str] = {}
+    if head_doc and not dynamic:
+        wanted = {f.digest for f in merged.files.values()}
+        stored = {d: p for d, p in head_doc.stored.items() if d in wanted}
+    sources = _sources_by_digest(new_files, cfg.primary)
+    to_store = sorted({f.digest for f in merged.files.values()} - set(stored))
+    first_path = {}
+    for path, f in sorted(merged.files.items()):
+        first_path.setdefault(f.digest, path)
+    names = _stored_names({d: first_path[d] for d in to_store}, archive, req.rid, iid, stage)
+    payload: dict[str, dict[str, str]] = {}
+    total = 0
+    for digest in to_store:
+        rel = names[digest]
+        dest = inst / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if digest in sources:
+            src = sources[digest]
+            if src.linkable:
+                os.link(src.source, dest)
+            else:
+                os.rename(src.source, dest)
+            payload[rel] = src.digests
+            size = src.size
+        else:  # dynamic mode: bytes kept from the instance being replaced
+            old_rel = head_doc.stored[digest]
+            os.link(archive.stored_path(req.rid, old_rel), dest)
+            payload[rel] = _manifest_digests(archive, req.rid, old_rel, cfg.digests)
+            size = merged.files[first_path[digest]].size
+        stored[digest] = f"{res_rel}/{rel}"
+        total += size
+    shutil.rmtree(pending)
+
+    doc = InstanceDoc(iid, req.rid, head, utc_now(), req.message or "", req.creator or "", req.label,
+                      cfg.primary, merged, dict(sorted(stored.items())))
+    info = bagwrite.bag_info(req.rid, total, len(payload), [
+        ("Internal-Sender-Description", doc.message), ("Contact-Name", doc.creator),
+        ("Tinyfs-Label", doc.label or ""), ("Tinyfs-Instance", iid), ("Tinyfs-Previous", head or "")])
+    worm = cfg.mode == "worm"
+    bagwrite.write_tag_files(inst, cfg.digests, payload, info, {"instance.json": doc.to_json_bytes()},
+                             mode=0o444 if worm else 0o644)
+    if worm:
+        _make_read_only(inst)
+    counts = _counts(head_state, merged)
+
+    resource_dir = archive.resource_dir(req.rid)
+    if head is None:
+        write_new(stage / "resource.json",
+                  f'{{"created": "{doc.created}", "id": "{req.rid}"}}\n'.encode(), 0o444 if worm else 0o644)
+    bagwrite.syncfs(stage)                      # every payload byte and tag file of the new bag, in one call
+    if req.marker:
+        req.marker(iid)
+    if head is None:
+        resource_dir.parent.mkdir(parents=True, exist_ok=True)
+        fsync_dir(resource_dir.parent.parent)
+        fsync_dir(resource_dir.parent)
+        os.rename(stage, resource_dir)          # the atomic step for a new resource
+        fsync_dir(resource_dir.parent)
+    else:
+        os.rename(inst, resource_dir / res_rel)  # the atomic step for a new instance
+        fsync_dir(resource_dir / "instances")
+        shutil.rmtree(stage)
+    if cfg.immutable:
+        set_immutable_tree(resource_dir / res_rel)
+    if dynamic and head is not None:
+        drop_older_instances(archive, req.rid, iid)
+    result = CommitResult(iid, *counts, bytes_stored=total, files_stored=len(payload))
+    archive.events.append("transaction.committed", req.rid, iid, added=result.added, changed=result.changed,
+                          removed=result.removed, bytes_stored=total, files_stored=len(payload),
+                          label=req.label, message=doc.message)
+    return result
+
+
+def _resolve_digests(changes: dict[str, Change], algorithms, pending: Path, progress) -> list[NewFile]:
+    """Give every NewFile all configured digests: hash staged blobs that lack them; copy users' files
+    into `pending` while hashing them (one read pass), all on every core."""
+    todo = [c for c in changes.values() if isinstance(c, NewFile)]
+    for p, c in changes.items():
+        if isinstance(c, NewFile):
+            c.label = p
+
+    def resolve(item: tuple[int, NewFile]) -> None:
+        n, nf = item
+        if not nf.linkable:
+            copy = pending / str(n)
+            try:
+                nf.digests, nf.size = copy_and_hash(nf.source, copy, algorithms, progress)
+            except FileNotFoundError:
+                raise NotFound(f"{nf.source}: no such file", path=nf.label) from None
+            nf.source = copy
+        elif nf.digests is None or not all(a in nf.digests for a in algorithms):
+            nf.digests = hash_file(nf.source, algorithms, progress)
+            if os.stat(nf.source).st_size != nf.size:
+                raise TinyfsError(f"{nf.label}: changed while it was being committed", path=nf.label)
+
+    parallel(resolve, list(enumerate(todo)))
+    return todo
+
+
+def _sources_by_digest(new_files: list[NewFile], primary: str) -> dict[str, NewFile]:
+    out: dict[str, NewFile] = {}
+    for nf in sorted(new_files, key=lambda f: f.label):
+        out.setdefault(nf.digests[primary], nf)
+    return out
+
+
+def _diff(base: State, target: dict[str, Entry]) -> dict[str, Entry | None]:
+    """The changes that turn `base` into the full state `target`."""
+    delta: dict[str, Entry | None] = {}
+    before = base.entries()
+    for path, entry in target.items():
+        if before.get(path) != entry:
+            delta[path] = entry
+    for path in before:
+        if path not in target:
+            delta[path] = None
+    return delta
+
+
+def _drop_noops(base: State, changes: dict[str, Entry | None]) -> dict[str, Entry | None]:
+    before = base.entries()
+    return {p: e for p, e in changes.items() if before.get(p) != e}
+
+
+def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str) -> State:
+    """Apply `delta` (made against `base`) on top of `head`; ESTALE when a path changed on both sides."""
+    result = head.entries()
+    theirs = _diff(base, result)
+    clash = sorted(p for p in delta if p in theirs and theirs[p] != delta[p])
+    if clash:
+        raise Stale(f"resource {rid!r} changed meanwhile and {clash[0]!r} changed on both sides",
+                    path=clash[0])
+    for path, entry in delta.items():
+        if entry is None:
+            result.pop(path, None)
+        else:
+            result[path] = entry
+    return State.from_entries(dict(sorted(result.items())))
+
+
+def _check_tree(state: State) -> None:
+    """Every entry's parent is a directory of the state (a merge can break this)."""
+    for path in state.entries():
+        parent = parent_of(path)
+        if parent and parent not in state.dirs:
+            raise Stale(f"{path!r} has no parent directory in the merged state", path=path)
+
+
+def _counts(before: State, after: State) -> tuple[int, int, int]:
+    added = sum(1 for p in after.files if p not in before.files)
+    changed = sum(1 for p, f in after.files.items() if p in before.files and before.files[p] != f)
+    removed = sum(1 for p in before.files if p not in after.files)
+    return added, changed, removed
+
+
+def _stored_names(wanted: dict[str, str], archive: ArchiveRoot, rid: str, iid: str, stage: Path) -> dict[str, str]:
+    """digest -> "data/..." name in the bag: the logical path where it is safe, else a short chosen name."""
+    final_prefix = len(os.fsencode(archive.instance_dir(rid, iid) / "data")) + 1
+    stage_prefix = len(os.fsencode(stage / "instances" / iid / "data")) + 1
+    room = MAX_STORED_ABSPATH - max(final_prefix, stage_prefix)
+    own: dict[str, str] = {}
+    other: list[str] = []
+    for digest, path in wanted.items():
+        if any(c in path for c in "%\r\n") or len(path.encode()) > room:
+            other.append(digest)
+        else:
+            own[digest] = path
+    tops = {p.split("/", 1)[0] for p in own.values()}
+    alt = ALT_DIR
+    n = 0
+    while alt in tops:
+        n += 1
+        alt = f"{ALT_DIR}-{n}"
+    names = {d: f"data/{p}" for d, p in own.items()}
+    names.update({d: f"data/{alt}/{d[:40]}" for d in other})
+    return names
+
+
+def _manifest_digests(archive: ArchiveRoot, rid: str, stored_rel: str, algorithms) -> dict[str, str]:
+    """Every configured digest of a stored file, from the manifests of the bag that holds it."""
+    parts = Path(stored_rel).parts          # instances/<iid>/data/...
+    bag = archive.resource_dir(rid) / parts[0] / parts[1]
+    inner = "/".join(parts[2:])
+    out = {}
+    for alg in algorithms:
+        digest = bagwrite.read_manifest(bag, alg).get(inner)
+        if digest is None:
+            digest = hash_file(archive.stored_path(rid, stored_rel), [alg])[alg]
+        out[alg] = digest
+    return out
+
+
+def _make_read_only(top: Path) -> None:
+    for dirpath, dirs, files in os.walk(top, topdown=False):
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o444)
+        os.chmod(dirpath, 0o555)
+
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x10
+
+
+def set_immutable(path: Path, on: bool = True) -> bool:
+    """chattr +i (or -i) through the ioctl; False where the file system does not support it."""
+    import array
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        flags[0] = (flags[0] | FS_IMMUTABLE_FL) if on else (flags[0] & ~FS_IMMUTABLE_FL)
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, True)
+        return True
+    except OSError as e:
+        if e.errno in (95, 25, 22):  # EOPNOTSUPP, ENOTTY, EINVAL: not supported here
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+def set_immutable_tree(top: Path) -> bool:
+    ok = True
+    for dirpath, _dirs, files in os.walk(top, topdown=False):
+        for name in files:
+            ok = set_immutable(Path(dirpath, name)) and ok
+        ok = set_immutable(Path(dirpath)) and ok
+    return ok
+
+
+def drop_older_instances(archive: ArchiveRoot, rid: str, keep: str) -> None:
+    """Dynamic mode: remove every instance but `keep`, each by one rename out of resources/ first."""
+    for old in archive.instance_ids(rid):
+        if old != keep:
+            trash = archive.transactions / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
+            os.rename(archive.instance_dir(rid, old), trash)
+            fsync_dir(archive.resource_dir(rid) / "instances")
+            shutil.rmtree(trash, onerror=_force_remove)
+
+
+def _force_remove(func, path, exc_info) -> None:
+    """rmtree helper for read-only trees: make the parent writable and retry."""
+    parent = os.path.dirname(path)
+    try:
+        os.chmod(parent, stat.S_IRWXU)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, stat.S_IRWXU)
+        func(path)
+    except FileNotFoundError:
+        pass
+
+
+def purge(archive: ArchiveRoot, rid: str) -> None:
+    """Delete a resource (dynamic mode only), by one rename out of resources/ first."""
+    if archive.config.mode != "dynamic":
+        raise Forbidden(f"purge is allowed in dynamic mode only; this archive is {archive.config.mode}")
+    archive.require(rid)
+    with archive.resource_lock(rid):
+        trash = archive.transactions / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
+        os.rename(archive.resource_dir(rid), trash)
+        fsync_dir(archive.resource_dir(rid).parent)
+        shutil.rmtree(trash, onerror=_force_remove)
+    archive.events.append("resource.purged", rid, None)

@@ -1,0 +1,68 @@
+"""Durable writes in one place: temp file, fsync, rename, fsync the directory.
+
+Every file the archive writes outside a bag's payload goes through these
+helpers, so a crash leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Create `path` (which must not exist yet) with `data`, fsynced; the caller fsyncs the directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    write_new(tmp, data, mode)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def append_line(path: str | os.PathLike, line: bytes) -> None:
+    """Append one line with O_APPEND (atomic against other appenders) and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(top: str | os.PathLike) -> None:
+    """fsync every file and directory below `top` (bottom-up), then `top` itself."""
+    for dirpath, _dirs, files in os.walk(top, topdown=False):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)

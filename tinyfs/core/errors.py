@@ -1,0 +1,83 @@
+"""Errors of the archive core.
+
+Every error carries an errno so that the mount can answer with it and the
+CLI can print one line; the mount never has to guess from a message.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class TinyfsError(Exception):
+    """Base of every error the core raises on purpose."""
+
+    errno = _errno.EIO
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class InvalidName(TinyfsError):
+    """A resource id, label or logical path breaks the rules of SPEC section 1/4."""
+
+    errno = _errno.EINVAL
+
+
+class BadEncoding(InvalidName):
+    """A name that is not valid UTF-8."""
+
+    errno = _errno.EILSEQ
+
+
+class NameTooLong(InvalidName):
+    errno = _errno.ENAMETOOLONG
+
+
+class NotFound(TinyfsError):
+    errno = _errno.ENOENT
+
+
+class AlreadyExists(TinyfsError):
+    errno = _errno.EEXIST
+
+
+class LabelTaken(AlreadyExists):
+    """The label is used by another instance of the resource."""
+
+
+class NotAnArchive(TinyfsError):
+    errno = _errno.ENOENT
+
+
+class Stale(TinyfsError):
+    """The head moved and a path changed on both sides (SPEC section 5)."""
+
+    errno = _errno.ESTALE
+
+
+class Busy(TinyfsError):
+    errno = _errno.EBUSY
+
+
+class Forbidden(TinyfsError):
+    """A mode rule (WORM, preservation) forbids the operation."""
+
+    errno = _errno.EPERM
+
+
+class Incomplete(TinyfsError):
+    """A staged file whose stored bytes are known to be incomplete."""
+
+    errno = _errno.EIO
+
+
+class InvalidBag(TinyfsError):
+    """A bag given to `ingest --bag` is not valid; `problems` lists every finding."""
+
+    errno = _errno.EINVAL
+
+    def __init__(self, message: str, problems: list):
+        super().__init__(message)
+        self.problems = problems

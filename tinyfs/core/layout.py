@@ -1,0 +1,195 @@
+"""Where things live in an archive root (format tinyfs/1, SPEC section 4), and reading them.
+
+Committed instances never change, so parsed instance documents are cached by
+(rid, iid) without any invalidation; only "which instances exist" is read
+from the directory each time it is asked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .durable import fsync_dir, write_new
+from .errors import AlreadyExists, Busy, InvalidName, NotAnArchive, NotFound
+from .events import EventLog
+from .ids import check_rid, is_instance_id, is_rid
+from .model import InstanceDoc, State, utc_now
+
+FORMAT = "tinyfs/1"
+MODES = ("preservation", "worm", "dynamic")
+DIGESTS = ("sha512", "sha256", "sha384", "sha224", "sha1", "md5")
+LOCKS = ".locks"
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    digests: tuple[str, ...]
+    created: str
+    immutable: bool = False
+
+    @property
+    def primary(self) -> str:
+        return self.digests[0]
+
+
+def init_archive(root: str | os.PathLike, mode: str = "preservation", digests: list[str] | None = None,
+                 immutable: bool = False) -> Path:
+    """Create a new archive at `root` (an absent or empty directory)."""
+    root = Path(root)
+    digests = list(dict.fromkeys(digests or ["sha512"]))
+    if mode not in MODES:
+        raise InvalidName(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    for alg in digests:
+        if alg not in DIGESTS:
+            raise InvalidName(f"unknown digest {alg!r} (choose from {', '.join(DIGESTS)})")
+    if digests[0] not in ("sha512", "sha256"):
+        raise InvalidName("the first digest must be sha512 or sha256")
+    if immutable and mode != "worm":
+        raise InvalidName("--immutable goes with --mode worm")
+    if (root / "tinyfs.json").exists():
+        raise AlreadyExists(f"{root} is already a tinyfs archive")
+    root.mkdir(parents=True, exist_ok=True)
+    if any(root.iterdir()):
+        raise AlreadyExists(f"{root} is not empty")
+    for sub in ("resources", "transactions", f"transactions/{LOCKS}"):
+        (root / sub).mkdir()
+    config = {"format": FORMAT, "mode": mode, "digests": digests, "created": utc_now()}
+    if immutable:
+        config["immutable"] = True
+    EventLog(root / "events.jsonl").append("archive.created", mode=mode, digests=digests)
+    write_new(root / "tinyfs.json", (json.dumps(config, indent=1, sort_keys=True) + "\n").encode())
+    fsync_dir(root / "transactions")
+    fsync_dir(root)
+    return root
+
+
+class ArchiveRoot:
+    """An archive root on disk: its config, its resources and their instances."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+        try:
+            doc = json.loads((self.root / "tinyfs.json").read_text())
+        except FileNotFoundError:
+            raise NotAnArchive(f"{self.root} is not a tinyfs archive (no tinyfs.json)") from None
+        except ValueError as e:
+            raise NotAnArchive(f"{self.root}/tinyfs.json is not valid JSON: {e}") from None
+        if doc.get("format") != FORMAT:
+            raise NotAnArchive(f"{self.root}: unsupported format {doc.get('format')!r}")
+        self.config = Config(doc["mode"], tuple(doc["digests"]), doc["created"], bool(doc.get("immutable")))
+        self.events = EventLog(self.root / "events.jsonl")
+        self.resources = self.root / "resources"
+        self.transactions = self.root / "transactions"
+        self._docs: OrderedDict[tuple[str, str], InstanceDoc] = OrderedDict()
+        self._docs_lock = threading.Lock()
+
+    # -- where things are -------------------------------------------------
+    def resource_dir(self, rid: str) -> Path:
+        h = hashlib.sha256(rid.encode()).hexdigest()
+        return self.resources / h[:2] / h[2:4] / rid
+
+    def instance_dir(self, rid: str, iid: str) -> Path:
+        return self.resource_dir(rid) / "instances" / iid
+
+    # -- what exists -------------------------------------------------------
+    def exists(self, rid: str) -> bool:
+        return is_rid(rid) and (self.resource_dir(rid) / "resource.json").exists()
+
+    def resource_ids(self) -> list[str]:
+        """Every resource id, sorted. This walks resources/ and is meant for listings, not hot paths."""
+        found = []
+        for a in _listdir(self.resources):
+            for b in _listdir(self.resources / a):
+                found.extend(r for r in _listdir(self.resources / a / b) if is_rid(r))
+        return sorted(found)
+
+    def instance_ids(self, rid: str) -> list[str]:
+        """The resource's instance ids in chain order (UUIDv7 sorts by time)."""
+        return sorted(i for i in _listdir(self.resource_dir(rid) / "instances") if is_instance_id(i))
+
+    def head(self, rid: str) -> str | None:
+        ids = self.instance_ids(rid)
+        return ids[-1] if ids else None
+
+    def require(self, rid: str) -> str:
+        """The head of an existing resource, or NotFound."""
+        check_rid(rid)
+        head = self.head(rid)
+        if head is None:
+            raise NotFound(f"no resource {rid!r} in {self.root}")
+        return head
+
+    def instance(self, rid: str, iid: str) -> InstanceDoc:
+        key = (rid, iid)
+        with self._docs_lock:
+            doc = self._docs.get(key)
+            if doc is not None:
+                self._docs.move_to_end(key)
+                return doc
+        path = self.instance_dir(rid, iid) / "instance.json"
+        try:
+            doc = InstanceDoc.from_json_bytes(path.read_bytes())
+        except FileNotFoundError:
+            raise NotFound(f"no instance {iid} of resource {rid!r}") from None
+        with self._docs_lock:
+            self._docs[key] = doc
+            while len(self._docs) > 32:
+                self._docs.popitem(last=False)
+        return doc
+
+    def state(self, rid: str, iid: str | None = None) -> State:
+        """The state at `iid` (default: the head); an empty state for a resource with no instance."""
+        iid = iid or self.head(rid)
+        return self.instance(rid, iid).state if iid else State()
+
+    def labels(self, rid: str) -> dict[str, str]:
+        return {doc.label: iid for iid in self.instance_ids(rid)
+                if (doc := self.instance(rid, iid)).label}
+
+    def resolve_instance(self, rid: str, ref: str | None) -> str:
+        """An instance id from an id, a label or None (the head)."""
+        head = self.require(rid)
+        if ref is None:
+            return head
+        if ref in self.instance_ids(rid):
+            return ref
+        labels = self.labels(rid)
+        if ref in labels:
+            return labels[ref]
+        raise NotFound(f"resource {rid!r} has no instance or label {ref!r}")
+
+    def stored_path(self, rid: str, relative: str) -> Path:
+        """The file on disk for a `stored` value (relative to the resource directory)."""
+        return self.resource_dir(rid) / relative
+
+    # -- locks -----------------------------------------------------------
+    @contextmanager
+    def resource_lock(self, rid: str, wait: bool = True):
+        """An exclusive lock per resource, so two committers never interleave (flock: dies with its process)."""
+        locks = self.transactions / LOCKS
+        locks.mkdir(exist_ok=True)
+        fd = os.open(locks / f"{rid}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise Busy(f"resource {rid!r} is being committed by another process") from None
+            yield
+        finally:
+            os.close(fd)
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []

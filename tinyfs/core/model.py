@@ -1,0 +1,144 @@
+"""The state of a resource at one instance, and the instance.json document (SPEC section 4).
+
+Entries are small frozen dataclasses so that two states compare path by path
+with `==`: a change is any difference in digest, size, mode, mtime or xattrs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    digest: str
+    size: int
+    mode: int
+    mtime_ns: int
+    xattrs: dict[str, str] = field(default_factory=dict, compare=True, hash=False)  # name -> base64 value
+
+    def to_json(self) -> dict:
+        doc = {"digest": self.digest, "size": self.size, "mode": self.mode, "mtime_ns": self.mtime_ns}
+        if self.xattrs:
+            doc["xattrs"] = dict(sorted(self.xattrs.items()))
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> FileEntry:
+        return cls(doc["digest"], int(doc["size"]), int(doc["mode"]), int(doc["mtime_ns"]), dict(doc.get("xattrs", {})))
+
+
+@dataclass(frozen=True)
+class LinkEntry:
+    target: str
+    mtime_ns: int
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "mtime_ns": self.mtime_ns}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> LinkEntry:
+        return cls(doc["target"], int(doc["mtime_ns"]))
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    mode: int
+    mtime_ns: int
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "mtime_ns": self.mtime_ns}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> DirEntry:
+        return cls(int(doc["mode"]), int(doc["mtime_ns"]))
+
+
+Entry = FileEntry | LinkEntry | DirEntry
+
+
+@dataclass
+class State:
+    """Every logical path of a resource at one instance."""
+
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    links: dict[str, LinkEntry] = field(default_factory=dict)
+    dirs: dict[str, DirEntry] = field(default_factory=dict)
+
+    def entries(self) -> dict[str, Entry]:
+        return {**self.dirs, **self.links, **self.files}
+
+    def get(self, path: str) -> Entry | None:
+        return self.files.get(path) or self.links.get(path) or self.dirs.get(path)
+
+    @classmethod
+    def from_entries(cls, entries: dict[str, Entry]) -> State:
+        state = cls()
+        for path, entry in entries.items():
+            if isinstance(entry, FileEntry):
+                state.files[path] = entry
+            elif isinstance(entry, LinkEntry):
+                state.links[path] = entry
+            else:
+                state.dirs[path] = entry
+        return state
+
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC with microseconds, as SPEC section 7 asks."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 time (Z or offset; date alone means midnight UTC)."""
+    text = text.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment
+
+
+@dataclass
+class InstanceDoc:
+    id: str
+    resource: str
+    previous: str | None
+    created: str
+    message: str
+    creator: str
+    label: str | None
+    digest: str
+    state: State
+    stored: dict[str, str]
+
+    def to_json_bytes(self) -> bytes:
+        doc = {
+            "type": "tinyfs-instance", "format": 1,
+            "id": self.id, "resource": self.resource, "previous": self.previous, "created": self.created,
+            "message": self.message, "creator": self.creator, "label": self.label, "digest": self.digest,
+            "state": {p: e.to_json() for p, e in self.state.files.items()},
+            "links": {p: e.to_json() for p, e in self.state.links.items()},
+            "dirs": {p: e.to_json() for p, e in self.state.dirs.items()},
+            "stored": self.stored,
+        }
+        return (json.dumps(doc, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json_bytes(cls, raw: bytes) -> InstanceDoc:
+        doc = json.loads(raw)
+        if doc.get("type") != "tinyfs-instance" or doc.get("format") != 1:
+            raise ValueError("not a tinyfs-instance document of format 1")
+        state = State(
+            files={p: FileEntry.from_json(e) for p, e in doc["state"].items()},
+            links={p: LinkEntry.from_json(e) for p, e in doc.get("links", {}).items()},
+            dirs={p: DirEntry.from_json(e) for p, e in doc.get("dirs", {}).items()},
+        )
+        return cls(doc["id"], doc["resource"], doc["previous"], doc["created"], doc.get("message", ""),
+                   doc.get("creator", ""), doc.get("label"), doc["digest"], state, dict(doc["stored"]))

@@ -1,0 +1,79 @@
+"""Finishing or undoing interrupted commits (SPEC section 6).
+
+A commit's only atomic step is one rename into resources/. Whatever a crash
+leaves in transactions/ beside it is therefore safe to delete:
+  .commit-<rid>-<iid>/  staging of a commit: before the rename it is the whole
+                        unfinished instance (undo); after, an empty shell
+  .trash-*/             something already renamed out of resources/ to be deleted
+A mount transaction (transactions/<rid>/) whose commit reached the rename
+(its marker names an instance that exists) is finished: it is removed.
+In dynamic mode, older instances a crash left beside the new head are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from .commit import COMMIT_PREFIX, TRASH_PREFIX, _force_remove, drop_older_instances
+from .errors import Busy
+from .ids import is_rid
+from .layout import LOCKS, ArchiveRoot
+
+log = logging.getLogger(__name__)
+
+
+def recover(archive: ArchiveRoot) -> list[str]:
+    """Clean up after crashed commits; returns one line per action taken."""
+    actions: list[str] = []
+    for name in sorted(os.listdir(archive.transactions)):
+        path = archive.transactions / name
+        if name.startswith(COMMIT_PREFIX):
+            rid = name[len(COMMIT_PREFIX):-37]
+            try:
+                with archive.resource_lock(rid, wait=False):
+                    shutil.rmtree(path, onerror=_force_remove)
+            except Busy:
+                continue  # a live commit owns it
+            actions.append(f"removed interrupted commit staging {name}")
+        elif name.startswith(TRASH_PREFIX):
+            shutil.rmtree(path, onerror=_force_remove)
+            actions.append(f"removed leftover {name}")
+        elif name != LOCKS and is_rid(name):
+            actions.extend(_finish_mount_transaction(archive, name))
+    if archive.config.mode == "dynamic":
+        for rid in archive.resource_ids():
+            if len(archive.instance_ids(rid)) > 1:
+                drop_older_instances(archive, rid, archive.head(rid))
+                actions.append(f"dropped replaced instances of {rid}")
+    for line in actions:
+        log.info("recover: %s", line)
+    return actions
+
+
+def _finish_mount_transaction(archive: ArchiveRoot, rid: str) -> list[str]:
+    from .staging import Staging  # staging imports sqlite3; only needed when there are transactions
+
+    path = archive.transactions / rid
+    try:
+        staging = Staging.open(path)
+    except Exception as e:  # a transaction we cannot read is left alone for a human
+        log.warning("recover: cannot read transaction %s: %s", rid, e)
+        return []
+    try:
+        marker = staging.get_meta("committing")
+        if marker and marker in archive.instance_ids(rid):
+            staging.close()
+            staging = None
+            Staging.remove(path)
+            return [f"finished commit of transaction {rid} (instance {marker})"]
+        if staging.get_meta("state") == "committing":
+            staging.set_meta("state", "failed")
+            staging.set_meta("error", "the commit was interrupted (crash); nothing was committed")
+            staging.set_meta("committing", "")
+            return [f"transaction {rid}: interrupted commit undone; the transaction is open again"]
+        return []
+    finally:
+        if staging is not None:
+            staging.close()
