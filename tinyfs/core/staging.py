@@ -369,3 +369,24 @@ def node_entry(node: Node, xattrs: dict[str, str]) -> FileEntry | LinkEntry | Di
 
 def decode_digests(node: Node) -> dict[str, str] | None:
     return json.loads(node.digests) if node.digests else None
+
+
+def children_nodes(staging: Staging, parent: int) -> list[tuple[str, Node, int]]:
+    """(name, node, nlink) of every entry of a directory, in one query (readdir)."""
+    rows = staging.db.execute(
+        f"SELECT e.name, {', '.join('i.' + c.strip() for c in COLUMNS.split(','))}, "
+        "(SELECT count(*) FROM entries e2 WHERE e2.inode = i.id) "
+        "FROM entries e JOIN inodes i ON i.id = e.inode WHERE e.parent=? ORDER BY e.name", (parent,)).fetchall()
+    return [(r[0], Node(*r[1:-1]), r[-1]) for r in rows]
+
+
+def refresh_sizes(staging: Staging) -> None:
+    """After a crash, a blob on disk is the truth for its size (writes that returned are in it)."""
+    rows = staging.db.execute("SELECT id, size FROM inodes WHERE kind='f' AND blob=1").fetchall()
+    for ino, size in rows:
+        try:
+            real = os.stat(staging.blob_path(ino)).st_size
+        except FileNotFoundError:
+            real = 0
+        if real != size:
+            staging.update(ino, size=real, digests=None)

@@ -1,0 +1,122 @@
+"""`tinyfs mount`, `tinyfs umount` and the mount.fuse3 form `tinyfs SOURCE MOUNTPOINT -o OPTIONS`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..core.errors import TinyfsError
+from ..core.layout import ArchiveRoot
+
+READY_TIMEOUT = 60.0
+
+
+def default_log(mountpoint: Path) -> Path:
+    tag = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:12]
+    base = Path("/var/log/tinyfs") if os.geteuid() == 0 else \
+        Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "tinyfs"
+    return base / f"mount-{mountpoint.name or 'root'}-{tag}.log"
+
+
+def mount_command(root: str, mountpoint: str, options=None, foreground: bool = False,
+                  log_file: str | None = None) -> int:
+    from ..fs.mount import parse_options
+
+    opts = parse_options(options)
+    ArchiveRoot(root)                              # fail early with one line when it is not an archive
+    mnt = Path(mountpoint).absolute()
+    if foreground:
+        from ..fs.mount import serve
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr, force=True)
+        return serve(root, str(mnt), opts)
+    return _background(root, mnt, opts, Path(log_file) if log_file else default_log(mnt))
+
+
+def _background(root: str, mnt: Path, opts: list[str], log_path: Path) -> int:
+    """Start the daemon detached; return once the mount answers, or fail with its last log line."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "tinyfs.cli.main", "mount", "--foreground", str(Path(root).absolute()), str(mnt)]
+    if opts:
+        argv += ["-o", ",".join(opts)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                close_fds=True)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TinyfsError(f"mount failed: {_last_line(log_path)} (log: {log_path})")
+        if os.path.ismount(mnt):
+            try:
+                os.stat(mnt)
+                return 0
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise TinyfsError(f"the mount did not answer within {READY_TIMEOUT:.0f} s (log: {log_path})")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        if "tinyfs:" in line or "ERROR" in line:
+            return line.split("tinyfs: ", 1)[-1]
+    return lines[-1] if lines else "no log"
+
+
+def umount_command(mountpoint: str, timeout: float = 600.0) -> int:
+    """Unmount and wait until the daemon has finished (its archive lock is released)."""
+    mnt = Path(mountpoint).absolute()
+    root = _archive_of(mnt)
+    r = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise TinyfsError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"cannot unmount {mnt}")
+    if root is not None:
+        _wait_for_daemon(root, timeout)
+    return 0
+
+
+def _archive_of(mnt: Path) -> Path | None:
+    """The archive root a tinyfs mount serves, from /proc/mounts (its fsname)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == str(mnt).replace(" ", "\\040") and "tinyfs" in fields[2]:
+                    src = fields[0].replace("\\040", " ")
+                    return Path(src) if os.path.isdir(src) else None
+    except OSError:
+        pass
+    return None
+
+
+def _wait_for_daemon(root: Path, timeout: float) -> None:
+    import fcntl
+
+    from ..fs.mount import MOUNT_LOCK
+    from ..core.layout import LOCKS
+
+    path = root / "transactions" / LOCKS / MOUNT_LOCK
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.05)
+        finally:
+            os.close(fd)
+    raise TinyfsError(f"the daemon of {root} did not finish within {timeout:.0f} s")

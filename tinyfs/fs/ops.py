@@ -1,0 +1,823 @@
+"""The pyfuse3 Operations adapter: translates kernel requests into view and transaction calls.
+
+Rules learnt the hard way (../shared/GUIDE.md, FUSE section):
+- every handler is wrapped: an unexpected exception answers EIO and is logged,
+  it never reaches pyfuse3.main (which would take the mount down);
+- release drops the writer count before its first await (else a commit sent
+  right after close() sees the file as open);
+- commit invalidates resources/<rid> from a worker thread *before* replying,
+  and queues the invalidation of the moved dentry commit/<rid>;
+- fsync, fsyncdir, flush and statfs are implemented (their defaults lie).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from ..core.commit import commit
+from ..core.errors import TinyfsError
+from ..core.ids import check_label, decode_name, is_rid
+from ..core.layout import ArchiveRoot
+from ..core.staging import ROOT as SROOT
+from ..core.staging import Staging, children_nodes, refresh_sizes
+from .txn import OpenFile, OpenTxn, fail, kind_bits
+from .view import BLKSIZE, LONG, SHORT, TOP, Attr, Node, View
+
+log = logging.getLogger(__name__)
+
+FEED_INLINE = 64 * 1024        # smaller buffers are hashed on the loop; larger ones in a worker thread
+MAX_PENDING = 32               # written buffers waiting for the hasher before writes wait
+META = ("message", "creator", "label")
+NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def handler(fn):
+    """Map errors to errno; anything unexpected becomes EIO and a log line, never a dead mount."""
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except TinyfsError as e:
+            log.info("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            if e.errno is None:
+                log.exception("%s failed", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            raise pyfuse3.FUSEError(e.errno) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Handle:
+    __slots__ = ("node", "fd", "of", "write", "txn")
+
+    def __init__(self, node: Node, fd: int = -1, of: OpenFile | None = None, write: bool = False,
+                 txn: OpenTxn | None = None):
+        self.node, self.fd, self.of, self.write, self.txn = node, fd, of, write, txn
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = True      # see docs/design.md: write errors are caught by the incomplete mark
+
+    def __init__(self, archive: ArchiveRoot):
+        super().__init__()
+        self.archive = archive
+        self.view = View(archive, os.getuid(), os.getgid())
+        self.nodes: dict[int, Node] = {}
+        self.by_key: dict[tuple, int] = {}
+        self.lookups: dict[int, int] = {}
+        self.next_ino = pyfuse3.ROOT_INODE + 1
+        self.handles: dict[int, Handle | list] = {}
+        self.next_fh = 1
+        self.txns: dict[str, OpenTxn] = {}
+        self.busy: dict[str, int] = {}          # rid -> background jobs (hashes) running
+        self.commits_running = 0
+        self.closing = False
+        self.nursery: trio.Nursery | None = None
+        root = Node("root", ("root",))
+        self._register(root, pyfuse3.ROOT_INODE)
+        self.top = {}
+        for name in TOP:
+            node = Node("events", ("events",), path=name) if name == "events.jsonl" else Node("top", ("top", name), path=name)
+            self.top[name] = self._register(node)
+
+    # -- inode table ----------------------------------------------------------
+    def _register(self, node: Node, ino: int | None = None) -> int:
+        existing = self.by_key.get(node.key)
+        if existing is not None:
+            return existing
+        if ino is None:
+            ino = self.next_ino
+            self.next_ino += 1
+        node.ino = ino
+        self.nodes[ino] = node
+        self.by_key[node.key] = ino
+        return ino
+
+    def _node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise fail(errno.ENOENT)
+        return node
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Register, count one lookup, return attributes (lookup, mkdir, create, ...)."""
+        ino = self._register(node)
+        attrs = self._attrs(self.nodes[ino])
+        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+        return attrs
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = self._txn_attr(node) if node.kind == "txn" else self.view.attr(node)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.st_mode, e.st_size, e.st_nlink = a.mode, a.size, a.nlink
+        e.st_uid, e.st_gid = a.uid, a.gid
+        e.st_mtime_ns = e.st_atime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns or a.mtime_ns
+        e.st_blksize = BLKSIZE
+        e.st_blocks = (a.size + 511) // 512
+        e.entry_timeout, e.attr_timeout = a.entry_timeout, a.attr_timeout
+        return e
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            left = self.lookups.get(ino, 0) - n
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            node = self.nodes.get(ino)
+            if node is None or node.kind in ("root", "top", "events"):
+                continue
+            del self.nodes[ino]
+            if self.by_key.get(node.key) == ino:
+                del self.by_key[node.key]
+            if node.kind == "txn" and not node.txn.closed and not node.txn.files.get(node.sino):
+                try:
+                    node.txn.staging.drop_if_orphan(node.sino)
+                except Exception:
+                    log.exception("dropping orphan %s", node.sino)
+
+    # -- transactions -------------------------------------------------------
+    def _txn(self, rid: str) -> OpenTxn | None:
+        txn = self.txns.get(rid)
+        if txn is None:
+            path = self.archive.transactions / rid
+            if not (path / "txn.db").exists():
+                return None
+            staging = Staging.open(path)
+            refresh_sizes(staging)
+            staging.drop_orphans()
+            txn = self.txns[rid] = OpenTxn(self.archive, rid, staging)
+        return txn
+
+    def _txn_node(self, txn: OpenTxn, sino: int) -> Node:
+        return Node("txn", ("txn", txn.rid, txn.token, sino), rid=txn.rid, sino=sino, txn=txn)
+
+    def _txn_attr(self, node: Node) -> Attr:
+        txn = node.txn
+        if txn.closed:
+            raise fail(errno.ENOENT)
+        s = txn.staging.node(node.sino)
+        if s is None:
+            raise fail(errno.ENOENT)
+        if node.sino == SROOT:
+            return Attr(stat.S_IFDIR | 0o755, mtime_ns=s.mtime_ns, ctime_ns=s.ctime_ns, uid=txn.uid, gid=txn.gid,
+                        nlink=txn.staging.nlink(SROOT, "d"), entry_timeout=SHORT, attr_timeout=SHORT)
+        return Attr(kind_bits(s) | s.mode, size=txn.size_of(node.sino, s), mtime_ns=s.mtime_ns,
+                    ctime_ns=s.ctime_ns, uid=s.uid, gid=s.gid, nlink=txn.staging.nlink(node.sino, s.kind),
+                    entry_timeout=LONG, attr_timeout=LONG)
+
+    def _in_txn(self, node: Node) -> bool:
+        return node.kind == "txn"
+
+    def _readonly_error(self, node: Node) -> OSError:
+        if node.kind == "top" and node.path == "commit":
+            return fail(errno.EPERM, "nothing can be created in commit/")
+        return fail(errno.EROFS)
+
+    # -- names ---------------------------------------------------------------
+    @handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        raw = bytes(name)
+        if raw == b".":
+            return self._entry(parent)
+        try:
+            name = decode_name(raw)
+        except TinyfsError:
+            raise fail(errno.ENOENT) from None
+        if parent.kind == "root":
+            if name not in self.top:
+                raise fail(errno.ENOENT)
+            return self._entry(self.nodes[self.top[name]])
+        if parent.kind == "top" and parent.path == "transactions":
+            txn = self._txn(name) if is_rid(name) else None
+            if txn is None:
+                raise fail(errno.ENOENT)
+            return self._entry(self._txn_node(txn, SROOT))
+        if parent.kind == "top" and parent.path == "commit":
+            raise fail(errno.ENOENT)
+        if parent.kind == "txn":
+            txn = parent.txn
+            if txn.closed:
+                raise fail(errno.ENOENT)
+            sino = txn.staging.lookup(parent.sino, name)
+            if sino is None:
+                raise fail(errno.ENOENT)
+            return self._entry(self._txn_node(txn, sino))
+        return self._entry(self.view.lookup(parent, name))
+
+    @handler
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self._node(inode))
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        if node.kind != "txn":
+            raise fail(errno.EROFS)
+        txn = node.txn
+        if node.sino == SROOT:      # the transaction directory: chmod/chown/utimens succeed, not recorded
+            return self._attrs(node)
+        s = txn.staging.node(node.sino)
+        if s is None:
+            raise fail(errno.ENOENT)
+        changes = {}
+        if fields.update_size:
+            if s.kind == "d":
+                raise fail(errno.EISDIR)
+            txn.truncate(node.sino, attr.st_size)
+        if fields.update_mode:
+            changes["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        changes["ctime_ns"] = _now()
+        txn.staging.update(node.sino, **changes)
+        return self._attrs(node)
+
+    @handler
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if node.kind == "txn":
+            s = node.txn.staging.node(node.sino)
+            if s is None or s.kind != "l":
+                raise fail(errno.EINVAL)
+            return os.fsencode(s.target)
+        return os.fsencode(self.view.readlink(node))
+
+    # -- directories ---------------------------------------------------------
+    @handler
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        listing = await self._listing(node)
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = listing
+        return fh
+
+    async def _listing(self, node: Node) -> list[tuple[str, Node, object]]:
+        """A snapshot of (name, node, attrs-or-None) taken at opendir, so readdir offsets stay stable."""
+        if node.kind == "root":
+            return [(name, self.nodes[ino], None) for name, ino in self.top.items()]
+        if node.kind == "top" and node.path == "transactions":
+            names = sorted(n for n in os.listdir(self.archive.transactions)
+                           if is_rid(n) and (self.archive.transactions / n / "txn.db").exists())
+            out = []
+            for n in names:
+                txn = self._txn(n)
+                if txn is not None:
+                    out.append((n, self._txn_node(txn, SROOT), None))
+            return out
+        if node.kind == "top" and node.path == "commit":
+            return []
+        if node.kind == "txn":
+            txn = node.txn
+            if txn.closed:
+                raise fail(errno.ENOENT)
+            out = []
+            for name, s, nlink in children_nodes(txn.staging, node.sino):
+                child = self._txn_node(txn, s.id)
+                a = Attr(kind_bits(s) | s.mode, size=txn.size_of(s.id, s), mtime_ns=s.mtime_ns, ctime_ns=s.ctime_ns,
+                         uid=s.uid, gid=s.gid, nlink=nlink if s.kind != "d" else 2)
+                out.append((name, child, a))
+            return out
+        children = await trio.to_thread.run_sync(self.view.children, node) if node.kind == "top" \
+            else self.view.children(node)
+        return [(name, child, None) for name, child in children]
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        listing = self.handles[fh]
+        for i in range(start_id, len(listing)):
+            name, node, a = listing[i]
+            new = node.key not in self.by_key
+            ino = self._register(node)
+            node = self.nodes[ino]
+            attrs = self._attrs(node) if a is None else self._attr_from(node, a)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
+                if new and not self.lookups.get(ino):
+                    del self.nodes[ino]
+                    del self.by_key[node.key]
+                return
+            self.lookups[ino] = self.lookups.get(ino, 0) + 1
+
+    def _attr_from(self, node: Node, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.st_mode, e.st_size, e.st_nlink, e.st_uid, e.st_gid = a.mode, a.size, a.nlink, a.uid, a.gid
+        e.st_mtime_ns = e.st_atime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        e.st_blksize = BLKSIZE
+        e.st_blocks = (a.size + 511) // 512
+        e.entry_timeout = e.attr_timeout = LONG
+        return e
+
+    @handler
+    async def releasedir(self, fh):
+        self.handles.pop(fh, None)
+
+    @handler
+    async def fsyncdir(self, fh, datasync):
+        for txn in list(self.txns.values()):
+            await trio.to_thread.run_sync(txn.staging.sync)
+
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent = self._node(parent_inode)
+        name = decode_name(bytes(name))
+        if parent.kind == "top" and parent.path == "transactions":
+            return self._entry(await self._open_transaction(name, ctx))
+        if parent.kind != "txn":
+            raise self._readonly_error(parent)
+        txn = self._live(parent)
+        if txn.staging.lookup(parent.sino, name) is not None:
+            raise fail(errno.EEXIST)
+        sino = txn.staging.make(parent.sino, name, "d", mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return self._entry(self._txn_node(txn, sino))
+
+    async def _open_transaction(self, rid: str, ctx) -> Node:
+        if not is_rid(rid):
+            raise fail(errno.EINVAL, f"invalid resource id {rid!r}")
+        if self._txn(rid) is not None:
+            raise fail(errno.EEXIST)
+        if self.closing:
+            raise fail(errno.EBUSY)
+        head = self.archive.head(rid)
+
+        def create():
+            state = self.archive.state(rid, head) if head else None
+            from ..core.model import State
+            return Staging.create(self.archive.transactions / rid, rid, head, state or State(), ctx.uid, ctx.gid)
+
+        staging = await trio.to_thread.run_sync(create)
+        txn = self.txns[rid] = OpenTxn(self.archive, rid, staging)
+        self.archive.events.append("transaction.opened", rid, head, uid=ctx.uid, via="mount")
+        return self._txn_node(txn, SROOT)
+
+    def _live(self, node: Node) -> OpenTxn:
+        txn = node.txn
+        if txn.closed:
+            raise fail(errno.ENOENT)
+        if txn.committing:
+            raise fail(errno.EBUSY)
+        return txn
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        parent = self._node(parent_inode)
+        name = decode_name(bytes(name))
+        if parent.kind == "top" and parent.path == "transactions":
+            return await self._rollback(name)
+        if parent.kind != "txn":
+            raise self._readonly_error(parent)
+        txn = self._live(parent)
+        sino = txn.staging.lookup(parent.sino, name)
+        if sino is None:
+            raise fail(errno.ENOENT)
+        s = txn.staging.node(sino)
+        if s.kind != "d":
+            raise fail(errno.ENOTDIR)
+        if txn.staging.has_children(sino):
+            raise fail(errno.ENOTEMPTY)
+        txn.staging.unlink(parent.sino, name)
+        self._drop_if_unused(txn, sino)
+
+    async def _rollback(self, rid: str) -> None:
+        txn = self._txn(rid) if is_rid(rid) else None
+        if txn is None:
+            raise fail(errno.ENOENT)
+        if txn.committing:
+            raise fail(errno.EBUSY)
+        if txn.staging.has_children(SROOT):
+            raise fail(errno.ENOTEMPTY)
+        self._close_txn(txn)
+        await trio.to_thread.run_sync(Staging.remove, txn.staging.path)
+        self.archive.events.append("transaction.rolled_back", rid, txn.base, via="mount")
+
+    def _close_txn(self, txn: OpenTxn) -> None:
+        txn.close()
+        self.txns.pop(txn.rid, None)
+        for key in [k for k in self.by_key if k[0] == "txn" and k[1] == txn.rid and k[2] == txn.token]:
+            del self.by_key[key]
+
+    def _drop_if_unused(self, txn: OpenTxn, sino: int) -> None:
+        if sino not in txn.files:
+            txn.staging.drop_if_orphan(sino)
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        parent = self._node(parent_inode)
+        name = decode_name(bytes(name))
+        if parent.kind != "txn":
+            raise self._readonly_error(parent)
+        txn = self._live(parent)
+        sino = txn.staging.lookup(parent.sino, name)
+        if sino is None:
+            raise fail(errno.ENOENT)
+        if txn.staging.node(sino).kind == "d":
+            raise fail(errno.EISDIR)
+        txn.staging.unlink(parent.sino, name)
+        self._drop_if_unused(txn, sino)
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent = self._node(parent_inode)
+        name = decode_name(bytes(name))
+        if parent.kind != "txn":
+            raise self._readonly_error(parent)
+        txn = self._live(parent)
+        try:
+            target = bytes(target).decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(errno.EILSEQ) from None
+        if txn.staging.lookup(parent.sino, name) is not None:
+            raise fail(errno.EEXIST)
+        sino = txn.staging.make(parent.sino, name, "l", 0o777, ctx.uid, ctx.gid, target=target)
+        return self._entry(self._txn_node(txn, sino))
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node, parent = self._node(inode), self._node(new_parent_inode)
+        new_name = decode_name(bytes(new_name))
+        if parent.kind != "txn":
+            raise self._readonly_error(parent)
+        if node.kind != "txn" or node.txn is not parent.txn:
+            raise fail(errno.EXDEV)
+        txn = self._live(parent)
+        if txn.staging.node(node.sino).kind == "d":
+            raise fail(errno.EPERM)
+        if txn.staging.lookup(parent.sino, new_name) is not None:
+            raise fail(errno.EEXIST)
+        txn.staging.link(node.sino, parent.sino, new_name)
+        return self._entry(node)
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        parent = self._node(parent_inode)
+        if parent.kind != "txn":
+            raise self._readonly_error(parent)
+        raise fail(errno.EPERM, "tinyfs archives regular files, directories and symbolic links only")
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        old_parent, new_parent = self._node(parent_inode_old), self._node(parent_inode_new)
+        name_old, name_new = decode_name(bytes(name_old)), decode_name(bytes(name_new))
+        if old_parent.kind == "top" and old_parent.path == "transactions":
+            if new_parent.kind == "top" and new_parent.path == "commit":
+                return await self._commit(name_old)
+            raise fail(errno.EPERM, "a transaction is committed by moving it into commit/")
+        if new_parent.kind == "top" and new_parent.path == "commit":
+            raise fail(errno.EPERM)
+        if old_parent.kind != "txn" or new_parent.kind != "txn":
+            raise fail(errno.EROFS) if "txn" not in (old_parent.kind, new_parent.kind) else fail(errno.EXDEV)
+        if old_parent.txn is not new_parent.txn:
+            raise fail(errno.EXDEV)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise fail(errno.EINVAL)
+        txn = self._live(old_parent)
+        st = txn.staging
+        sino = st.lookup(old_parent.sino, name_old)
+        if sino is None:
+            raise fail(errno.ENOENT)
+        target = st.lookup(new_parent.sino, name_new)
+        if target == sino:
+            return
+        if target is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise fail(errno.EEXIST)
+            src_dir, dst_dir = st.node(sino).kind == "d", st.node(target).kind == "d"
+            if src_dir and not dst_dir:
+                raise fail(errno.ENOTDIR)
+            if dst_dir and not src_dir:
+                raise fail(errno.EISDIR)
+            if dst_dir and st.has_children(target):
+                raise fail(errno.ENOTEMPTY)
+        if st.node(sino).kind == "d" and st.is_ancestor(sino, new_parent.sino):
+            raise fail(errno.EINVAL)
+        replaced = st.rename(old_parent.sino, name_old, new_parent.sino, name_new)
+        if replaced is not None:
+            self._drop_if_unused(txn, replaced)
+
+    # -- commit ---------------------------------------------------------------
+    async def _commit(self, rid: str) -> None:
+        txn = self._txn(rid) if is_rid(rid) else None
+        if txn is None:
+            raise fail(errno.ENOENT)
+        if txn.committing:
+            raise fail(errno.EBUSY)
+        if self.closing:
+            raise fail(errno.EBUSY, "the mount is shutting down")
+        txn.committing = True
+        self.commits_running += 1
+        try:
+            await self._commit_txn(txn)
+        finally:
+            txn.committing = False
+            self.commits_running -= 1
+
+    async def _commit_txn(self, txn: OpenTxn) -> None:
+        rid = txn.rid
+        try:
+            writing = txn.open_for_writing()
+            if writing:
+                path = next((p for p, n in txn.staging.walk() if n.id in writing), "?")
+                raise TinyfsError(f"{path}: still open for writing", path=path)
+            while self.busy.get(rid):
+                await trio.sleep(0.005)
+            txn.staging.set_meta("state", "committing")
+            request = txn.commit_request()
+        except TinyfsError as e:
+            code = errno.EBUSY if "open for writing" in str(e) else e.errno
+            self._failed(txn, str(e))
+            self.archive.events.append("commit.failed", rid, None, error=str(e), via="mount")
+            raise fail(code, str(e)) from None
+        try:
+            result = await trio.to_thread.run_sync(commit, self.archive, request)
+        except (TinyfsError, OSError) as e:
+            code = getattr(e, "errno", None) or errno.EIO
+            if code in NEVER_FROM_COMMIT:
+                code = errno.EIO
+            self._failed(txn, str(e))
+            raise fail(code, str(e)) from None
+        old_root = self.by_key.get(("txn", rid, txn.token, SROOT))
+        self._close_txn(txn)
+        await trio.to_thread.run_sync(Staging.remove, txn.staging.path)
+        log.info("committed %s as %s", rid, result.instance)
+        await trio.to_thread.run_sync(self._invalidate, self.top["resources"], rid)
+        if old_root is not None:
+            self._invalidate_later(self.top["commit"], rid, old_root)
+
+    def _failed(self, txn: OpenTxn, message: str) -> None:
+        txn.staging.set_meta("state", "failed")
+        txn.staging.set_meta("error", message)
+        log.warning("commit of %s failed: %s", txn.rid, message)
+
+    @staticmethod
+    def _invalidate(parent: int, name: str) -> None:
+        try:
+            pyfuse3.invalidate_entry(parent, os.fsencode(name))
+        except OSError:
+            pass  # the kernel did not know that name: nothing to forget
+
+    def _invalidate_later(self, parent: int, name: str, deleted: int) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=deleted, ignore_enoent=True)
+        except Exception:
+            log.debug("could not queue invalidation of %s", name, exc_info=True)
+
+    # -- files ------------------------------------------------------------------
+    def _fh(self, handle: Handle) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        write = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if node.kind != "txn":
+            if write or flags & os.O_TRUNC:
+                raise fail(errno.EROFS)
+            fd = os.open(self.view.file_path(node), os.O_RDONLY)
+            info = pyfuse3.FileInfo(fh=self._fh(Handle(node, fd)))
+            info.keep_cache = node.kind != "events"
+            return info
+        txn = self._live(node) if write else node.txn
+        if txn.closed:
+            raise fail(errno.ENOENT)
+        s = txn.staging.node(node.sino)
+        if s is None:
+            raise fail(errno.ENOENT)
+        if s.kind != "f":
+            raise fail(errno.EISDIR)
+        of = txn.open(node.sino, write, truncate=bool(flags & os.O_TRUNC))
+        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
+        info.keep_cache = True
+        return info
+
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent = self._node(parent_inode)
+        name = decode_name(bytes(name))
+        if parent.kind != "txn":
+            raise self._readonly_error(parent)
+        txn = self._live(parent)
+        if txn.staging.lookup(parent.sino, name) is not None:
+            raise fail(errno.EEXIST)
+        sino = txn.staging.make(parent.sino, name, "f", stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
+        node = self._txn_node(txn, sino)
+        write = (flags & os.O_ACCMODE) != os.O_RDONLY
+        of = txn.open(sino, write, truncate=False)
+        txn.start_hashing(of)
+        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
+        info.keep_cache = True
+        return info, self._entry(node)
+
+    @handler
+    async def read(self, fh, off, size):
+        h = self.handles[fh]
+        return os.pread(h.of.fd if h.of is not None else h.fd, size, off)
+
+    @handler
+    async def write(self, fh, off, buf):
+        h = self.handles[fh]
+        if h.of is None:
+            raise fail(errno.EBADF)
+        of = h.of
+        n, feed = h.txn.write(of, off, buf)
+        if feed:
+            if not of.draining and not of.pending and len(buf) < FEED_INLINE:
+                of.hasher.update(buf)
+            else:
+                of.pending.append(bytes(buf))
+                if not of.draining:
+                    of.draining = True
+                    self.nursery.start_soon(self._drain, h.txn, of)
+                while len(of.pending) > MAX_PENDING:
+                    await trio.sleep(0.001)
+        return n
+
+    async def _drain(self, txn: OpenTxn, of: OpenFile) -> None:
+        """Feed written buffers to the file's hasher in order, in a worker thread."""
+        self.busy[txn.rid] = self.busy.get(txn.rid, 0) + 1
+        try:
+            while of.pending:
+                buf = of.pending[0]
+                hasher = of.hasher
+                if hasher is not None:
+                    await trio.to_thread.run_sync(hasher.update, buf)
+                of.pending.popleft()
+        finally:
+            of.draining = False
+            self.busy[txn.rid] -= 1
+
+    @handler
+    async def flush(self, fh):
+        return None
+
+    @handler
+    async def fsync(self, fh, datasync):
+        h = self.handles[fh]
+        if h.of is None:
+            return
+        await trio.to_thread.run_sync(os.fsync, h.of.fd)
+        h.txn.staging.update(h.of.sino, size=h.of.size)
+        await trio.to_thread.run_sync(h.txn.staging.sync)
+
+    @handler
+    async def release(self, fh):
+        h = self.handles.pop(fh)
+        if h.of is None:
+            os.close(h.fd)
+            return
+        txn, of = h.txn, h.of
+        if txn.closed:
+            return
+        last_writer = txn.release(of, h.write)        # before any await: see the module docstring
+        if last_writer:
+            self.busy[txn.rid] = self.busy.get(txn.rid, 0) + 1
+            self.nursery.start_soon(self._digest_after_close, txn, of)
+
+    async def _digest_after_close(self, txn: OpenTxn, of: OpenFile) -> None:
+        try:
+            while of.draining:
+                await trio.sleep(0.001)
+            if txn.closed:
+                return
+            job = txn.digest_job(of)
+            if job is not None:
+                sino, version, digests = await trio.to_thread.run_sync(job)
+                if not txn.closed:
+                    txn.digest_done(sino, version, digests)
+        except FileNotFoundError:
+            pass  # deleted meanwhile
+        except Exception:
+            log.exception("hashing a staged file of %s", txn.rid)
+        finally:
+            self.busy[txn.rid] -= 1
+
+    # -- xattrs --------------------------------------------------------------
+    @handler
+    async def getxattr(self, inode, name, ctx):
+        name = bytes(name).decode("utf-8", "surrogateescape")
+        if not name.startswith("user."):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)   # security.capability on every write: answer fast
+        node = self._node(inode)
+        if node.kind == "txn":
+            txn = node.txn
+            if txn.closed:
+                raise fail(errno.ENOENT)
+            if node.sino == SROOT and name.startswith("user.tinyfs."):
+                key = name[len("user.tinyfs."):]
+                if key in ("state", "error", *META):
+                    value = txn.staging.get_meta(key)
+                    if value or key == "state":
+                        return value.encode()
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            value = txn.staging.get_xattr(node.sino, name)
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value
+        value = self.view.xattrs(node).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        node = self._node(inode)
+        if node.kind == "txn":
+            txn = node.txn
+            names = list(txn.staging.xattrs(node.sino))
+            if node.sino == SROOT:
+                names += [f"user.tinyfs.{k}" for k in ("state", "error", *META) if txn.staging.get_meta(k)]
+            return [n.encode() for n in names]
+        return [n.encode() for n in self.view.xattrs(node)]
+
+    @handler
+    async def setxattr(self, inode, name, value, ctx):
+        node = self._node(inode)
+        name = bytes(name).decode("utf-8", "surrogateescape")
+        if node.kind != "txn":
+            raise fail(errno.EROFS)
+        if not name.startswith("user."):
+            raise fail(errno.ENOTSUP)
+        txn = self._live(node)
+        value = bytes(value)
+        if name.startswith("user.tinyfs."):
+            if node.sino == SROOT:
+                self._set_meta(txn, name[len("user.tinyfs."):], value)
+            return  # copied from a view (cp -a): accepted and ignored
+        txn.staging.set_xattr(node.sino, name, value)
+
+    def _set_meta(self, txn: OpenTxn, key: str, value: bytes) -> None:
+        if key not in META:
+            if key in ("state", "error"):
+                raise fail(errno.EPERM, f"user.tinyfs.{key} is read-only")
+            return
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(errno.EILSEQ) from None
+        if key == "label" and text:
+            check_label(text)
+            if text in self.archive.labels(txn.rid):
+                raise fail(errno.EEXIST, f"label {text!r} is already used")
+        txn.staging.set_meta(key, text)
+
+    @handler
+    async def removexattr(self, inode, name, ctx):
+        node = self._node(inode)
+        name = bytes(name).decode("utf-8", "surrogateescape")
+        if node.kind != "txn":
+            raise fail(errno.EROFS)
+        if not name.startswith("user."):
+            raise fail(errno.ENOTSUP)
+        txn = self._live(node)
+        if node.sino == SROOT and name.startswith("user.tinyfs."):
+            key = name[len("user.tinyfs."):]
+            if key in META:
+                txn.staging.set_meta(key, "")
+                return
+        if not txn.staging.remove_xattr(node.sino, name):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    # -- the file system -----------------------------------------------------
+    @handler
+    async def statfs(self, ctx):
+        st = os.statvfs(self.archive.root)
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, field, getattr(st, field))
+        out.f_namemax = 255
+        return out
+
+    @handler
+    async def access(self, inode, mode, ctx):
+        return True
+
+
+def _now() -> int:
+    import time
+    return time.time_ns()

@@ -1,0 +1,244 @@
+"""An open transaction as the mount sees it: staging plus open files and running hashes.
+
+Pure Python over core.staging (no pyfuse3, no trio): the adapter calls these
+methods inline for small work and in worker threads for large work.
+Errors are OSError with the errno the SPEC asks for.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+from collections import deque
+import time
+from dataclasses import dataclass, field
+
+from ..core.commit import CommitRequest, NewFile
+from ..core.digests import MultiHash, hash_file
+from ..core.errors import Incomplete
+from ..core.layout import ArchiveRoot
+from ..core.model import DirEntry, LinkEntry
+from ..core.staging import ROOT, Node, Staging, node_entry
+
+log = logging.getLogger(__name__)
+
+
+def fail(code: int, message: str = "") -> OSError:
+    return OSError(code, message or os.strerror(code))
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """The shared state of one staged inode while any handle has it open."""
+
+    sino: int
+    fd: int
+    on_blob: bool              # False: fd reads the base bytes in the archive (no copy yet)
+    readers: int = 0
+    writers: int = 0
+    hasher: MultiHash | None = None
+    hashed_to: int = 0
+    size: int = 0
+    version: int = 0           # bumped by every change of bytes; a background hash of an older version is dropped
+    pending: deque = field(default_factory=deque)   # written buffers not yet fed to the hasher, in order
+    draining: bool = False     # a feeder task is running for `pending`
+
+
+class OpenTxn:
+    """transactions/<rid> while the mount runs."""
+
+    def __init__(self, archive: ArchiveRoot, rid: str, staging: Staging):
+        self.archive, self.rid, self.staging = archive, rid, staging
+        self.base = staging.get_meta("base") or None
+        self.uid = int(staging.get_meta("uid"))
+        self.gid = int(staging.get_meta("gid"))
+        self.token = staging.get_meta("created")       # distinguishes successive transactions of one rid
+        self.files: dict[int, OpenFile] = {}
+        self.hashing: dict[int, int] = {}               # sino -> version being hashed in the background
+        self.algorithms = archive.config.digests
+        self.closed = False
+        self.committing = False
+
+    # -- base bytes -----------------------------------------------------------
+    def base_path(self, node: Node) -> str:
+        doc = self.archive.instance(self.rid, self.base)
+        return str(self.archive.stored_path(self.rid, doc.stored[node.base]))
+
+    # -- open files -------------------------------------------------------------
+    def open(self, sino: int, write: bool, truncate: bool) -> OpenFile:
+        node = self.staging.node(sino)
+        if node is None:
+            raise fail(errno.ENOENT)
+        of = self.files.get(sino)
+        if of is None:
+            if node.blob:
+                fd = os.open(self.staging.blob_path(sino), os.O_RDWR)
+            else:
+                fd = os.open(self.base_path(node), os.O_RDONLY)
+            of = OpenFile(sino, fd, bool(node.blob), size=node.size)
+            self.files[sino] = of
+        if write:
+            of.writers += 1
+        else:
+            of.readers += 1
+        if truncate and write:
+            self.truncate(sino, 0)
+        return of
+
+    def release(self, of: OpenFile, write: bool) -> bool:
+        """Drop one handle; True when the last writer left (time to hash in the background)."""
+        if write:
+            of.writers -= 1
+        else:
+            of.readers -= 1
+        last_writer = write and of.writers == 0
+        if last_writer and of.on_blob:
+            self.staging.update(of.sino, size=of.size)
+        if of.readers + of.writers == 0:
+            os.close(of.fd)
+            del self.files[of.sino]
+            self.staging.drop_if_orphan(of.sino)
+        return last_writer
+
+    def open_for_writing(self) -> list[int]:
+        return [sino for sino, of in self.files.items() if of.writers > 0]
+
+    def _own_blob(self, sino: int, keep_bytes: bool) -> OpenFile | None:
+        """Copy-on-write: give a base file a blob of its own (copying the base bytes if they are kept)."""
+        node = self.staging.node(sino)
+        if node.blob:
+            return self.files.get(sino)
+        if keep_bytes:
+            self.staging.take_base_bytes(sino, self.base_path(node))
+        else:
+            fd = os.open(self.staging.blob_path(sino), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            os.close(fd)
+            self.staging.update(sino, blob=1, base=None, size=0)
+        of = self.files.get(sino)
+        if of is not None:
+            old = of.fd
+            of.fd = os.open(self.staging.blob_path(sino), os.O_RDWR)
+            of.on_blob = True
+            os.close(old)
+            if not keep_bytes:
+                of.size = 0
+        return of
+
+    # -- bytes ------------------------------------------------------------------
+    def write(self, of: OpenFile, offset: int, data: bytes) -> tuple[int, bool]:
+        """Write; returns (bytes written, whether `data` must still be fed to the hasher)."""
+        if not of.on_blob:
+            self._own_blob(of.sino, keep_bytes=True)
+        try:
+            n = os.pwrite(of.fd, data, offset)
+        except OSError as e:
+            self.staging.update(of.sino, incomplete=1)
+            raise fail(e.errno if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else errno.EIO) from e
+        of.version += 1
+        of.size = max(of.size, offset + n)
+        feed = False
+        if of.hasher is not None:
+            if offset == of.hashed_to and n == len(data):
+                of.hashed_to += n
+                feed = True
+            else:
+                of.hasher = None
+        return n, feed
+
+    def truncate(self, sino: int, size: int) -> None:
+        node = self.staging.node(sino)
+        if not node.blob:
+            of = self._own_blob(sino, keep_bytes=size > 0)
+        else:
+            of = self.files.get(sino)
+        os.truncate(self.staging.blob_path(sino), size)
+        fields = {"size": size, "digests": None}
+        if size == 0:
+            fields["incomplete"] = 0
+        self.staging.update(sino, **fields)
+        if of is not None:
+            of.size = size
+            of.version += 1
+            if size == 0:
+                of.hasher, of.hashed_to = MultiHash(self.algorithms), 0
+            elif size != of.hashed_to:
+                of.hasher = None
+
+    def start_hashing(self, of: OpenFile) -> None:
+        of.hasher, of.hashed_to = MultiHash(self.algorithms), 0
+
+    def size_of(self, sino: int, node: Node) -> int:
+        of = self.files.get(sino)
+        return of.size if of is not None and of.on_blob else node.size
+
+    # -- hashing when the last writer closes ------------------------------------
+    def digest_job(self, of: OpenFile):
+        """What to do after the last writer closed: a callable to run in a worker thread, or None."""
+        sino, version = of.sino, of.version
+        if not of.on_blob:
+            return None
+        if of.hasher is not None and of.hashed_to == of.size:
+            digests = of.hasher.hexdigests()
+            self.staging.update(sino, digests=json.dumps(digests))
+            return None
+        path = self.staging.blob_path(sino)
+        self.hashing[sino] = version
+
+        def job():
+            return sino, version, hash_file(path, self.algorithms)
+        return job
+
+    def digest_done(self, sino: int, version: int, digests: dict[str, str]) -> None:
+        self.hashing.pop(sino, None)
+        of = self.files.get(sino)
+        if of is not None and of.version != version:
+            return  # written again meanwhile
+        node = self.staging.node(sino)
+        if node is not None and node.blob:
+            self.staging.update(sino, digests=json.dumps(digests))
+
+    # -- commit -------------------------------------------------------------------
+    def commit_request(self) -> CommitRequest:
+        """The whole target state, from the staging (call on the trio thread: it reads SQLite)."""
+        xattrs = self.staging.all_xattrs()
+        changes: dict = {}
+        for path, node in self.staging.walk():
+            x = {k: v for k, v in xattrs.get(node.id, {}).items() if k.startswith("user.")}
+            entry = node_entry(node, x)
+            if entry is None:
+                if node.incomplete:
+                    raise Incomplete(f"{path}: its stored bytes are incomplete (a write failed); "
+                                     "rewrite or delete it", path=path)
+                digests = json.loads(node.digests) if node.digests else None
+                changes[path] = NewFile(self.staging.blob_path(node.id), self.size_of(node.id, node), node.mode,
+                                        node.mtime_ns, x, digests=digests, linkable=True)
+            else:
+                changes[path] = entry
+        meta = {k: self.staging.get_meta(k) for k in ("message", "creator", "label")}
+        return CommitRequest(self.rid, self.base, changes, full=True, message=meta["message"],
+                             creator=meta["creator"], label=meta["label"] or None,
+                             marker=lambda iid: Staging.mark_committing(self.staging.path, iid))
+
+    def close(self) -> None:
+        for of in self.files.values():
+            try:
+                os.close(of.fd)
+            except OSError:
+                pass
+        self.files.clear()
+        self.closed = True
+        self.staging.close()
+
+
+def kind_bits(node: Node) -> int:
+    return {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}[node.kind]
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+__all__ = ["OpenTxn", "OpenFile", "fail", "kind_bits", "ROOT", "DirEntry", "LinkEntry"]

@@ -1,0 +1,259 @@
+"""What the mount shows, as plain Python: nodes, their attributes and their children.
+
+No pyfuse3 here, so the view is testable without a kernel. The adapter
+(ops.py) turns `Attr` into EntryAttributes and OSError into FUSEError.
+
+Node keys identify what a node shows; committed trees are keyed by instance
+id, so their nodes (and the kernel's caches of them) never go stale: a
+commit makes `resources/<rid>` resolve to nodes of a new key.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from ..core.errors import NotFound
+from ..core.ids import is_rid
+from ..core.layout import ArchiveRoot
+from ..core.model import DirEntry, FileEntry, LinkEntry
+
+BLKSIZE = 1 << 20          # coreutils sizes its buffers from st_blksize: 1 MiB writes, fewer requests
+LONG = 3600.0              # committed trees never change
+SHORT = 1.0                # names that move on commit: resources/<rid>, listings
+TOP = ("resources", "instances", "aip", "transactions", "commit", "events.jsonl")
+
+
+@dataclass
+class Attr:
+    mode: int
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1
+    entry_timeout: float = LONG
+    attr_timeout: float = LONG
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode of the mount. `kind` says which part of the tree it belongs to."""
+
+    kind: str                       # root, top, state, instances_of, label, aip, txn, events
+    key: tuple
+    rid: str | None = None
+    iid: str | None = None
+    path: str = ""                  # logical path (state), relative path (aip), or top-level name
+    entry: object = None            # FileEntry | DirEntry | LinkEntry for state nodes
+    sino: int = 0                   # staging inode for txn nodes
+    txn: object = None              # OpenTxn for txn nodes
+    ino: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def readonly_mode(mode: int) -> int:
+    return mode & ~0o222
+
+
+class View:
+    """Read-only parts of the mount over one archive root."""
+
+    def __init__(self, archive: ArchiveRoot, uid: int, gid: int):
+        self.archive = archive
+        self.uid, self.gid = uid, gid
+        st = os.stat(archive.root)
+        self.root_mtime = st.st_mtime_ns
+
+    # -- attributes ------------------------------------------------------
+    def attr(self, node: Node) -> Attr:
+        k = node.kind
+        if k == "root":
+            return Attr(stat.S_IFDIR | 0o555, mtime_ns=self.root_mtime, ctime_ns=self.root_mtime,
+                        uid=self.uid, gid=self.gid, nlink=2 + 5)
+        if k == "top":
+            mode = 0o1777 if node.path in ("transactions", "commit") else 0o555
+            return Attr(stat.S_IFDIR | mode, mtime_ns=self.root_mtime, ctime_ns=self.root_mtime,
+                        uid=self.uid, gid=self.gid, nlink=2, entry_timeout=LONG, attr_timeout=SHORT)
+        if k == "events":
+            st = os.stat(self.archive.events.path)
+            return Attr(stat.S_IFREG | 0o444, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                        uid=self.uid, gid=self.gid, entry_timeout=LONG, attr_timeout=0)
+        if k == "state":
+            return self._state_attr(node)
+        if k == "instances_of":
+            return Attr(stat.S_IFDIR | 0o555, mtime_ns=self.root_mtime, uid=self.uid, gid=self.gid, nlink=2,
+                        entry_timeout=SHORT, attr_timeout=SHORT)
+        if k == "label":
+            return Attr(stat.S_IFLNK | 0o777, size=len(node.iid), mtime_ns=self.root_mtime, uid=self.uid,
+                        gid=self.gid, entry_timeout=SHORT, attr_timeout=SHORT)
+        if k == "aip":
+            st = os.lstat(self._aip_path(node))
+            timeout = LONG if stat.S_ISREG(st.st_mode) else SHORT
+            return Attr(stat.S_IFMT(st.st_mode) | readonly_mode(stat.S_IMODE(st.st_mode)), size=st.st_size,
+                        mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, uid=self.uid, gid=self.gid,
+                        entry_timeout=timeout, attr_timeout=timeout)
+        raise OSError(errno.EIO, f"no attributes for {k}")
+
+    def _state_attr(self, node: Node) -> Attr:
+        e = node.entry
+        top_timeout = SHORT if node.extra.get("current") and not node.path else LONG
+        if e is None:  # the root of a state: resources/<rid> or instances/<rid>/<iid>
+            created = node.extra.get("created_ns", self.root_mtime)
+            return Attr(stat.S_IFDIR | 0o555, mtime_ns=created, ctime_ns=created, uid=self.uid, gid=self.gid,
+                        nlink=2, entry_timeout=top_timeout, attr_timeout=top_timeout)
+        if isinstance(e, FileEntry):
+            return Attr(stat.S_IFREG | readonly_mode(e.mode), size=e.size, mtime_ns=e.mtime_ns,
+                        ctime_ns=e.mtime_ns, uid=self.uid, gid=self.gid)
+        if isinstance(e, DirEntry):
+            return Attr(stat.S_IFDIR | readonly_mode(e.mode), mtime_ns=e.mtime_ns, ctime_ns=e.mtime_ns,
+                        uid=self.uid, gid=self.gid, nlink=2)
+        return Attr(stat.S_IFLNK | 0o777, size=len(os.fsencode(e.target)), mtime_ns=e.mtime_ns,
+                    ctime_ns=e.mtime_ns, uid=self.uid, gid=self.gid)
+
+    # -- names -------------------------------------------------------------
+    def lookup(self, parent: Node, name: str) -> Node:
+        """A child node (not yet registered: the caller gives it an inode)."""
+        k = parent.kind
+        if k == "top":
+            return self._lookup_top(parent.path, name)
+        if k == "state":
+            return self._lookup_state(parent, name)
+        if k == "instances_of":
+            return self._lookup_instance(parent.rid, name)
+        if k == "aip":
+            child = f"{parent.path}/{name}" if parent.path else name
+            path = self.archive.resource_dir(parent.rid) / child
+            if not os.path.lexists(path):
+                raise NotFound(name)
+            return Node("aip", ("aip", parent.rid, child), rid=parent.rid, path=child)
+        raise NotFound(name)
+
+    def _lookup_top(self, top: str, name: str) -> Node:
+        if not is_rid(name):
+            raise NotFound(name)
+        if top == "resources":
+            head = self.archive.head(name)
+            if head is None:
+                raise NotFound(name)
+            return self.state_root(name, head, current=True)
+        if top == "instances":
+            if not self.archive.head(name):
+                raise NotFound(name)
+            return Node("instances_of", ("instances_of", name), rid=name)
+        if top == "aip":
+            if not self.archive.resource_dir(name).is_dir():
+                raise NotFound(name)
+            return Node("aip", ("aip", name, ""), rid=name, path="")
+        raise NotFound(name)
+
+    def state_root(self, rid: str, iid: str, current: bool) -> Node:
+        doc = self.archive.instance(rid, iid)
+        from ..core.model import parse_time
+        created = int(parse_time(doc.created).timestamp() * 1e9)
+        return Node("state", ("state", rid, iid, "", current), rid=rid, iid=iid, path="", entry=None,
+                    extra={"current": current, "created_ns": created})
+
+    def _lookup_state(self, parent: Node, name: str) -> Node:
+        path = f"{parent.path}/{name}" if parent.path else name
+        entry = self.archive.state(parent.rid, parent.iid).get(path)
+        if entry is None:
+            raise NotFound(name)
+        return Node("state", ("state", parent.rid, parent.iid, path), rid=parent.rid, iid=parent.iid,
+                    path=path, entry=entry)
+
+    def _lookup_instance(self, rid: str, name: str) -> Node:
+        ids = self.archive.instance_ids(rid)
+        if name in ids:
+            return self.state_root(rid, name, current=False)
+        labels = self.archive.labels(rid)
+        if name in labels:
+            return Node("label", ("label", rid, name, labels[name]), rid=rid, iid=labels[name], path=name)
+        raise NotFound(name)
+
+    def children(self, node: Node) -> list[tuple[str, Node]]:
+        k = node.kind
+        if k == "top":
+            if node.path == "resources":
+                return [(rid, self.state_root(rid, head, current=True)) for rid in self.archive.resource_ids()
+                        if (head := self.archive.head(rid))]
+            if node.path == "instances":
+                return [(rid, Node("instances_of", ("instances_of", rid), rid=rid))
+                        for rid in self.archive.resource_ids()]
+            if node.path == "aip":
+                return [(rid, Node("aip", ("aip", rid, ""), rid=rid, path="")) for rid in self.archive.resource_ids()]
+            return []
+        if k == "instances_of":
+            out = [(iid, self.state_root(node.rid, iid, current=False))
+                   for iid in self.archive.instance_ids(node.rid)]
+            out += [(label, Node("label", ("label", node.rid, label, iid), rid=node.rid, iid=iid, path=label))
+                    for label, iid in sorted(self.archive.labels(node.rid).items())]
+            return out
+        if k == "state":
+            return self._state_children(node)
+        if k == "aip":
+            base = self.archive.resource_dir(node.rid) / node.path
+            names = sorted(os.listdir(base))
+            return [(n, Node("aip", ("aip", node.rid, f"{node.path}/{n}" if node.path else n), rid=node.rid,
+                             path=f"{node.path}/{n}" if node.path else n)) for n in names]
+        raise OSError(errno.ENOTDIR, "not a directory")
+
+    def _state_children(self, node: Node) -> list[tuple[str, Node]]:
+        """Children of a directory of a state; the per-directory index is cached per instance."""
+        index = self._index(node.rid, node.iid)
+        out = []
+        for name, path, entry in index.get(node.path, ()):
+            out.append((name, Node("state", ("state", node.rid, node.iid, path), rid=node.rid, iid=node.iid,
+                                   path=path, entry=entry)))
+        return out
+
+    def _index(self, rid: str, iid: str) -> dict[str, list]:
+        doc = self.archive.instance(rid, iid)
+        index = getattr(doc, "_dir_index", None)
+        if index is None:
+            index = {}
+            for path, entry in sorted(doc.state.entries().items()):
+                parent, _, name = path.rpartition("/")
+                index.setdefault(parent, []).append((name, path, entry))
+            doc._dir_index = index  # immutable document: the index never goes stale
+        return index
+
+    # -- contents ----------------------------------------------------------
+    def file_path(self, node: Node) -> str:
+        """The file on disk whose bytes a read-only file node shows."""
+        if node.kind == "state":
+            doc = self.archive.instance(node.rid, node.iid)
+            return str(self.archive.stored_path(node.rid, doc.stored[node.entry.digest]))
+        if node.kind == "aip":
+            return str(self._aip_path(node))
+        if node.kind == "events":
+            return str(self.archive.events.path)
+        raise OSError(errno.EISDIR, "not a file")
+
+    def readlink(self, node: Node) -> str:
+        if node.kind == "state" and isinstance(node.entry, LinkEntry):
+            return node.entry.target
+        if node.kind == "label":
+            return node.iid
+        if node.kind == "aip":
+            return os.readlink(self._aip_path(node))
+        raise OSError(errno.EINVAL, "not a symbolic link")
+
+    def xattrs(self, node: Node) -> dict[str, bytes]:
+        """Readable xattrs of a read-only node: digest, storing instance, recorded user xattrs."""
+        if node.kind != "state" or not isinstance(node.entry, FileEntry):
+            return {}
+        import base64
+        doc = self.archive.instance(node.rid, node.iid)
+        stored = doc.stored[node.entry.digest]
+        out = {"user.tinyfs.digest": f"{doc.digest}:{node.entry.digest}".encode(),
+               "user.tinyfs.instance": stored.split("/")[1].encode()}
+        for name, value in node.entry.xattrs.items():
+            out[name] = base64.b64decode(value)
+        return out
+
+    def _aip_path(self, node: Node):
+        return self.archive.resource_dir(node.rid) / node.path if node.path else self.archive.resource_dir(node.rid)
