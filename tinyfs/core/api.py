@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -203,13 +203,19 @@ class Transaction:
                 self._changes.pop(p, None)
 
     # -- ending ------------------------------------------------------------
-    def commit(self) -> CommitResult:
+    def commit(self, progress: Callable[[int], None] | None = None,
+               verify: Callable[[dict[str, NewFile]], None] | None = None) -> CommitResult:
+        """Commit. `progress(n)` is told of bytes read; `verify(new_files)` sees every new file's
+        digests (path -> NewFile) after they are hashed and before the instance is published, and
+        aborts the commit by raising."""
         self._check_open()
         self._done = True
+        new_files = {p: c for p, c in self._changes.items() if isinstance(c, NewFile)}
         req = CommitRequest(self.rid, self.base, dict(self._changes), message=self.message,
-                            creator=self.creator, label=self.label)
+                            creator=self.creator, label=self.label,
+                            marker=(lambda _iid: verify(new_files)) if verify else None)
         try:
-            self.result = commit(self._root, req)
+            self.result = commit(self._root, req, progress)
         finally:
             self._cleanup()
         return self.result

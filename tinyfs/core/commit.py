@@ -194,6 +194,12 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
         os.rename(inst, resource_dir / res_rel)  # the atomic step for a new instance
         fsync_dir(resource_dir / "instances")
         shutil.rmtree(stage)
+    for src in sources.values():
+        if src.linkable:   # the bag holds the bytes now; drop the staging name (an immutable file could not lose it)
+            try:
+                os.unlink(src.source)
+            except OSError:
+                pass
     if cfg.immutable:
         set_immutable_tree(resource_dir / res_rel)
     if dynamic and head is not None:

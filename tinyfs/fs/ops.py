@@ -576,8 +576,8 @@ class Operations(pyfuse3.Operations):
     def _invalidate(parent: int, name: str) -> None:
         try:
             pyfuse3.invalidate_entry(parent, os.fsencode(name))
-        except OSError:
-            pass  # the kernel did not know that name: nothing to forget
+        except Exception:
+            pass  # the kernel did not know that name (or there is no kernel: view tests)
 
     def _invalidate_later(self, parent: int, name: str, deleted: int) -> None:
         try:

@@ -1,0 +1,354 @@
+"""The mount with real clients: cp -a, rsync, tar, mv, gio; every result compared and validated."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mounting import Mounted, check_archive, listing, tinyfs_argv, tree
+
+pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
+                                reason="needs FUSE")
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    root = tmp_path / "archive"
+    subprocess.run([*tinyfs_argv(), "init", str(root)], check=True)
+    return root
+
+
+@pytest.fixture
+def mnt(root, tmp_path):
+    point = tmp_path / "mnt"
+    point.mkdir()
+    m = Mounted(root, point, tmp_path / "mount.log").start()
+    yield m
+    status = m.stop()
+    assert status == 0, m.log.read_text()[-3000:]
+    assert not m.tracebacks(), m.tracebacks()[-3000:]
+    check_archive(root)
+
+
+def source_tree(base: Path, n: int = 30) -> Path:
+    (base / "a" / "b").mkdir(parents=True)
+    (base / "empty-dir").mkdir()
+    for i in range(n):
+        (base / "a" / f"f{i:03d}.txt").write_text(f"file {i}\n" * (i + 1))
+    (base / "a" / "b" / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024 + 3))
+    (base / "empty.txt").write_bytes(b"")
+    (base / "name with spaces & ümlauts.txt").write_text("odd name\n")
+    os.symlink("a/b/big.bin", base / "link")
+    os.link(base / "a" / "f000.txt", base / "hard.txt")
+    os.chmod(base / "a" / "f001.txt", 0o600)
+    os.utime(base / "a" / "b", ns=(1_500_000_000_111_222_333, 1_500_000_000_111_222_333))
+    os.utime(base / "empty.txt", ns=(1_400_000_000_000_000_001, 1_400_000_000_000_000_001))
+    return base
+
+
+def same_listing(a: Path, b: Path, readonly: bool = True) -> None:
+    left, right = listing(a), listing(b)
+    assert left.keys() == right.keys()
+    for path, (kind, mode, mtime, extra) in left.items():
+        rk, rmode, rmtime, rextra = right[path]
+        assert (kind, extra) == (rk, rextra), path
+        if kind != "l":
+            assert rmode == (mode & 0o555 if readonly else mode), path
+            assert rmtime == mtime, path
+
+
+def test_cp_a_commit_and_views(mnt, tmp_path, root):
+    src = source_tree(tmp_path / "src")
+    t = mnt / "transactions" / "book"
+    os.mkdir(t)
+    subprocess.run(["cp", "-a", f"{src}/.", str(t)], check=True)
+    same_listing(src, t, readonly=False)
+    mnt.commit("book")
+    view = mnt / "resources" / "book"
+    assert tree(view) == tree(src)
+    same_listing(src, view)
+    (iid,) = os.listdir(mnt / "instances" / "book")
+    same_listing(src, mnt / "instances" / "book" / iid)
+    assert (mnt / "aip" / "book" / "instances" / iid / "bagit.txt").read_bytes().startswith(b"BagIt-Version: 1.0")
+    assert json.loads((mnt / "aip" / "book" / "instances" / iid / "instance.json").read_text())["id"] == iid
+
+
+def test_rsync_plain_delete_inplace(mnt, tmp_path, root):
+    src = source_tree(tmp_path / "src", n=50)
+    t = mnt / "transactions" / "data"
+    os.mkdir(t)
+    subprocess.run(["rsync", "-a", f"{src}/", f"{t}/"], check=True)
+    mnt.commit("data")
+    (src / "a" / "f001.txt").write_text("changed\n")
+    os.unlink(src / "a" / "f002.txt")
+    shutil.rmtree(src / "empty-dir")
+    (src / "new.txt").write_text("new\n")
+    os.mkdir(t)
+    subprocess.run(["rsync", "-a", "--delete", f"{src}/", f"{t}/"], check=True)
+    mnt.commit("data")
+    assert tree(mnt / "resources" / "data") == tree(src)
+    same_listing(src, mnt / "resources" / "data")
+    with open(src / "a" / "b" / "big.bin", "r+b") as f:
+        f.seek(1000)
+        f.write(b"patched in place")
+    os.mkdir(t)
+    subprocess.run(["rsync", "-a", "--inplace", "--no-whole-file", f"{src}/", f"{t}/"], check=True)
+    mnt.commit("data")
+    assert tree(mnt / "resources" / "data") == tree(src)
+    assert len(os.listdir(mnt / "instances" / "data")) == 3
+
+
+def test_tar_x_and_mv_from_another_file_system(mnt, tmp_path):
+    src = source_tree(tmp_path / "src")
+    archive = tmp_path / "src.tar"
+    subprocess.run(["tar", "-C", str(src), "-cf", str(archive), "."], check=True)
+    t = mnt / "transactions" / "tarred"
+    os.mkdir(t)
+    subprocess.run(["tar", "-C", str(t), "-xpf", str(archive)], check=True)
+    moved = tmp_path / "moved"
+    shutil.copytree(src, moved, symlinks=True)
+    subprocess.run(["mv", str(moved), str(t / "moved")], check=True)
+    mnt.commit("tarred")
+    view = mnt / "resources" / "tarred"
+    same_listing(src, view / "moved")
+    assert tree(view / "moved") == tree(src)
+    assert {k: v for k, v in tree(view).items() if not k.startswith("moved/")} == tree(src)
+
+
+@pytest.mark.skipif(not shutil.which("gio"), reason="needs GLib's gio")
+def test_gio_copy_and_move(mnt, tmp_path):
+    src = source_tree(tmp_path / "src", n=5)
+    t = mnt / "transactions" / "gio"
+    os.mkdir(t)
+    env = dict(os.environ, GIO_USE_VFS="local")
+    subprocess.run(["gio", "copy", "-r", "-p", str(src / "a"), str(t)], check=True, env=env)
+    subprocess.run(["gio", "copy", "-p", str(src / "empty.txt"), str(t / "empty.txt")], check=True, env=env)
+    subprocess.run(["gio", "move", str(t / "a" / "f000.txt"), str(t / "moved.txt")], check=True, env=env)
+    # GNOME Files replaces an existing file through .goutputstream-XXXXXX + rename
+    subprocess.run(["gio", "copy", str(src / "a" / "f004.txt"), str(t / "moved.txt")], input=b"y\n", env=env)
+    subprocess.run(["gio", "info", "-f", str(t)], check=True, env=env, capture_output=True)
+    mnt.commit("gio")
+    view = mnt / "resources" / "gio"
+    assert (view / "a" / "b" / "big.bin").read_bytes() == (src / "a" / "b" / "big.bin").read_bytes()
+    assert (view / "empty.txt").read_bytes() == b""
+    assert not (view / "a" / "f000.txt").exists()
+
+
+def test_renames_of_base_files_do_not_copy_and_dedup(mnt, root):
+    t = mnt / "transactions" / "r"
+    os.makedirs(t / "d1" / "d2")
+    payload = os.urandom(2 * 1024 * 1024)
+    (t / "d1" / "d2" / "x.bin").write_bytes(payload)
+    (t / "keep.txt").write_text("keep")
+    mnt.commit("r")
+    os.mkdir(t)
+    os.rename(t / "d1", t / "moved")
+    os.rename(t / "keep.txt", t / "moved" / "kept.txt")
+    blobs = root / "transactions" / "r" / "blobs"
+    assert os.listdir(blobs) == []          # nothing copied: renames move names, not bytes
+    with pytest.raises(FileExistsError):
+        subprocess.run(["mv", "-n", str(t / "moved" / "kept.txt"), str(t / "moved" / "d2" / "x.bin")],
+                       check=True)
+        raise FileExistsError  # mv -n exits 0 without replacing; the check below is what matters
+    assert (t / "moved" / "d2" / "x.bin").read_bytes() == payload
+    mnt.commit("r")
+    view = mnt / "resources" / "r"
+    assert (view / "moved" / "d2" / "x.bin").read_bytes() == payload
+    assert not (view / "d1").exists()
+    newest = sorted(os.listdir(mnt / "instances" / "r"))[-1]
+    stored = list((root / "resources").glob(f"*/*/r/instances/{newest}/data/**/*"))
+    assert [p for p in stored if p.is_file()] == []   # dedup: the new instance stores no bytes
+
+
+def test_rename_noreplace_is_honoured(mnt):
+    import ctypes
+    t = mnt / "transactions" / "nr"
+    os.mkdir(t)
+    (t / "a").write_text("a")
+    (t / "b").write_text("b")
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD, RENAME_NOREPLACE = -100, 1
+    rc = libc.renameat2(AT_FDCWD, bytes(t / "a"), AT_FDCWD, bytes(t / "b"), RENAME_NOREPLACE)
+    assert rc == -1 and ctypes.get_errno() == errno.EEXIST
+    assert (t / "b").read_text() == "b"
+    subprocess.run(["mv", str(t / "a"), str(t / "b")], check=True)
+    assert (t / "b").read_text() == "a"
+
+
+def test_commit_with_a_file_open_for_writing_is_ebusy(mnt, root):
+    t = mnt / "transactions" / "busy"
+    os.mkdir(t)
+    f = open(t / "open.txt", "w")
+    f.write("not yet")
+    f.flush()
+    with pytest.raises(OSError) as e:
+        mnt.commit("busy")
+    assert e.value.errno == errno.EBUSY
+    assert os.getxattr(t, "user.tinyfs.state") == b"failed"
+    assert b"open.txt" in os.getxattr(t, "user.tinyfs.error")
+    f.close()
+    mnt.commit("busy")
+    assert (mnt / "resources" / "busy" / "open.txt").read_text() == "not yet"
+
+
+def test_commit_right_after_close_never_ebusy(mnt):
+    for i in range(30):
+        t = mnt / "transactions" / f"quick{i}"
+        os.mkdir(t)
+        with open(t / "f.bin", "wb") as f:
+            f.write(os.urandom(300_000))
+        mnt.commit(f"quick{i}")
+
+
+def test_sparse_and_random_writes_and_truncate(mnt):
+    t = mnt / "transactions" / "sparse"
+    os.mkdir(t)
+    with open(t / "holes.bin", "wb") as f:
+        f.seek(3 * 1024 * 1024)
+        f.write(b"end")
+        f.seek(5)
+        f.write(b"start")
+    with open(t / "rw.bin", "w+b") as f:
+        f.write(b"0123456789" * 1000)
+        f.seek(500)
+        f.write(b"XX")
+        f.truncate(800)
+    mnt.commit("sparse")
+    data = (mnt / "resources" / "sparse" / "holes.bin").read_bytes()
+    assert len(data) == 3 * 1024 * 1024 + 3 and data[5:10] == b"start" and data[-3:] == b"end"
+    rw = (mnt / "resources" / "sparse" / "rw.bin").read_bytes()
+    assert len(rw) == 800 and rw[500:502] == b"XX"
+
+
+def test_copy_on_write_of_a_base_file_and_glib_style_replace(mnt):
+    t = mnt / "transactions" / "cow"
+    os.mkdir(t)
+    (t / "doc.txt").write_text("version 1\n")
+    mnt.commit("cow")
+    os.mkdir(t)
+    fd = os.open(t / "doc.txt", os.O_WRONLY)      # GLib opens the original for writing first
+    tmp = t / ".goutputstream-ABC123"
+    tmp.write_text("version 2\n")
+    os.rename(tmp, t / "doc.txt")
+    os.close(fd)
+    with open(t / "doc.txt", "a") as f:
+        f.write("appended\n")
+    mnt.commit("cow")
+    assert (mnt / "resources" / "cow" / "doc.txt").read_text() == "version 2\nappended\n"
+
+
+def test_other_process_commits_show_up_and_stale_conflict(mnt, root, tmp_path):
+    t = mnt / "transactions" / "shared"
+    os.mkdir(t)
+    (t / "a.txt").write_text("a1")
+    mnt.commit("shared")
+    os.mkdir(t)
+    (t / "a.txt").write_text("a2 from the mount")
+    f = tmp_path / "a.txt"
+    f.write_text("a2 from the cli")
+    subprocess.run([*tinyfs_argv(), "ingest", str(root), "shared", str(f)], check=True)
+    with pytest.raises(OSError) as e:
+        mnt.commit("shared")
+    assert e.value.errno == errno.ESTALE
+    assert (t / "a.txt").read_text() == "a2 from the mount"
+    shutil.rmtree(t)
+    deadline = time.monotonic() + 5
+    while (mnt / "resources" / "shared" / "a.txt").read_text() != "a2 from the cli":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_rollback_and_permissions_of_views(mnt, root):
+    t = mnt / "transactions" / "gone"
+    os.mkdir(t)
+    os.makedirs(t / "x" / "y")
+    (t / "x" / "y" / "z").write_text("z")
+    subprocess.run(["rm", "-rf", str(t)], check=True)
+    assert not t.exists() and not (root / "transactions" / "gone").exists()
+    assert os.stat(mnt / "transactions").st_mode & 0o7777 == 0o1777
+    assert os.stat(mnt / "commit").st_mode & 0o7777 == 0o1777
+    with pytest.raises(OSError) as e:
+        (mnt / "commit" / "x").write_text("no")
+    assert e.value.errno == errno.EPERM
+    events = [json.loads(x)["event"] for x in (mnt / "events.jsonl").read_text().splitlines()]
+    assert "transaction.rolled_back" in events
+
+
+def test_xattrs_in_transactions(mnt):
+    t = mnt / "transactions" / "xa"
+    os.mkdir(t)
+    (t / "f").write_text("f")
+    os.setxattr(t / "f", "user.checksum.note", b"\x00binary\xff")
+    os.setxattr(t / "f", "user.tinyfs.digest", b"ignored")
+    for ns in ("security.x", "trusted.x"):
+        with pytest.raises(OSError) as e:
+            os.setxattr(t / "f", ns, b"1")
+        assert e.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
+    os.setxattr(t, "user.tinyfs.message", "a message\nwith two lines".encode())
+    mnt.commit("xa")
+    v = mnt / "resources" / "xa" / "f"
+    assert os.getxattr(v, "user.checksum.note") == b"\x00binary\xff"
+    assert os.getxattr(v, "user.tinyfs.digest").startswith(b"sha512:")
+
+
+def test_transaction_survives_unmount_and_kill(root, tmp_path):
+    point = tmp_path / "mnt"
+    point.mkdir()
+    m = Mounted(root, point, tmp_path / "log").start()
+    t = point / "transactions" / "persist"
+    os.mkdir(t)
+    os.makedirs(t / "d")
+    (t / "d" / "one.txt").write_text("one")
+    os.setxattr(t, "user.tinyfs.label", b"v1")
+    assert m.stop() == 0
+    m.start()
+    assert (t / "d" / "one.txt").read_text() == "one"
+    (t / "two.txt").write_text("two")
+    m.crash()
+    m.start()
+    try:
+        assert (t / "two.txt").read_text() == "two"
+        m.commit("persist")
+        assert os.readlink(point / "instances" / "persist" / "v1")
+    finally:
+        m.stop()
+    check_archive(root)
+
+
+def test_mount_is_exclusive_and_refuses_a_second(root, tmp_path, mnt):
+    other = tmp_path / "other"
+    other.mkdir()
+    r = subprocess.run([*tinyfs_argv(), "mount", "--foreground", str(root), str(other)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode != 0 and "already mounted" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_parallel_readers_while_committing(mnt):
+    t = mnt / "transactions" / "par"
+    os.mkdir(t)
+    for i in range(200):
+        (t / f"{i}.txt").write_text(str(i))
+    errors = []
+
+    def reader():
+        try:
+            for _ in range(20):
+                os.listdir(mnt / "resources")
+        except OSError as e:
+            errors.append(e)
+
+    th = threading.Thread(target=reader)
+    th.start()
+    mnt.commit("par")
+    th.join()
+    assert not errors
+    assert len(os.listdir(mnt / "resources" / "par")) == 200

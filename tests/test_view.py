@@ -1,0 +1,111 @@
+"""The view and the Operations adapter without a kernel: handlers called directly with a fake context."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pyfuse3
+import pytest
+import trio
+
+from tinyfs import Archive
+from tinyfs.fs.ops import Operations
+from tinyfs.fs.view import View
+
+
+class Ctx:
+    def __init__(self, uid=0, gid=0, umask=0o022):
+        self.uid, self.gid, self.umask, self.pid = uid, gid, umask, os.getpid()
+
+
+@pytest.fixture
+def archive(tmp_path):
+    a = Archive.init(tmp_path / "archive")
+    (tmp_path / "f.txt").write_text("hello")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "g.txt").write_text("g")
+    with a.new("r1", label="v1") as t:
+        t.add(tmp_path / "f.txt")
+        t.add(tmp_path / "d")
+    return a
+
+
+def run(fn, *args):
+    return trio.run(fn, *args)
+
+
+def test_view_lookup_children_and_attrs(archive):
+    view = View(archive.root, 1000, 1000)
+    ops = Operations(archive.root)
+    resources = ops.nodes[ops.top["resources"]]
+    r1 = view.lookup(resources, "r1")
+    names = [n for n, _ in view.children(r1)]
+    assert names == ["d", "f.txt"]
+    f = view.lookup(r1, "f.txt")
+    a = view.attr(f)
+    assert stat.S_ISREG(a.mode) and a.mode & 0o222 == 0 and a.size == 5 and a.uid == 1000
+    assert view.xattrs(f)["user.tinyfs.digest"].startswith(b"sha512:")
+    inst = view.lookup(ops.nodes[ops.top["instances"]], "r1")
+    kids = dict(view.children(inst))
+    assert "v1" in kids and kids["v1"].kind == "label"
+    with pytest.raises(Exception):
+        view.lookup(resources, "nope")
+
+
+def test_ops_read_only_refusals_and_reads(archive):
+    ops = Operations(archive.root)
+    ctx = Ctx()
+
+    async def go():
+        res = await ops.lookup(ops.top["resources"], b"r1", ctx)
+        f = await ops.lookup(res.st_ino, b"f.txt", ctx)
+        info = await ops.open(f.st_ino, os.O_RDONLY, ctx)
+        assert await ops.read(info.fh, 0, 100) == b"hello"
+        await ops.release(info.fh)
+        for call in (lambda: ops.open(f.st_ino, os.O_WRONLY, ctx),
+                     lambda: ops.unlink(res.st_ino, b"f.txt", ctx),
+                     lambda: ops.mkdir(res.st_ino, b"x", 0o755, ctx)):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await call()
+            assert e.value.errno == errno.EROFS
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.mkdir(ops.top["transactions"], b"bad id", 0o755, ctx)
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getxattr(f.st_ino, b"security.capability", ctx)
+        assert e.value.errno == pyfuse3.ENOATTR
+        st = await ops.statfs(ctx)
+        assert st.f_namemax == 255
+    run(go)
+
+
+def test_ops_transaction_write_and_commit(archive, tmp_path):
+    ops = Operations(archive.root)
+    ctx = Ctx(uid=1234, gid=1234)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            ops.nursery = nursery
+            t = await ops.mkdir(ops.top["transactions"], b"r1", 0o755, ctx)
+            assert t.st_uid == 1234 and stat.S_IMODE(t.st_mode) == 0o755
+            base = await ops.lookup(t.st_ino, b"f.txt", ctx)
+            assert base.st_uid == 1234
+            info, new = await ops.create(t.st_ino, b"new.bin", 0o644, os.O_WRONLY, ctx)
+            await ops.write(info.fh, 0, b"x" * 200_000)
+            await ops.write(info.fh, 200_000, b"y" * 10)
+            await ops.release(info.fh)
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.create(t.st_ino, b"\xff", 0o644, os.O_WRONLY, ctx)
+            assert e.value.errno == errno.EILSEQ
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.create(t.st_ino, b"n" * 256, 0o644, os.O_WRONLY, ctx)
+            assert e.value.errno == errno.ENAMETOOLONG
+            await ops.unlink(t.st_ino, b"f.txt", ctx)
+            await ops.rename(ops.top["transactions"], b"r1", ops.top["commit"], b"r1", 0, ctx)
+    run(go)
+    res = archive.get("r1")
+    assert res.read("new.bin") == b"x" * 200_000 + b"y" * 10
+    assert "f.txt" not in res.state().files
+    assert len(res.instances) == 2

@@ -1,0 +1,326 @@
+"""Checking an archive (SPEC sections 4, 6 and 7): `tinyfs fsck`.
+
+For every instance of the resources checked:
+  - the bag validates (tinyfs.core.bagcheck; full mode hashes every payload and
+    tag file once, on all cores; fast mode checks structure, coverage and
+    Payload-Oxum only);
+  - instance.json parses and agrees with where it is (id, resource, digest
+    algorithm, the `previous` chain, labels unique) and with itself (every
+    state digest has a `stored` entry; logical paths are valid);
+  - every `stored` path exists with the recorded size and is a payload file of
+    its bag whose manifest digest is the recorded one. The file's bytes were
+    hashed by the validation of the bag that holds it, so nothing is hashed
+    twice: an instance whose state points at bytes that failed their check in
+    an earlier bag gets a `stored-damaged` finding of its own.
+
+Each finding has a stable code (the validator's codes for bag problems, and
+the codes below); docs/format.md lists them all.
+
+  bad-resource-json     resource.json missing, unreadable or naming another id
+  misplaced-resource    a resource directory not under the XX/YY its id hashes to
+  unexpected-entry      something in instances/ that is not an instance id
+  no-instances          a resource with no instance
+  bad-instance-json     instance.json missing or not a valid tinyfs-instance document
+  instance-mismatch     instance.json's id, resource or digest algorithm is not what its place says
+  broken-chain          `previous` is not the instance before it (or, in dynamic mode, not an earlier one)
+  duplicate-label       two instances of a resource carry the same label
+  bad-path              a logical path breaks the rules (relative, no ./.., UTF-8, lengths)
+  orphan-entry          an entry whose parent directory is not in `dirs`
+  missing-stored        a state digest with no `stored` entry
+  bad-stored-path       a `stored` path not of the form instances/<iid>/data/...
+  missing-stored-file   a `stored` path that does not exist
+  stored-size-mismatch  a stored file whose size is not the recorded one
+  not-in-manifest       a stored file that is not a payload file of its bag
+  stored-digest-mismatch the bag's manifest gives another digest than instance.json
+  stored-damaged        a stored file (in an earlier instance) that failed its own bag's check
+  unreferenced-file     a payload file that instance.json does not store
+  bad-bag-info          bag-info.txt names another resource or instance
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .bagcheck import BagReport, Problem, validate_bag
+from .errors import InvalidName, NotFound, TinyfsError
+from .ids import check_label, check_logical_path, is_instance_id, is_rid, parent_of
+from .layout import ArchiveRoot
+from .model import InstanceDoc
+
+log = logging.getLogger(__name__)
+
+ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
+_STORED = re.compile(r"instances/([0-9a-f-]{36})/(data/.+)\Z", re.S)
+_OXUM = re.compile(r"\s*Payload-Oxum\s*:\s*(\d+)\.(\d+)", re.I)
+
+
+@dataclass(frozen=True)
+class Finding:
+    resource: str
+    instance: str | None
+    path: str
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.resource} {self.instance or '-'} {self.path or '-'}: {self.code}: {self.message}"
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "code": self.code, "message": self.message}
+
+
+@dataclass
+class FsckReport:
+    findings: list[Finding] = field(default_factory=list)
+    resources: int = 0
+    instances: int = 0
+    files: int = 0
+    bytes: int = 0
+    fast: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    def damaged(self) -> dict[tuple[str, str | None], list[Finding]]:
+        """(resource, instance) -> its findings, in the order found."""
+        out: dict[tuple[str, str | None], list[Finding]] = {}
+        for f in self.findings:
+            out.setdefault((f.resource, f.instance), []).append(f)
+        return out
+
+    def summary(self) -> str:
+        what = (f"{self.resources} resources, {self.instances} instances, {self.files} files, "
+                f"{self.bytes} bytes checked{' (fast: sizes only, nothing hashed)' if self.fast else ''}")
+        if self.clean:
+            return f"fsck: {what}: clean"
+        n = len(self.findings)
+        return f"fsck: {what}: {n} problem{'s' if n != 1 else ''} in {len(self.damaged())} instances"
+
+
+def fsck(archive: ArchiveRoot, rids: list[str] | None = None, fast: bool = False,
+         progress: ProgressFactory | None = None, workers: int | None = None) -> FsckReport:
+    """Check the given resources (default: all); log fixity.checked (and fixity.failed per damaged instance)."""
+    report = FsckReport(fast=fast)
+    if rids:
+        for rid in rids:
+            if not is_rid(rid) or not archive.resource_dir(rid).is_dir():
+                raise NotFound(f"no resource {rid!r} in {archive.root}")
+        rids = list(dict.fromkeys(rids))
+    else:
+        rids = archive.resource_ids()
+    chains = {rid: archive.instance_ids(rid) for rid in rids}
+    jobs = [(rid, iid) for rid in rids for iid in chains[rid]]
+    sizes = {job: _oxum_bytes(archive.instance_dir(*job)) for job in jobs}
+    advance = None
+    if progress:
+        advance = progress("checking", None if fast else sum(sizes.values()))
+    bags = _validate_all(archive, sorted(jobs, key=lambda j: -sizes[j]), fast, advance, workers)
+    for rid in rids:
+        _Resource(archive, rid, chains[rid], bags, report).check()
+    _log(archive, report)
+    return report
+
+
+def _validate_all(archive: ArchiveRoot, jobs: list[tuple[str, str]], fast: bool, advance,
+                  workers: int | None) -> dict[tuple[str, str], BagReport]:
+    """Validate every instance bag, several bags at once (each hashes its files on all cores)."""
+    cpus = workers or os.cpu_count() or 2
+
+    def one(job: tuple[str, str]) -> BagReport:
+        bag = archive.instance_dir(*job)
+        try:
+            return validate_bag(bag, fast=fast, workers=cpus, progress=advance)
+        except NotADirectoryError:
+            return BagReport(bag, problems=[Problem("not-regular-file", "", "the instance is not a directory")])
+
+    if len(jobs) <= 1:
+        return {job: one(job) for job in jobs}
+    with ThreadPoolExecutor(max_workers=min(cpus, len(jobs)), thread_name_prefix="fsck") as pool:
+        return dict(zip(jobs, pool.map(one, jobs)))
+
+
+def _oxum_bytes(bag) -> int:
+    try:
+        with open(bag / "bag-info.txt", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                m = _OXUM.match(line)
+                if m:
+                    return int(m.group(1))
+    except OSError:
+        pass
+    return 0
+
+
+class _Resource:
+    """The checks of one resource, over reports its bags' validation already made."""
+
+    def __init__(self, archive: ArchiveRoot, rid: str, chain: list[str],
+                 bags: dict[tuple[str, str], BagReport], report: FsckReport):
+        self.archive, self.rid, self.chain, self.bags, self.report = archive, rid, chain, bags, report
+        self.dir = archive.resource_dir(rid)
+        self.dynamic = archive.config.mode == "dynamic"
+        self._stat_cache: dict[str, os.stat_result | None] = {}
+
+    def find(self, iid: str | None, path: str, code: str, message: str) -> None:
+        self.report.findings.append(Finding(self.rid, iid, path, code, message))
+
+    def check(self) -> None:
+        self.report.resources += 1
+        self._check_resource_dir()
+        labels: dict[str, str] = {}
+        previous = None
+        for iid in self.chain:
+            self.report.instances += 1
+            bag = self.bags[(self.rid, iid)]
+            for p in bag.problems:
+                self.find(iid, p.path, p.code, p.message)
+            doc = self._load(iid)
+            if doc is not None:
+                self._check_doc(iid, doc, previous, labels)
+                self._check_stored(iid, doc, bag)
+            self._check_bag_info(iid, bag)
+            previous = iid
+
+    # -- the resource directory ---------------------------------------------
+    def _check_resource_dir(self) -> None:
+        import json
+
+        try:
+            doc = json.loads((self.dir / "resource.json").read_bytes())
+            if doc.get("id") != self.rid:
+                self.find(None, "resource.json", "bad-resource-json", f"names resource {doc.get('id')!r}")
+        except (OSError, ValueError, AttributeError) as e:
+            self.find(None, "resource.json", "bad-resource-json", f"cannot be read: {_why(e)}")
+        for name in sorted(os.listdir(self.dir / "instances") if (self.dir / "instances").is_dir() else []):
+            if not is_instance_id(name):
+                self.find(None, f"instances/{name}", "unexpected-entry", "not an instance id")
+        if not self.chain:
+            self.find(None, "instances", "no-instances", "the resource has no instance")
+
+    # -- instance.json -------------------------------------------------------
+    def _load(self, iid: str) -> InstanceDoc | None:
+        try:
+            return InstanceDoc.from_json_bytes((self.archive.instance_dir(self.rid, iid) / "instance.json").read_bytes())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.find(iid, "instance.json", "bad-instance-json", f"not a valid tinyfs instance document: {_why(e)}")
+            return None
+
+    def _check_doc(self, iid: str, doc: InstanceDoc, previous: str | None, labels: dict[str, str]) -> None:
+        for name, found, wanted in (("id", doc.id, iid), ("resource", doc.resource, self.rid),
+                                    ("digest", doc.digest, self.archive.config.primary)):
+            if found != wanted:
+                self.find(iid, "instance.json", "instance-mismatch", f"{name} is {found!r}, expected {wanted!r}")
+        if self.dynamic:
+            if doc.previous is not None and not (is_instance_id(doc.previous) and doc.previous < iid):
+                self.find(iid, "instance.json", "broken-chain", f"previous {doc.previous!r} is not an earlier instance")
+        elif doc.previous != previous:
+            self.find(iid, "instance.json", "broken-chain", f"previous is {doc.previous!r}, expected {previous!r}")
+        if doc.label is not None:
+            try:
+                check_label(doc.label)
+            except InvalidName as e:
+                self.find(iid, "instance.json", "instance-mismatch", str(e))
+            if doc.label in labels:
+                self.find(iid, "instance.json", "duplicate-label",
+                          f"label {doc.label!r} is also used by instance {labels[doc.label]}")
+            labels.setdefault(doc.label, iid)
+        entries = doc.state.entries()
+        for path in entries:
+            try:
+                check_logical_path(path)
+            except TinyfsError as e:
+                self.find(iid, path, "bad-path", str(e))
+                continue
+            parent = parent_of(path)
+            if parent and parent not in doc.state.dirs:
+                self.find(iid, path, "orphan-entry", f"parent directory {parent!r} is not in the state")
+
+    # -- stored bytes ----------------------------------------------------------
+    def _check_stored(self, iid: str, doc: InstanceDoc, bag: BagReport) -> None:
+        first_path: dict[str, str] = {}
+        for path, f in sorted(doc.state.files.items()):
+            first_path.setdefault(f.digest, path)
+        own: set[str] = set()
+        for digest, path in first_path.items():
+            size = doc.state.files[path].size
+            rel = doc.stored.get(digest)
+            if rel is None:
+                self.find(iid, path, "missing-stored", f"no stored entry for digest {digest[:16]}…")
+                continue
+            m = _STORED.match(rel)
+            if m is None:
+                self.find(iid, path, "bad-stored-path", f"stored path {rel!r} is not instances/<iid>/data/...")
+                continue
+            holder, inner = m.groups()
+            if holder == iid:
+                own.add(inner)
+            self._check_one(iid, path, digest, size, rel, holder, inner)
+        self.report.files += len(own)
+        for inner in sorted(set(bag.payload) - own):
+            self.find(iid, inner, "unreferenced-file", "payload file that instance.json does not store")
+
+    def _check_one(self, iid: str, path: str, digest: str, size: int, rel: str, holder: str, inner: str) -> None:
+        holder_bag = self.bags.get((self.rid, holder))
+        if holder_bag is None or holder > iid:
+            self.find(iid, path, "missing-stored-file", f"stored in {rel}, but instance {holder} "
+                      f"{'does not exist' if holder_bag is None else 'is later than this one'}")
+            return
+        if any(p.path == inner for p in holder_bag.problems):
+            if holder != iid:   # the holder's own findings already name the file
+                self.find(iid, path, "stored-damaged", f"its bytes, stored in {rel}, failed their check")
+            return
+        st = self._stat(rel)
+        if st is None:
+            self.find(iid, path, "missing-stored-file", f"{rel} does not exist")
+            return
+        if holder == iid:
+            self.report.bytes += st.st_size
+        if st.st_size != size:
+            self.find(iid, path, "stored-size-mismatch", f"{rel} has {st.st_size} bytes, recorded {size}")
+        listed = holder_bag.payload.get(inner)
+        if listed is None:
+            self.find(iid, path, "not-in-manifest", f"{rel} is not a payload file of its bag")
+            return
+        primary = self.archive.config.primary
+        if listed.get(primary) != digest:
+            self.find(iid, path, "stored-digest-mismatch",
+                      f"the manifest of {holder} gives {primary} {str(listed.get(primary))[:16]}…, "
+                      f"instance.json {digest[:16]}…")
+
+    def _stat(self, rel: str) -> os.stat_result | None:
+        if rel not in self._stat_cache:
+            try:
+                self._stat_cache[rel] = os.stat(self.dir / rel)
+            except OSError:
+                self._stat_cache[rel] = None
+        return self._stat_cache[rel]
+
+    def _check_bag_info(self, iid: str, bag: BagReport) -> None:
+        info = dict(bag.info)
+        for name, wanted in (("External-Identifier", self.rid), ("Tinyfs-Instance", iid)):
+            if name in info and info[name] != wanted:
+                self.find(iid, "bag-info.txt", "bad-bag-info", f"{name} is {info[name]!r}, expected {wanted!r}")
+
+
+def _log(archive: ArchiveRoot, report: FsckReport) -> None:
+    """One fixity.failed per damaged instance, then one fixity.checked for the run."""
+    try:
+        for (rid, iid), findings in report.damaged().items():
+            archive.events.append("fixity.failed", rid, iid, findings=[f.to_json() for f in findings])
+        archive.events.append("fixity.checked", None, None, resources=report.resources,
+                              instances=report.instances, files=report.files, bytes=report.bytes,
+                              problems=len(report.findings), fast=report.fast)
+    except OSError as e:  # a read-only archive can still be checked
+        log.warning("could not log the fixity events: %s", _why(e))
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__

@@ -1,0 +1,196 @@
+"""Ingest without a mount (SPEC section 8): local paths, and BagIt bags given as SIPs.
+
+Both commit through the Python API (`Archive` / `Transaction.add`), on top of
+the resource's current state, creating the resource when it does not exist.
+
+A bag is validated in full first (every problem is listed before anything is
+copied). Its payload is then copied into the new instance by the commit,
+which hashes each file while copying it; those digests are compared with the
+bag's manifests (for the algorithms both have) before the instance is
+published, so a bag that changes while it is being ingested is refused too.
+
+`progress`, where accepted, is a factory: `progress(description, total_bytes)`
+starts one phase and returns a callable told of each chunk of bytes read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from .api import Archive, Transaction
+from .bagcheck import Problem, validate_bag
+from .commit import CommitResult, NewFile
+from .fsck import ProgressFactory
+from .errors import AlreadyExists, BadEncoding, Forbidden, InvalidBag, InvalidName, NotFound
+from .ids import check_rid
+
+log = logging.getLogger(__name__)
+
+
+# bag-info elements that become the instance's message / creator when none is given
+MESSAGE_ELEMENTS = ("External-Description", "Internal-Sender-Description")
+CREATOR_ELEMENTS = ("Contact-Name",)
+
+
+def ingest_paths(archive: Archive, rid: str, paths: Sequence[str | os.PathLike], *, message: str = "",
+                 creator: str = "", label: str | None = None,
+                 progress: ProgressFactory | None = None) -> CommitResult:
+    """Add each path (file, symlink or directory tree) under its own base name and commit."""
+    check_rid(rid)
+    if not paths:
+        raise InvalidName("nothing to ingest: give at least one path")
+    sources = [Path(p) for p in paths]
+    names: dict[str, Path] = {}
+    total = 0
+    for source in sources:
+        name = _base_name(source)
+        if name in names:
+            raise InvalidName(f"{names[name]} and {source} would both be stored as {name!r}")
+        names[name] = source
+        total += scan(source)
+    txn = open_transaction(archive, rid, message=message, creator=creator, label=label)
+    try:
+        for source in sources:
+            txn.add(source)
+    except BaseException:
+        txn.rollback()
+        raise
+    return txn.commit(progress=progress("ingesting", total) if progress else None)
+
+
+def ingest_bag(archive: Archive, rid: str, bag: str | os.PathLike, *, message: str | None = None,
+               creator: str | None = None, label: str | None = None,
+               progress: ProgressFactory | None = None) -> CommitResult:
+    """Validate a bag; refuse it with every problem listed, or commit its payload (data/...)."""
+    check_rid(rid)
+    bag = Path(bag)
+    if not bag.is_dir():
+        raise NotFound(f"{bag}: not a directory (a bag is a directory)")
+    advance = progress("validating", _tree_bytes(bag)) if progress else None
+    report = validate_bag(bag, progress=advance)
+    for warning in report.warnings:
+        log.warning("bag %s: %s", bag, warning)
+    if not report.valid:
+        raise InvalidBag(_invalid(bag, report.problems), report.problems)
+    info = dict(report.info)
+    if message is None:
+        message = next((info[k] for k in MESSAGE_ELEMENTS if info.get(k)), "")
+    if creator is None:
+        creator = next((info[k] for k in CREATOR_ELEMENTS if info.get(k)), "")
+
+    data = bag / "data"
+    tops = sorted(os.listdir(data))
+    total = sum(scan(data / name) for name in tops)
+    txn = open_transaction(archive, rid, message=message, creator=creator, label=label)
+    try:
+        for name in tops:
+            txn.add(data / name, path=name)
+    except BaseException:
+        txn.rollback()
+        raise
+
+    def verify(new_files: dict[str, NewFile]) -> None:
+        problems = []
+        for path, nf in sorted(new_files.items()):
+            key = f"data/{path}"
+            expected = report.payload.get(key)
+            if expected is None:
+                problems.append(Problem("extra-file", key, "in the payload but in none of the bag's manifests"))
+                continue
+            for alg in sorted(set(expected) & set(nf.digests or {})):
+                if expected[alg] != nf.digests[alg]:
+                    problems.append(Problem("checksum-mismatch", key,
+                                            f"{alg} of the bytes copied is {nf.digests[alg][:16]}…, the manifest "
+                                            f"says {expected[alg][:16]}… (did the file change during ingest?)"))
+        if problems:
+            raise InvalidBag(_invalid(bag, problems), problems)
+
+    return txn.commit(progress=progress("ingesting", total) if progress else None, verify=verify)
+
+
+def open_transaction(archive: Archive, rid: str, *, message: str = "", creator: str = "",
+                     label: str | None = None) -> Transaction:
+    """A transaction on top of the resource's current state, or creating it."""
+    kw = {"message": message or "", "creator": creator or "", "label": label}
+    if rid not in archive:
+        try:
+            return archive.new(rid, **kw)
+        except AlreadyExists:  # created meanwhile by another process
+            pass
+    return archive.get(rid, "a", **kw)
+
+
+def scan(source: Path) -> int:
+    """Refuse what cannot be archived before anything is staged; returns the bytes of regular files.
+
+    FIFOs, sockets and device nodes: Forbidden (EPERM). A name that is not UTF-8: BadEncoding
+    (EILSEQ). Either way the message names the offending path."""
+    st = os.lstat(source)
+    _check_kind(source, st)
+    _base_name(source)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    total = 0
+
+    def fail(e: OSError) -> None:
+        raise e
+
+    for dirpath, dirs, files in os.walk(source, onerror=fail):
+        for name in dirs + files:
+            full = Path(dirpath, name)
+            _decoded(name, full)
+            st = os.lstat(full)
+            _check_kind(full, st)
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def _check_kind(path: Path, st: os.stat_result) -> None:
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+        return
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device node" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "a special file")
+    raise Forbidden(f"{_show(path)}: is {kind}; only regular files, directories and symbolic links can be "
+                    "archived (nothing was committed)", path=str(path))
+
+
+def _decoded(name: str, where: Path) -> str:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadEncoding(f"{_show(where)}: name is not valid UTF-8 (nothing was committed)",
+                          path=_show(where)) from None
+    return name
+
+
+def _base_name(source: Path) -> str:
+    return _decoded(os.path.basename(os.path.normpath(os.path.abspath(source))), source)
+
+
+def _show(path: Path) -> str:
+    """A path for a message: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _tree_bytes(top: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(top):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def _invalid(bag: Path, problems: list) -> str:
+    n = len(problems)
+    return f"invalid bag {bag}: {n} problem{'s' if n != 1 else ''}"
