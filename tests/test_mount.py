@@ -51,7 +51,15 @@ def source_tree(base: Path, n: int = 30) -> Path:
     os.chmod(base / "a" / "f001.txt", 0o600)
     os.utime(base / "a" / "b", ns=(1_500_000_000_111_222_333, 1_500_000_000_111_222_333))
     os.utime(base / "empty.txt", ns=(1_400_000_000_000_000_001, 1_400_000_000_000_000_001))
+    age_dirs(base)
     return base
+
+
+def age_dirs(base: Path, stamp: int = 1_300_000_000_000_000_007) -> None:
+    """Give every directory an old time: rsync compares directory times to the second and
+    leaves a just-made directory alone when its time is in the same second as the source's."""
+    for i, (dirpath, _dirs, _files) in enumerate(sorted(os.walk(base), reverse=True)):
+        os.utime(dirpath, ns=(stamp + i * 1_000_000_001, stamp + i * 1_000_000_001))
 
 
 def same_listing(a: Path, b: Path, readonly: bool = True) -> None:
@@ -82,27 +90,31 @@ def test_cp_a_commit_and_views(mnt, tmp_path, root):
 
 
 def test_rsync_plain_delete_inplace(mnt, tmp_path, root):
+    """rsync into a transaction ends exactly like the same rsync into a native directory."""
     src = source_tree(tmp_path / "src", n=50)
+    native = tmp_path / "native"
     t = mnt / "transactions" / "data"
-    os.mkdir(t)
-    subprocess.run(["rsync", "-a", f"{src}/", f"{t}/"], check=True)
-    mnt.commit("data")
+
+    def both(*opts):
+        os.mkdir(t)
+        for dest in (native, t):
+            subprocess.run(["rsync", "-a", *opts, f"{src}/", f"{dest}/"], check=True)
+        mnt.commit("data")
+        assert tree(mnt / "resources" / "data") == tree(native) == tree(src)
+        same_listing(native, mnt / "resources" / "data")
+
+    both()
     (src / "a" / "f001.txt").write_text("changed\n")
     os.unlink(src / "a" / "f002.txt")
     shutil.rmtree(src / "empty-dir")
     (src / "new.txt").write_text("new\n")
-    os.mkdir(t)
-    subprocess.run(["rsync", "-a", "--delete", f"{src}/", f"{t}/"], check=True)
-    mnt.commit("data")
-    assert tree(mnt / "resources" / "data") == tree(src)
-    same_listing(src, mnt / "resources" / "data")
+    age_dirs(src, stamp=1_310_000_000_000_000_009)
+    both("--delete")
     with open(src / "a" / "b" / "big.bin", "r+b") as f:
         f.seek(1000)
         f.write(b"patched in place")
-    os.mkdir(t)
-    subprocess.run(["rsync", "-a", "--inplace", "--no-whole-file", f"{src}/", f"{t}/"], check=True)
-    mnt.commit("data")
-    assert tree(mnt / "resources" / "data") == tree(src)
+    os.utime(src / "a" / "b" / "big.bin", ns=(1_320_000_000_000_000_003,) * 2)  # rsync's quick check: to the second
+    both("--inplace", "--no-whole-file")
     assert len(os.listdir(mnt / "instances" / "data")) == 3
 
 
@@ -125,21 +137,34 @@ def test_tar_x_and_mv_from_another_file_system(mnt, tmp_path):
 
 @pytest.mark.skipif(not shutil.which("gio"), reason="needs GLib's gio")
 def test_gio_copy_and_move(mnt, tmp_path):
+    """What GNOME Files does, through GLib's gio: mkdir, copy (--preserve), move, replace, info."""
     src = source_tree(tmp_path / "src", n=5)
     t = mnt / "transactions" / "gio"
     os.mkdir(t)
     env = dict(os.environ, GIO_USE_VFS="local")
-    subprocess.run(["gio", "copy", "-r", "-p", str(src / "a"), str(t)], check=True, env=env)
-    subprocess.run(["gio", "copy", "-p", str(src / "empty.txt"), str(t / "empty.txt")], check=True, env=env)
-    subprocess.run(["gio", "move", str(t / "a" / "f000.txt"), str(t / "moved.txt")], check=True, env=env)
-    # GNOME Files replaces an existing file through .goutputstream-XXXXXX + rename
-    subprocess.run(["gio", "copy", str(src / "a" / "f004.txt"), str(t / "moved.txt")], input=b"y\n", env=env)
-    subprocess.run(["gio", "info", "-f", str(t)], check=True, env=env, capture_output=True)
+
+    def gio(*args):
+        subprocess.run(["gio", *map(str, args)], check=True, env=env, capture_output=True)
+
+    gio("mkdir", "-p", t / "a" / "b")
+    for f in sorted((src / "a").glob("*.txt")):
+        gio("copy", "--preserve", f, t / "a" / f.name)
+    gio("copy", "--preserve", src / "a" / "b" / "big.bin", t / "a" / "b" / "big.bin")
+    gio("copy", "--preserve", src / "empty.txt", t / "empty.txt")
+    gio("move", t / "a" / "f000.txt", t / "moved.txt")
+    gio("move", t / "a" / "b", t / "b-renamed")
+    gio("copy", src / "a" / "f004.txt", t / "moved.txt")      # replaces an existing file
+    moved_away = tmp_path / "elsewhere.txt"
+    moved_away.write_text("moved across file systems\n")
+    gio("move", moved_away, t / "elsewhere.txt")
+    gio("info", "-f", t)
     mnt.commit("gio")
     view = mnt / "resources" / "gio"
-    assert (view / "a" / "b" / "big.bin").read_bytes() == (src / "a" / "b" / "big.bin").read_bytes()
-    assert (view / "empty.txt").read_bytes() == b""
-    assert not (view / "a" / "f000.txt").exists()
+    assert (view / "b-renamed" / "big.bin").read_bytes() == (src / "a" / "b" / "big.bin").read_bytes()
+    assert os.stat(view / "empty.txt").st_mtime_ns // 1000 == os.stat(src / "empty.txt").st_mtime_ns // 1000
+    assert (view / "moved.txt").read_bytes() == (src / "a" / "f004.txt").read_bytes()
+    assert (view / "elsewhere.txt").read_text() == "moved across file systems\n"
+    assert not (view / "a" / "f000.txt").exists() and not moved_away.exists()
 
 
 def test_renames_of_base_files_do_not_copy_and_dedup(mnt, root):

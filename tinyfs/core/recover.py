@@ -5,6 +5,7 @@ leaves in transactions/ beside it is therefore safe to delete:
   .commit-<rid>-<iid>/  staging of a commit: before the rename it is the whole
                         unfinished instance (undo); after, an empty shell
   .trash-*/             something already renamed out of resources/ to be deleted
+  .opening-*/, .api-*   a transaction being opened, bytes given to the Python API
 A mount transaction (transactions/<rid>/) whose commit reached the rename
 (its marker names an instance that exists) is finished: it is removed.
 In dynamic mode, older instances a crash left beside the new head are dropped.
@@ -15,11 +16,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 
 from .commit import COMMIT_PREFIX, TRASH_PREFIX, _force_remove, drop_older_instances
 from .errors import Busy
 from .ids import is_rid
 from .layout import LOCKS, ArchiveRoot
+from .staging import OPENING_PREFIX
+
+API_PREFIX = ".api-"  # files of add_bytes() in the Python API
+IN_USE_SECONDS = 3600
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,14 @@ def recover(archive: ArchiveRoot) -> list[str]:
             except Busy:
                 continue  # a live commit owns it
             actions.append(f"removed interrupted commit staging {name}")
+        elif name.startswith((OPENING_PREFIX, API_PREFIX)):
+            if time.time() - path.lstat().st_mtime < IN_USE_SECONDS:
+                continue  # may belong to a live process (no lock covers these)
+            if path.is_dir():
+                shutil.rmtree(path, onerror=_force_remove)
+            else:
+                path.unlink()
+            actions.append(f"removed leftover {name}")
         elif name.startswith(TRASH_PREFIX):
             shutil.rmtree(path, onerror=_force_remove)
             actions.append(f"removed leftover {name}")
@@ -53,7 +67,7 @@ def recover(archive: ArchiveRoot) -> list[str]:
 
 
 def _finish_mount_transaction(archive: ArchiveRoot, rid: str) -> list[str]:
-    from .staging import Staging  # staging imports sqlite3; only needed when there are transactions
+    from .staging import Staging
 
     path = archive.transactions / rid
     try:
