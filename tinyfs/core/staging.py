@@ -71,6 +71,9 @@ class Staging:
         self.path = path
         self.blobs = path / "blobs"
         self.db = db
+        # Write-through caches: the database stays the truth, these spare a SELECT per request.
+        self._nodes: dict[int, Node] = {}
+        self._nlinks: dict[int, int] = {}
 
     # -- life cycle -----------------------------------------------------
     @staticmethod
@@ -150,8 +153,14 @@ class Staging:
 
     # -- the tree -----------------------------------------------------------
     def node(self, ino: int) -> Node | None:
-        row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE id=?", (ino,)).fetchone()
-        return Node(*row) if row else None
+        """The inode's row (cached; callers must not modify it: use `update`)."""
+        node = self._nodes.get(ino)
+        if node is None:
+            row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE id=?", (ino,)).fetchone()
+            if row is None:
+                return None
+            node = self._nodes[ino] = Node(*row)
+        return node
 
     def lookup(self, parent: int, name: str) -> int | None:
         row = self.db.execute("SELECT inode FROM entries WHERE parent=? AND name=?", (parent, name)).fetchone()
@@ -164,11 +173,19 @@ class Staging:
         return self.db.execute("SELECT 1 FROM entries WHERE parent=? LIMIT 1", (ino,)).fetchone() is not None
 
     def nlink(self, ino: int, kind: str) -> int:
-        if kind == "d":
-            subdirs = self.db.execute("SELECT count(*) FROM entries e JOIN inodes i ON i.id=e.inode "
-                                      "WHERE e.parent=? AND i.kind='d'", (ino,)).fetchone()[0]
-            return 2 + subdirs
-        return self.db.execute("SELECT count(*) FROM entries WHERE inode=?", (ino,)).fetchone()[0]
+        n = self._nlinks.get(ino)
+        if n is None:
+            if kind == "d":
+                n = 2 + self.db.execute("SELECT count(*) FROM entries e JOIN inodes i ON i.id=e.inode "
+                                        "WHERE e.parent=? AND i.kind='d'", (ino,)).fetchone()[0]
+            else:
+                n = self.db.execute("SELECT count(*) FROM entries WHERE inode=?", (ino,)).fetchone()[0]
+            self._nlinks[ino] = n
+        return n
+
+    def _names_changed(self, *inos: int | None) -> None:
+        for ino in inos:
+            self._nlinks.pop(ino, None)
 
     def make(self, parent: int, name: str, kind: str, mode: int, uid: int, gid: int,
              target: str | None = None) -> int:
@@ -182,6 +199,7 @@ class Staging:
             ino = cur.lastrowid
             self.db.execute("INSERT INTO entries VALUES (?,?,?)", (parent, name, ino))
             self._touch(parent, now)
+        self._names_changed(parent)
         if kind == "f":
             fd = os.open(self.blob_path(ino), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
             os.close(fd)
@@ -194,6 +212,8 @@ class Staging:
             self.db.execute("INSERT INTO entries VALUES (?,?,?)", (parent, name, ino))
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
             self._touch(parent, now)
+        self._cached(ino, ctime_ns=now)
+        self._names_changed(ino, parent)
 
     def unlink(self, parent: int, name: str) -> int | None:
         """Remove a name; returns its inode. The inode itself stays until `drop_if_orphan`."""
@@ -206,6 +226,8 @@ class Staging:
             self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
             self._touch(parent, now)
+        self._cached(ino, ctime_ns=now)
+        self._names_changed(ino, parent)
         return ino
 
     def rename(self, old_parent: int, old: str, new_parent: int, new: str) -> int | None:
@@ -223,6 +245,8 @@ class Staging:
             self._touch(old_parent, now)
             if new_parent != old_parent:
                 self._touch(new_parent, now)
+        self._cached(ino, ctime_ns=now)
+        self._names_changed(ino, replaced, old_parent, new_parent)
         return replaced
 
     def is_ancestor(self, ino: int, of: int) -> bool:
@@ -242,9 +266,17 @@ class Staging:
             return
         sets = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE inodes SET {sets} WHERE id=?", (*fields.values(), ino))
+        self._cached(ino, **fields)
+
+    def _cached(self, ino: int, **fields) -> None:
+        node = self._nodes.get(ino)
+        if node is not None:
+            for key, value in fields.items():
+                setattr(node, key, value)
 
     def _touch(self, parent: int, now: int) -> None:
         self.db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, parent))
+        self._cached(parent, mtime_ns=now, ctime_ns=now)
 
     def drop_if_orphan(self, ino: int) -> bool:
         """Delete an inode that no name refers to any more (and its blob)."""
@@ -254,6 +286,8 @@ class Staging:
             self.db.execute("BEGIN")
             self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
             self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self._nodes.pop(ino, None)
+        self._nlinks.pop(ino, None)
         try:
             os.unlink(self.blob_path(ino))
         except FileNotFoundError:
