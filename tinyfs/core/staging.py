@@ -303,14 +303,14 @@ class Staging:
     def blob_path(self, ino: int) -> Path:
         return self.blobs / str(ino)
 
-    def take_base_bytes(self, ino: int, source: Path) -> None:
-        """Copy-on-write: give a base file its own blob (copy_file_range: reflinks where the fs can)."""
+    def copy_base_bytes(self, ino: int, source: Path) -> None:
+        """Copy-on-write: put a base file's bytes in blobs/<ino> (copy_file_range: reflinks where the
+        file system can). Only the file is written; the caller records it with update(blob=1, base=None)."""
         dest = self.blob_path(ino)
         tmp = self.blobs / f"{ino}.cow"
         with open(source, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20) if not hasattr(os, "copy_file_range") else _copy_range(fin, fout)
+            _copy_range(fin, fout)
         os.rename(tmp, dest)
-        self.update(ino, blob=1, base=None)
 
     # -- xattrs ------------------------------------------------------------
     def xattrs(self, ino: int) -> dict[str, bytes]:

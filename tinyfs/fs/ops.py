@@ -85,6 +85,7 @@ class Operations(pyfuse3.Operations):
         self.next_fh = 1
         self.txns: dict[str, OpenTxn] = {}
         self.busy: dict[str, int] = {}          # rid -> background jobs (hashes) running
+        self.copying: dict[tuple, trio.Event] = {}   # copy-on-write copies under way
         self.commits_running = 0
         self.closing = False
         self.nursery: trio.Nursery | None = None
@@ -242,6 +243,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             if s.kind == "d":
                 raise fail(errno.EISDIR)
+            await self._ensure_blob(txn, node.sino, keep_bytes=attr.st_size > 0)
             txn.truncate(node.sino, attr.st_size)
         if fields.update_mode:
             changes["mode"] = stat.S_IMODE(attr.st_mode)
@@ -611,7 +613,10 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.ENOENT)
         if s.kind != "f":
             raise fail(errno.EISDIR)
-        of = txn.open(node.sino, write, truncate=bool(flags & os.O_TRUNC))
+        truncate = write and bool(flags & os.O_TRUNC)
+        if truncate:
+            await self._ensure_blob(txn, node.sino, keep_bytes=False)
+        of = txn.open(node.sino, write, truncate=truncate)
         info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
         info.keep_cache = True
         return info
@@ -645,6 +650,8 @@ class Operations(pyfuse3.Operations):
         if h.of is None:
             raise fail(errno.EBADF)
         of = h.of
+        if not of.on_blob:
+            await self._ensure_blob(h.txn, of.sino, keep_bytes=True)
         n, feed = h.txn.write(of, off, buf)
         if feed:
             if not of.draining and not of.pending and len(buf) < FEED_INLINE:
@@ -657,6 +664,23 @@ class Operations(pyfuse3.Operations):
                 while len(of.pending) > MAX_PENDING:
                     await trio.sleep(0.001)
         return n
+
+    async def _ensure_blob(self, txn: OpenTxn, sino: int, keep_bytes: bool) -> None:
+        """Copy-on-write of a base file on its first write or truncate (the copy in a worker thread;
+        a second writer meanwhile waits for the same copy)."""
+        key = (txn.rid, txn.token, sino)
+        while key in self.copying:
+            await self.copying[key].wait()
+        if not txn.needs_blob(sino):
+            return
+        done = self.copying[key] = trio.Event()
+        try:
+            if keep_bytes:
+                await trio.to_thread.run_sync(txn.copy_base_bytes, sino)
+            txn.adopt_blob(sino, kept_bytes=keep_bytes)
+        finally:
+            del self.copying[key]
+            done.set()
 
     async def _drain(self, txn: OpenTxn, of: OpenFile) -> None:
         """Feed written buffers to the file's hasher in order, in a worker thread."""

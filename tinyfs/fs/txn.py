@@ -106,32 +106,36 @@ class OpenTxn:
     def open_for_writing(self) -> list[int]:
         return [sino for sino, of in self.files.items() if of.writers > 0]
 
-    def _own_blob(self, sino: int, keep_bytes: bool) -> OpenFile | None:
-        """Copy-on-write: give a base file a blob of its own (copying the base bytes if they are kept)."""
+    def needs_blob(self, sino: int) -> bool:
         node = self.staging.node(sino)
-        if node.blob:
-            return self.files.get(sino)
-        if keep_bytes:
-            self.staging.take_base_bytes(sino, self.base_path(node))
-        else:
+        return node is not None and node.kind == "f" and not node.blob
+
+    def copy_base_bytes(self, sino: int) -> None:
+        """Copy-on-write, the slow half (a worker thread): base bytes into blobs/<sino>."""
+        node = self.staging.node(sino)
+        self.staging.copy_base_bytes(sino, self.base_path(node))
+
+    def adopt_blob(self, sino: int, kept_bytes: bool) -> None:
+        """Copy-on-write, the quick half (the loop): record the blob and move open handles onto it."""
+        if not kept_bytes:
             fd = os.open(self.staging.blob_path(sino), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
             os.close(fd)
             self.staging.update(sino, blob=1, base=None, size=0)
+        else:
+            self.staging.update(sino, blob=1, base=None)
         of = self.files.get(sino)
         if of is not None:
             old = of.fd
             of.fd = os.open(self.staging.blob_path(sino), os.O_RDWR)
             of.on_blob = True
             os.close(old)
-            if not keep_bytes:
+            if not kept_bytes:
                 of.size = 0
-        return of
 
     # -- bytes ------------------------------------------------------------------
     def write(self, of: OpenFile, offset: int, data: bytes) -> tuple[int, bool]:
         """Write; returns (bytes written, whether `data` must still be fed to the hasher)."""
-        if not of.on_blob:
-            self._own_blob(of.sino, keep_bytes=True)
+        assert of.on_blob, "the adapter gives a base file its blob before writing"
         try:
             n = os.pwrite(of.fd, data, offset)
         except OSError as e:
@@ -149,11 +153,7 @@ class OpenTxn:
         return n, feed
 
     def truncate(self, sino: int, size: int) -> None:
-        node = self.staging.node(sino)
-        if not node.blob:
-            of = self._own_blob(sino, keep_bytes=size > 0)
-        else:
-            of = self.files.get(sino)
+        of = self.files.get(sino)
         os.truncate(self.staging.blob_path(sino), size)
         fields = {"size": size, "digests": None}
         if size == 0:
