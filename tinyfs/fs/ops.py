@@ -33,6 +33,7 @@ from .view import BLKSIZE, LONG, SHORT, TOP, Attr, Node, View
 log = logging.getLogger(__name__)
 
 FEED_INLINE = 64 * 1024        # smaller buffers are hashed on the loop; larger ones in a worker thread
+WRITE_IN_THREAD = 256 * 1024   # larger writes are done in a worker thread
 MAX_PENDING = 32               # written buffers waiting for the hasher before writes wait
 META = ("message", "creator", "label")
 NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -86,6 +87,7 @@ class Operations(pyfuse3.Operations):
         self.txns: dict[str, OpenTxn] = {}
         self.busy: dict[str, int] = {}          # rid -> background jobs (hashes) running
         self.copying: dict[tuple, trio.Event] = {}   # copy-on-write copies under way
+        self.write_limiter = trio.CapacityLimiter(4)
         self.commits_running = 0
         self.closing = False
         self.nursery: trio.Nursery | None = None
@@ -652,17 +654,26 @@ class Operations(pyfuse3.Operations):
         of = h.of
         if not of.on_blob:
             await self._ensure_blob(h.txn, of.sino, keep_bytes=True)
-        n, feed = h.txn.write(of, off, buf)
+        txn = h.txn
+        feed = txn.note_write(of, off, len(buf))
         if feed:
             if not of.draining and not of.pending and len(buf) < FEED_INLINE:
                 of.hasher.update(buf)
             else:
-                of.pending.append(bytes(buf))
+                of.pending.append(buf)
                 if not of.draining:
                     of.draining = True
-                    self.nursery.start_soon(self._drain, h.txn, of)
-                while len(of.pending) > MAX_PENDING:
-                    await trio.sleep(0.001)
+                    self.nursery.start_soon(self._drain, txn, of)
+        try:
+            if len(buf) >= WRITE_IN_THREAD:   # big writes land in a worker: the loop keeps taking requests
+                n = await trio.to_thread.run_sync(txn.pwrite, of, off, buf, limiter=self.write_limiter)
+            else:
+                n = txn.pwrite(of, off, buf)
+        except OSError:
+            txn.mark_incomplete(of)
+            raise
+        while len(of.pending) > MAX_PENDING:
+            await trio.sleep(0.001)
         return n
 
     async def _ensure_blob(self, txn: OpenTxn, sino: int, keep_bytes: bool) -> None:

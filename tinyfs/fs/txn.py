@@ -45,6 +45,7 @@ class OpenFile:
     version: int = 0           # bumped by every change of bytes; a background hash of an older version is dropped
     pending: deque = field(default_factory=deque)   # written buffers not yet fed to the hasher, in order
     draining: bool = False     # a feeder task is running for `pending`
+    failed: bool = False       # a write failed: the blob may miss bytes
 
 
 class OpenTxn:
@@ -133,24 +134,33 @@ class OpenTxn:
                 of.size = 0
 
     # -- bytes ------------------------------------------------------------------
-    def write(self, of: OpenFile, offset: int, data: bytes) -> tuple[int, bool]:
-        """Write; returns (bytes written, whether `data` must still be fed to the hasher)."""
+    def note_write(self, of: OpenFile, offset: int, length: int) -> bool:
+        """Account for a write as it arrives (before its bytes land, which may happen in a worker
+        thread); True when its bytes extend the running hash and must be fed to it, in this order."""
         assert of.on_blob, "the adapter gives a base file its blob before writing"
+        of.version += 1
+        of.size = max(of.size, offset + length)
+        if of.hasher is not None:
+            if offset == of.hashed_to:
+                of.hashed_to += length
+                return True
+            of.hasher = None
+        return False
+
+    def pwrite(self, of: OpenFile, offset: int, data: bytes) -> int:
+        """Put the bytes in the blob (any thread). A failure marks the file incomplete (SPEC 5: EIO at commit)."""
         try:
             n = os.pwrite(of.fd, data, offset)
         except OSError as e:
-            self.staging.update(of.sino, incomplete=1)
+            of.failed = True
             raise fail(e.errno if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else errno.EIO) from e
-        of.version += 1
-        of.size = max(of.size, offset + n)
-        feed = False
-        if of.hasher is not None:
-            if offset == of.hashed_to and n == len(data):
-                of.hashed_to += n
-                feed = True
-            else:
-                of.hasher = None
-        return n, feed
+        if n != len(data):
+            of.hasher = None
+            of.failed = True   # the kernel retries a short write; until then the blob has a gap
+        return n
+
+    def mark_incomplete(self, of: OpenFile) -> None:
+        self.staging.update(of.sino, incomplete=1)
 
     def truncate(self, sino: int, size: int) -> None:
         of = self.files.get(sino)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import uuid
 from dataclasses import dataclass, field
 
 from ..core.errors import NotFound
@@ -151,9 +152,8 @@ class View:
         raise NotFound(name)
 
     def state_root(self, rid: str, iid: str, current: bool) -> Node:
-        doc = self.archive.instance(rid, iid)
-        from ..core.model import parse_time
-        created = int(parse_time(doc.created).timestamp() * 1e9)
+        # The time comes from the UUIDv7 itself (48-bit milliseconds): listing resources/ reads no instance.json.
+        created = (uuid.UUID(iid).int >> 80) * 1_000_000
         return Node("state", ("state", rid, iid, "", current), rid=rid, iid=iid, path="", entry=None,
                     extra={"current": current, "created_ns": created})
 
