@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import select
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,26 +43,33 @@ def mount_command(root: str, mountpoint: str, options=None, foreground: bool = F
 
 
 def _background(root: str, mnt: Path, opts: list[str], log_path: Path) -> int:
-    """Start the daemon detached; return once the mount answers, or fail with its last log line."""
+    """Start the daemon detached; return once the mount answers, or fail with its last log line.
+
+    The daemon is told to report readiness on a notify socket of our own ($NOTIFY_SOCKET, as systemd
+    does): it sends READY=1 only after a stat of the mount point has been answered by the mount. Polling
+    os.path.ismount instead could take some other file system already mounted there for ours.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "tinyfs.cli.main", "mount", "--foreground", str(Path(root).absolute()), str(mnt)]
     if opts:
         argv += ["-o", ",".join(opts)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                close_fds=True)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise TinyfsError(f"mount failed: {_last_line(log_path)} (log: {log_path})")
-        if os.path.ismount(mnt):
-            try:
-                os.stat(mnt)
+    with tempfile.TemporaryDirectory(prefix="tinyfs-mount-") as tmp, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        address = os.path.join(tmp, "notify")
+        sock.bind(address)
+        env = {**os.environ, "NOTIFY_SOCKET": address}
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/",
+                                    start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([sock], [], [], 0.1)
+            if ready and b"READY=1" in sock.recv(4096).split(b"\n"):
                 return 0
-            except OSError:
-                pass
-        time.sleep(0.05)
-    raise TinyfsError(f"the mount did not answer within {READY_TIMEOUT:.0f} s (log: {log_path})")
+            if proc.poll() is not None and not select.select([sock], [], [], 0)[0]:
+                raise TinyfsError(f"mount failed: {_last_line(log_path)} (log: {log_path})")
+    raise TinyfsError(f"the mount did not answer within {READY_TIMEOUT:.0f} s; the daemon (pid {proc.pid}) "
+                      f"may still be starting (log: {log_path})")
 
 
 def _last_line(path: Path) -> str:
@@ -77,7 +87,7 @@ def umount_command(mountpoint: str, timeout: float = 600.0) -> int:
     """Unmount and wait until the daemon has finished (its archive lock is released)."""
     mnt = Path(mountpoint).absolute()
     root = _archive_of(mnt)
-    r = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True, text=True)
     if r.returncode != 0:
         raise TinyfsError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"cannot unmount {mnt}")
     if root is not None:
@@ -102,8 +112,8 @@ def _archive_of(mnt: Path) -> Path | None:
 def _wait_for_daemon(root: Path, timeout: float) -> None:
     import fcntl
 
-    from ..fs.mount import MOUNT_LOCK
     from ..core.layout import LOCKS
+    from ..fs.mount import MOUNT_LOCK
 
     path = root / "transactions" / LOCKS / MOUNT_LOCK
     deadline = time.monotonic() + timeout

@@ -28,30 +28,48 @@ from .ops import Operations
 
 log = logging.getLogger(__name__)
 MOUNT_LOCK = ".mount.lock"
-ALLOWED_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro", "rw", "noatime", "atime",
-                   "nodev", "nosuid", "dev", "suid", "exec", "noexec", "auto", "noauto", "user", "nouser",
-                   "users", "_netdev", "nofail", "defaults", "async", "sync", "relatime"}
-# fstab-only words that mean nothing to FUSE itself
-DROPPED = {"defaults", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "users", "rw", "async", "relatime",
-           "atime", "noatime", "exec", "dev", "suid", "nodev", "nosuid", "noexec", "sync"}
+# What `-o` may hold. mount(8) and mount.fuse3 hand a fuse.tinyfs fstab line over as
+# `tinyfs SOURCE MOUNTPOINT -o rw,allow_other,dev,suid` (mount.fuse3 adds dev,suid when run by root),
+# so every word they may pass must be accepted.
+PASSED = {"allow_other", "allow_root", "default_permissions", "noexec", "nodev", "nosuid"}   # on to FUSE/kernel
+# Bookkeeping words of fstab, mount(8) and systemd, and kernel flags that mean nothing here (atime
+# flavours, sync: a commit is durable anyway). `dev` and `suid` are dropped on purpose: a tinyfs mount
+# is always nosuid,nodev (FUSE's default), because the read-only views show archived files -- which
+# any user may deposit, setuid bits included -- owned by the mounting user, root under systemd.
+DROPPED = {"defaults", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "users", "owner", "group",
+           "async", "sync", "dirsync", "relatime", "norelatime", "atime", "noatime", "diratime", "nodiratime",
+           "strictatime", "nostrictatime", "lazytime", "nolazytime", "exec", "dev", "suid", "silent", "loud",
+           "foreground", "log", "comment"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEAD = (errno.ENOTCONN, errno.ECONNABORTED)   # a mount whose daemon is gone
 
 
 def parse_options(text: str | list[str] | None) -> list[str]:
-    """-o a,b,c (possibly given several times) -> FUSE options tinyfs passes on."""
+    """-o a,b,c (possibly given several times) -> the FUSE options tinyfs passes on.
+
+    `ro` makes the whole mount read-only (transactions then fail with EROFS); the last of `ro`/`rw` wins.
+    Anything else unknown is refused with one line, rather than silently ignored.
+    """
     items: list[str] = []
     for chunk in ([text] if isinstance(text, str) else (text or [])):
         items.extend(o.strip() for o in chunk.split(",") if o.strip())
-    out = []
+    out: list[str] = []
+    readonly = False
     for opt in items:
         key = opt.split("=", 1)[0]
-        if key in DROPPED or key.startswith("x-") or key in ("foreground", "log"):
+        if key in ("ro", "rw"):
+            readonly = key == "ro"
+        elif key in DROPPED or key.startswith("x-"):
             continue
-        if key == "ro":
-            continue  # the views are read-only anyway; transactions need rw
-        if key not in ALLOWED_OPTIONS:
-            raise TinyfsError(f"unknown mount option {opt!r}")
-        out.append(opt)
-    return out
+        elif key in PASSED and "=" not in opt:
+            if opt not in out:
+                out.append(opt)
+        else:
+            raise TinyfsError(f"unknown mount option {opt!r} (tinyfs takes allow_other, allow_root, ro, "
+                              "noexec and the usual fstab words)")
+    if "allow_other" in out and "allow_root" in out:
+        raise TinyfsError("mount options allow_other and allow_root exclude each other")
+    return ["ro", *out] if readonly else out
 
 
 def lock_archive(archive: ArchiveRoot) -> int:
@@ -70,12 +88,17 @@ def lock_archive(archive: ArchiveRoot) -> int:
 
 
 def clear_dead_mount(mountpoint: Path) -> None:
-    """A crashed daemon leaves 'Transport endpoint is not connected': unmount it lazily."""
+    """A crashed daemon leaves 'Transport endpoint is not connected': unmount it lazily.
+
+    statfs, not stat: the kernel goes on answering stat from its attribute cache for a while after the
+    daemon died, while statfs always asks the daemon. ECONNABORTED is what a request gets that was
+    queued while the dying daemon's last thread still held /dev/fuse open.
+    """
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
-        if e.errno != errno.ENOTCONN:
-            raise
+        if e.errno not in DEAD:
+            return          # not there, not a directory...: check_mountpoint() says so in one line
         log.info("clearing a dead mount at %s", mountpoint)
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True)
 
@@ -87,8 +110,30 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise Busy(f"{mountpoint} is already a mount point")
 
 
+class _EarlySignals:
+    """Remembers SIGTERM/SIGINT that arrive before the trio loop watches for them (during recovery or
+    while mounting), so that `systemctl stop` at start-up still ends cleanly instead of killing the
+    process half-way (default action) and leaving a dead mount."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        self.signum = signum
+
+
 def serve(root: str, mountpoint: str, options: list[str]) -> int:
     """Mount and serve in the foreground until unmounted or signalled; returns the exit status."""
+    early = _EarlySignals()
+    previous = {s: signal.signal(s, early) for s in STOP_SIGNALS}
+    try:
+        return _serve(root, mountpoint, options, early)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _serve(root: str, mountpoint: str, options: list[str], early: _EarlySignals) -> int:
     archive = ArchiveRoot(root)
     mnt = Path(mountpoint).absolute()
     lock_fd = lock_archive(archive)
@@ -97,15 +142,21 @@ def serve(root: str, mountpoint: str, options: list[str]) -> int:
         check_mountpoint(mnt)
         for line in recover(archive):
             log.info("recovery: %s", line)
+        if early.signum is not None:
+            log.info("signal %s before mounting: not mounting", signal.Signals(early.signum).name)
+            return 0
         ops = Operations(archive)
         fsname = str(archive.root) if "," not in str(archive.root) else "tinyfs"
         fuse_options = set(pyfuse3.default_options) | {"default_permissions", f"fsname={fsname}",
                                                         "subtype=tinyfs", *options}
-        pyfuse3.init(ops, str(mnt), fuse_options)
+        try:
+            pyfuse3.init(ops, str(mnt), fuse_options)
+        except RuntimeError as e:   # libfuse has said why on stderr (no /dev/fuse, not permitted, ...)
+            raise TinyfsError(f"cannot mount on {mnt}: {e}") from None
         log.info("mounted %s on %s (%s)", archive.root, mnt, ",".join(sorted(options)) or "no options")
         clean = False
         try:
-            trio.run(_main, ops, mnt)
+            trio.run(_main, ops, mnt, early)
             clean = True
         finally:
             pyfuse3.close(unmount=clean)
@@ -115,31 +166,39 @@ def serve(root: str, mountpoint: str, options: list[str]) -> int:
         os.close(lock_fd)
 
 
-async def _main(ops: Operations, mnt: Path) -> None:
+async def _main(ops: Operations, mnt: Path, early: _EarlySignals) -> None:
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
         nursery.start_soon(_announce_ready, mnt)
-        nursery.start_soon(_watch_signals, ops, nursery.cancel_scope)
+        nursery.start_soon(_watch_signals, ops, early)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
 async def _announce_ready(mnt: Path) -> None:
-    """READY=1 only once the mount answers a stat (from a worker: the loop must be free to answer)."""
-    await trio.to_thread.run_sync(os.stat, mnt)
+    """READY=1 only once the mount answers a stat (from a worker: the loop must be free to answer).
+
+    The worker is abandoned on cancel: if a signal ends the loop before the stat was answered, the
+    stat would otherwise wait for an answer that never comes, and the unmount with it.
+    """
+    await trio.to_thread.run_sync(os.stat, mnt, abandon_on_cancel=True)
     sd_notify("READY=1\nSTATUS=serving")
     log.info("ready")
 
 
-async def _watch_signals(ops: Operations, scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                continue
-            log.info("signal %s: finishing running commits, then unmounting", signal.Signals(signum).name)
-            sd_notify("STOPPING=1")
-            ops.closing = True
-            while ops.commits_running:
-                await trio.sleep(0.05)
-            pyfuse3.terminate()
-            return
+async def _watch_signals(ops: Operations, early: _EarlySignals) -> None:
+    """SIGTERM/SIGINT: refuse new transactions and commits (EBUSY), let running commits finish, then end
+    the loop; requests already being answered are answered, and serve() unmounts. SIGHUP is ignored."""
+    with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
+        if early.signum is None:
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    break
+        else:
+            signum = early.signum
+        log.info("signal %s: finishing running commits, then unmounting", signal.Signals(signum).name)
+        sd_notify("STOPPING=1\nSTATUS=finishing running commits, then unmounting")
+        ops.closing = True
+        while ops.commits_running:
+            await trio.sleep(0.05)
+        pyfuse3.terminate()
