@@ -301,7 +301,8 @@ def _stored_names(wanted: dict[str, str], archive: ArchiveRoot, rid: str, iid: s
     own: dict[str, str] = {}
     other: list[str] = []
     for digest, path in wanted.items():
-        if any(c in path for c in "%\r\n") or len(path.encode()) > room:
+        # bagit-python strips trailing whitespace (str.strip) off manifest paths: such names are chosen too
+        if any(c in path for c in "%\r\n") or path != path.rstrip() or len(path.encode()) > room:
             other.append(digest)
         else:
             own[digest] = path

@@ -34,7 +34,7 @@ from pathlib import Path
 from . import bagwrite
 from .digests import hash_file
 from .durable import fsync_dir
-from .errors import AlreadyExists, InvalidName, NotFound
+from .errors import AlreadyExists, NotFound
 from .fsck import ProgressFactory
 from .ids import check_logical_path
 from .layout import ArchiveRoot
@@ -219,17 +219,15 @@ def _write_tar(plan: _Plan, dest: Path, advance) -> None:
     top, comp = tar_compression(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     try:
-        out = open(tmp, "xb")
-    except FileExistsError:
-        raise AlreadyExists(f"{tmp} exists (left by an interrupted export?); remove it first") from None
-    try:
-        with out:
+        with open(tmp, "xb") as out:
             with tarfile.open(fileobj=out, mode=f"w:{comp}" if comp else "w", format=tarfile.PAX_FORMAT) as tf:
                 _fill_tar(plan, tf, top, advance)
             out.flush()
             os.fsync(out.fileno())
         os.rename(tmp, dest)
         fsync_dir(dest.parent)
+    except FileExistsError:
+        raise AlreadyExists(f"{tmp} exists (left by an interrupted export?); remove it first") from None
     except BaseException:
         try:
             os.unlink(tmp)
@@ -303,6 +301,3 @@ class _Counting:
         data = self._f.read(n)
         self._advance(len(data))
         return data
-
-
-__all__ = ["export", "ExportResult", "tar_compression", "InvalidName"]

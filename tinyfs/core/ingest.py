@@ -24,8 +24,8 @@ from pathlib import Path
 from .api import Archive, Transaction
 from .bagcheck import Problem, validate_bag
 from .commit import CommitResult, NewFile
-from .fsck import ProgressFactory
 from .errors import AlreadyExists, BadEncoding, Forbidden, InvalidBag, InvalidName, NotFound
+from .fsck import ProgressFactory
 from .ids import check_rid
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,385 @@
+"""The `tinyfs` command (SPEC section 8): argument parsing and output only.
+
+Exit codes (docs/format.md):
+  0    success (fsck: clean)
+  1    fsck found damage
+  2    usage error, or the operation was refused or failed (one line on stderr)
+  3    unexpected internal error (a bug: run with -v for the traceback)
+  130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from .. import __version__
+from ..core.errors import InvalidBag, TinyfsError
+
+log = logging.getLogger("tinyfs")
+
+COMMANDS = ("init", "mount", "umount", "ingest", "ls", "cat", "events", "fsck", "export", "recover", "purge")
+EXIT_OK, EXIT_DAMAGE, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    """argparse found a problem with the command line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        where = self.prog.removeprefix("tinyfs").strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message} (see --help)")
+
+
+# -- commands ------------------------------------------------------------------------
+
+def cmd_init(args) -> int:
+    from ..core.layout import init_archive
+
+    root = init_archive(args.root, args.mode, args.digest, args.immutable)
+    if args.immutable:
+        _report_immutable(root)
+    return EXIT_OK
+
+
+def _report_immutable(root) -> None:
+    from ..core.commit import set_immutable
+
+    probe = root / "transactions" / f".immutable-probe-{os.getpid()}"
+    probe.touch()
+    try:
+        try:
+            ok = set_immutable(probe, True)
+        except PermissionError:
+            _say(f"{root}: not permitted to set the immutable attribute (needs CAP_LINUX_IMMUTABLE, e.g. "
+                 "root); committed instances will be read-only by their modes only")
+            return
+        if ok:
+            set_immutable(probe, False)
+            _say(f"{root}: the file system supports the immutable attribute; committed instances will be "
+                 "made immutable (chattr +i)")
+        else:
+            _say(f"{root}: the file system does not support the immutable attribute (chattr +i); committed "
+                 "instances will be read-only by their modes only")
+    finally:
+        probe.unlink()
+
+
+def cmd_ingest(args) -> int:
+    from ..core.api import Archive
+    from ..core.ingest import ingest_bag, ingest_paths
+
+    archive = Archive(args.root)
+    with _progress() as progress:
+        if args.bag is not None:
+            if args.paths:
+                raise UsageError("give either PATHs or --bag BAGDIR, not both")
+            result = ingest_bag(archive, args.rid, args.bag, message=args.message, creator=args.creator,
+                                label=args.label, progress=progress)
+        else:
+            if not args.paths:
+                raise UsageError("ingest: give at least one PATH, or --bag BAGDIR")
+            result = ingest_paths(archive, args.rid, args.paths, message=args.message or "",
+                                  creator=args.creator or "", label=args.label, progress=progress)
+    if result.instance is None:
+        _say(f"{args.rid}: nothing changed; no instance committed")
+    else:
+        print(result.instance)
+        log.info("%s: %d added, %d changed, %d removed, %d files (%d bytes) stored", args.rid, result.added,
+                 result.changed, result.removed, result.files_stored, result.bytes_stored)
+    return EXIT_OK
+
+
+def cmd_ls(args) -> int:
+    from ..core.layout import ArchiveRoot
+
+    archive = ArchiveRoot(args.root)
+    if args.rid is None:
+        for rid in archive.resource_ids():
+            print(rid)
+        return EXIT_OK
+    archive.require(args.rid)
+    for iid in archive.instance_ids(args.rid):
+        doc = archive.instance(args.rid, iid)
+        print("\t".join([iid, doc.created, _one_line(doc.label or ""), _one_line(doc.message)]))
+    return EXIT_OK
+
+
+def cmd_cat(args) -> int:
+    from ..core.api import Archive
+
+    resource = Archive(args.root).get(args.rid)
+    with resource.open(args.path, args.instance) as f:
+        out = sys.stdout.buffer
+        while chunk := f.read(1 << 20):
+            out.write(chunk)
+        out.flush()
+    return EXIT_OK
+
+
+def cmd_events(args) -> int:
+    from ..core.layout import ArchiveRoot
+    from ..core.model import parse_time
+
+    archive = ArchiveRoot(args.root)
+    if args.since is not None:
+        try:
+            parse_time(args.since)
+        except ValueError:
+            raise UsageError(f"--since {args.since!r} is not an RFC 3339 time "
+                             "(e.g. 2026-01-01T00:00:00Z)") from None
+    for event in archive.events.read(args.since):
+        print(json.dumps(event, sort_keys=True, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_fsck(args) -> int:
+    from ..core.fsck import fsck
+    from ..core.layout import ArchiveRoot
+
+    archive = ArchiveRoot(args.root)
+    with _progress() as progress:
+        report = fsck(archive, args.rids or None, fast=args.fast, progress=progress)
+    for finding in report.findings:
+        print(_one_line(str(finding)))
+    print(report.summary())
+    leftovers = [n for n in _listdir(archive.transactions) if n.startswith(".commit-")]
+    if leftovers:
+        _say(f"note: {len(leftovers)} interrupted commit(s) in {archive.transactions}; "
+             "`tinyfs recover` removes them")
+    return EXIT_OK if report.clean else EXIT_DAMAGE
+
+
+def cmd_export(args) -> int:
+    from ..core.export import export
+    from ..core.layout import ArchiveRoot
+
+    with _progress() as progress:
+        result = export(ArchiveRoot(args.root), args.rid, args.dest, instance=args.instance, tar=args.tar,
+                        progress=progress)
+    log.info("exported %s instance %s: %d files, %d bytes -> %s", args.rid, result.instance, result.files,
+             result.bytes, result.dest)
+    return EXIT_OK
+
+
+def cmd_recover(args) -> int:
+    from ..core.layout import ArchiveRoot
+    from ..core.recover import recover
+
+    actions = recover(ArchiveRoot(args.root))
+    for line in actions:
+        print(line)
+    if not actions:
+        _say("nothing to recover")
+    return EXIT_OK
+
+
+def cmd_purge(args) -> int:
+    from ..core.api import Archive
+
+    Archive(args.root).purge(args.rid)
+    return EXIT_OK
+
+
+def cmd_mount(args) -> int:
+    from .mountcmd import mount_command
+
+    return mount_command(root=args.root, mountpoint=args.mountpoint, options=args.options,
+                         foreground=args.foreground)
+
+
+def cmd_umount(args) -> int:
+    from .mountcmd import umount_command
+
+    return umount_command(mountpoint=args.mountpoint)
+
+
+# -- the parser ------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log what happens (INFO) on stderr")
+    parser = _Parser(prog="tinyfs", parents=[common],
+                     description="A small OAIS-style archive whose everyday client is the file system.",
+                     epilog="Exit codes: 0 ok, 1 fsck found damage, 2 error (one line on stderr), "
+                            "3 internal error, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"tinyfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    def command(name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("init", cmd_init, "create an archive")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--mode", choices=("preservation", "worm", "dynamic"), default="preservation")
+    p.add_argument("--digest", action="extend", nargs="+", metavar="ALG",
+                   help="digest algorithms, the first sha512 (default) or sha256")
+    p.add_argument("--immutable", action="store_true", help="worm mode: also chattr +i committed instances")
+
+    p = command("mount", cmd_mount, "mount an archive")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (systemd, debugging)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS", help="mount options, e.g. allow_other")
+
+    p = command("umount", cmd_umount, "unmount a mounted archive")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    p = command("ingest", cmd_ingest, "commit files, directories or a bag's payload without a mount")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rid", metavar="RID")
+    p.add_argument("paths", metavar="PATH", nargs="*")
+    p.add_argument("--bag", metavar="BAGDIR", help="validate a BagIt bag and ingest its payload")
+    p.add_argument("--message", "-m")
+    p.add_argument("--label", "-l")
+    p.add_argument("--creator", "-c")
+
+    p = command("ls", cmd_ls, "list resources, or a resource's instances (iid, created, label, message)")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rid", metavar="RID", nargs="?")
+
+    p = command("cat", cmd_cat, "write a file of a resource to stdout")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rid", metavar="RID")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--instance", "-i", metavar="IID|LABEL")
+
+    p = command("events", cmd_events, "print the event log as JSON lines")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--since", metavar="RFC3339", help="only events at or after this time (inclusive)")
+
+    p = command("fsck", cmd_fsck, "check bags, instance.json and stored files (exit 1 on damage)")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rids", metavar="RID", nargs="*")
+    p.add_argument("--fast", action="store_true", help="structure and sizes only; hash nothing")
+
+    p = command("export", cmd_export, "write one complete, standalone bag of a state")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rid", metavar="RID")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--instance", "-i", metavar="IID|LABEL")
+    p.add_argument("--tar", action="store_true", help="write DEST as a tar file (.tar, .tar.gz, .tar.xz ...)")
+
+    p = command("recover", cmd_recover, "finish or undo interrupted commits")
+    p.add_argument("root", metavar="ROOT")
+
+    p = command("purge", cmd_purge, "delete a resource (dynamic mode only)")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rid", metavar="RID")
+    return parser
+
+
+def _fstab_parser() -> argparse.ArgumentParser:
+    """`tinyfs SOURCE MOUNTPOINT -o OPTIONS`, as mount.fuse3 runs it for a fuse.tinyfs fstab line."""
+    p = _Parser(prog="tinyfs", description="mount (the form mount.fuse3 uses)")
+    p.add_argument("root", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS")
+    p.set_defaults(handler=cmd_mount, foreground=False)
+    return p
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-") and not argv[1].startswith("-"):
+        return _fstab_parser().parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+# -- running --------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    try:
+        args = parse(argv)
+        if args.handler not in (cmd_mount, cmd_umount):   # a mount daemon must not die with a log pipe
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tinyfs cat ... | head` ends quietly, like cat
+        verbose = getattr(args, "verbose", False)
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                            format="tinyfs: %(levelname)s %(name)s: %(message)s" if verbose else "tinyfs: %(message)s")
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except UsageError as e:
+        _say(str(e))
+        return EXIT_ERROR
+    except InvalidBag as e:
+        _say(str(e))
+        for problem in e.problems:
+            print(f"  {_one_line(str(problem))} [{problem.code}]", file=sys.stderr)
+        return EXIT_ERROR
+    except (TinyfsError, OSError, ValueError, ImportError) as e:
+        _say(_message(e))
+        if verbose:
+            log.info("traceback:", exc_info=True)
+        return EXIT_ERROR
+    except Exception as e:  # a bug: still one line (the traceback with -v)
+        _say(f"internal error: {type(e).__name__}: {e}" + ("" if verbose else " (run with -v for details)"))
+        if verbose:
+            log.exception("traceback:")
+        return EXIT_BUG
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, ImportError):
+        return f"this command is not available here: {e}"
+    if isinstance(e, OSError) and not isinstance(e, TinyfsError) and e.strerror:
+        where = e.filename
+        if isinstance(where, bytes):
+            where = where.decode("utf-8", "backslashreplace")
+        return f"{where}: {e.strerror}" if where is not None else e.strerror
+    return _one_line(str(e)) or type(e).__name__
+
+
+def _say(message: str) -> None:
+    print(f"tinyfs: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def _listdir(path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+@contextmanager
+def _progress() -> Iterator[Callable | None]:
+    """A progress factory (description, total) -> advance(n) drawing on stderr, when it is a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        def start(description: str, total: int | None) -> Callable[[int], None]:
+            task = bar.add_task(description, total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield start
+
+
+if __name__ == "__main__":
+    sys.exit(main())
