@@ -83,3 +83,23 @@ def test_content_is_stored_once(first, second, removed):
         assert len(stored) == len(digests)
         assert {hashlib.sha512(p.read_bytes()).hexdigest() for p in stored} == digests
         check_archive_ok(tmp / "archive")
+
+
+def test_content_dropped_by_the_head_and_added_again_is_not_stored_again(tmp_path):
+    """SPEC 3: a digest stored by any earlier instance of the resource is not stored again."""
+    from tinyfs import Archive
+
+    a = Archive.init(tmp_path / "arch")
+    f = tmp_path / "f.bin"
+    f.write_bytes(os.urandom(50_000))
+    with a.new("r") as t:
+        t.add(f)
+    with a.get("r", mode="a") as t:
+        t.remove("f.bin")
+    with a.get("r", mode="a") as t:
+        t.add(f, path="back.bin")
+    first, _, third = a.root.instance_ids("r")
+    doc = a.root.instance("r", third)
+    assert doc.stored[doc.state.files["back.bin"].digest].startswith(f"instances/{first}/")
+    assert not any((a.root.instance_dir("r", third) / "data").iterdir())
+    assert a.get("r").read("back.bin") == f.read_bytes()

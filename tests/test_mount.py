@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from mounting import Mounted, check_archive, listing, tinyfs_argv, tree
 
 pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
@@ -317,7 +316,7 @@ def test_xattrs_in_transactions(mnt):
         with pytest.raises(OSError) as e:
             os.setxattr(t / "f", ns, b"1")
         assert e.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
-    os.setxattr(t, "user.tinyfs.message", "a message\nwith two lines".encode())
+    os.setxattr(t, "user.tinyfs.message", b"a message\nwith two lines")
     mnt.commit("xa")
     v = mnt / "resources" / "xa" / "f"
     assert os.getxattr(v, "user.checksum.note") == b"\x00binary\xff"

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tinyfs import Archive
+from tinyfs.core.errors import NotFound
 from tinyfs.fs.ops import Operations
 from tinyfs.fs.view import View
 
@@ -50,7 +51,7 @@ def test_view_lookup_children_and_attrs(archive):
     inst = view.lookup(ops.nodes[ops.top["instances"]], "r1")
     kids = dict(view.children(inst))
     assert "v1" in kids and kids["v1"].kind == "label"
-    with pytest.raises(Exception):
+    with pytest.raises(NotFound):
         view.lookup(resources, "nope")
 
 

@@ -114,6 +114,7 @@ class Transaction:
         self._changes: dict[str, object] = {}
         self.result: CommitResult | None = None
         self._done = False
+        root.events.append("transaction.opened", rid, base, via="api")
 
     def __enter__(self) -> Transaction:
         return self

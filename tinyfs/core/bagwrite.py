@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .digests import MultiHash
@@ -30,7 +30,7 @@ def fold(name: str, value: str) -> str:
 
 
 def bag_info(rid: str, payload_bytes: int, payload_count: int, extra: Sequence[tuple[str, str]] = ()) -> bytes:
-    fields = [("Bagging-Date", datetime.now(timezone.utc).strftime("%Y-%m-%d")),
+    fields = [("Bagging-Date", datetime.now(UTC).strftime("%Y-%m-%d")),
               ("Payload-Oxum", f"{payload_bytes}.{payload_count}"),
               ("External-Identifier", rid),
               ("BagIt-Profile-Identifier", PROFILE),

@@ -138,6 +138,9 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
         stored = {d: p for d, p in head_doc.stored.items() if d in wanted}
     sources = _sources_by_digest(new_files, cfg.primary)
     to_store = sorted({f.digest for f in merged.files.values()} - set(stored))
+    if to_store and head_doc and not dynamic:   # bytes the head dropped may still be stored further back
+        stored.update(_stored_earlier(archive, req.rid, head, set(to_store), cfg.primary))
+        to_store = [d for d in to_store if d not in stored]
     first_path = {}
     for path, f in sorted(merged.files.items()):
         first_path.setdefault(f.digest, path)
@@ -317,6 +320,21 @@ def _stored_names(wanted: dict[str, str], archive: ArchiveRoot, rid: str, iid: s
     return names
 
 
+def _stored_earlier(archive: ArchiveRoot, rid: str, head: str, wanted: set[str], primary: str) -> dict[str, str]:
+    """digest -> stored path for wanted digests that an instance before the head stores (SPEC 3: content
+    is stored once per resource). Reads each earlier bag's manifest: it lists exactly what that bag stores."""
+    found: dict[str, str] = {}
+    for iid in reversed(archive.instance_ids(rid)):
+        if iid == head:
+            continue
+        for path, digest in bagwrite.read_manifest(archive.instance_dir(rid, iid), primary).items():
+            if digest in wanted and digest not in found:
+                found[digest] = f"instances/{iid}/{path}"
+        if len(found) == len(wanted):
+            break
+    return found
+
+
 def _manifest_digests(archive: ArchiveRoot, rid: str, stored_rel: str, algorithms) -> dict[str, str]:
     """Every configured digest of a stored file, from the manifests of the bag that holds it."""
     parts = Path(stored_rel).parts          # instances/<iid>/data/...
@@ -332,7 +350,7 @@ def _manifest_digests(archive: ArchiveRoot, rid: str, stored_rel: str, algorithm
 
 
 def _make_read_only(top: Path) -> None:
-    for dirpath, dirs, files in os.walk(top, topdown=False):
+    for dirpath, _dirs, files in os.walk(top, topdown=False):
         for name in files:
             os.chmod(os.path.join(dirpath, name), 0o444)
         os.chmod(dirpath, 0o555)

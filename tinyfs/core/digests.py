@@ -42,23 +42,42 @@ def hash_file(path: str | os.PathLike, algorithms: Sequence[str],
     return hasher.hexdigests()
 
 
+STABLE_TRIES = 3
+
+
 def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, algorithms: Sequence[str],
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, str], int]:
-    """Copy src to a new file dst while hashing it; returns (digests, size). dst is fsynced."""
-    hasher = MultiHash(algorithms)
-    size = 0
-    with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while n := fin.readinto(buf):
-            hasher.update(view[:n])
-            fout.write(view[:n])
-            size += n
-            if progress:
-                progress(n)
-        os.fsync(fout.fileno())
+    """Copy src to a new file dst while hashing it; returns (digests, size). dst is fsynced.
+
+    A source another process writes while it is copied would give a torn copy (bytes that never existed
+    together, with a digest that matches them). Its size and times are compared before and after the
+    copy; a source that changed is copied again, and after STABLE_TRIES changed copies the copy fails."""
+    for attempt in range(STABLE_TRIES):
+        hasher = MultiHash(algorithms)
+        size = 0
+        with open(src, "rb", buffering=0) as fin, open(dst, "wb" if attempt else "xb", buffering=0) as fout:
+            before = _fingerprint(os.fstat(fin.fileno()))
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := fin.readinto(buf):
+                hasher.update(view[:n])
+                fout.write(view[:n])
+                size += n
+                if progress:
+                    progress(n)
+            if _fingerprint(os.fstat(fin.fileno())) == before:
+                os.fsync(fout.fileno())
+                break
+    else:
+        from .errors import Busy
+        raise Busy(f"{os.fsdecode(src)}: changed while it was being copied ({STABLE_TRIES} tries); "
+                   "nothing was committed", path=os.fsdecode(src))
     shutil.copymode(src, dst)
     return hasher.hexdigests(), size
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def parallel(fn: Callable, items: list, workers: int | None = None) -> list:

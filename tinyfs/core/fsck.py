@@ -143,7 +143,7 @@ def _validate_all(archive: ArchiveRoot, jobs: list[tuple[str, str]], fast: bool,
     if len(jobs) <= 1:
         return {job: one(job) for job in jobs}
     with ThreadPoolExecutor(max_workers=min(cpus, len(jobs)), thread_name_prefix="fsck") as pool:
-        return dict(zip(jobs, pool.map(one, jobs)))
+        return dict(zip(jobs, pool.map(one, jobs), strict=True))
 
 
 def _oxum_bytes(bag) -> int:

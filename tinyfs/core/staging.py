@@ -18,7 +18,9 @@ the first write or truncate copies them (copy-on-write; never on open).
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -45,6 +47,12 @@ CREATE INDEX entries_by_inode ON entries (inode);
 CREATE TABLE xattrs (inode INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (inode, name)) WITHOUT ROWID;
 """
+log = logging.getLogger(__name__)
+# A disk filled to the last block must not freeze a transaction: every change of txn.db (even an unlink,
+# the way to free space) needs a few pages of WAL. `reserve` holds 1 MiB the database gives up the first
+# time it finds the disk full, so that it can go on recording changes and space can be freed.
+RESERVE = "reserve"
+RESERVE_BYTES = 1 << 20
 COLUMNS = "id, kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, base, digests, incomplete, target"
 OPENING_PREFIX = ".opening-"
 
@@ -64,6 +72,41 @@ class Node:
     digests: str | None  # JSON {alg: hex} of the blob, when hashed as it was written
     incomplete: int      # 1 when a write of the blob failed (e.g. ENOSPC): commit refuses it
     target: str | None   # symlink target
+
+
+def _uses_reserve_when_full(fn):
+    """A change of the database that finds the disk full gives up the reserve and is tried once more
+    (a failed change is rolled back whole, so trying it again is safe)."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL or not self.drop_reserve():
+                raise
+            log.warning("%s: disk full; the transaction's reserved space is used", self.path)
+            return fn(self, *args, **kw)
+    return wrapper
+
+
+def make_reserve(path: Path) -> None:
+    """Best effort: (re)create the reserve of a transaction directory."""
+    target = path / RESERVE
+    if target.exists():
+        return
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except OSError:
+        os.close(fd)
+        fd = -1
+        os.unlink(target)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 class Staging:
@@ -92,6 +135,7 @@ class Staging:
         tmp = path.with_name(f"{OPENING_PREFIX}{rid}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
         (tmp / "blobs").mkdir()
+        make_reserve(tmp)
         db = cls._connect(tmp)
         db.executescript(SCHEMA)
         now = time.time_ns()
@@ -116,7 +160,15 @@ class Staging:
     def open(cls, path: Path) -> Staging:
         if not (path / "txn.db").exists():
             raise FileNotFoundError(f"{path} is not a transaction")
+        make_reserve(path)
         return cls(path, cls._connect(path))
+
+    def drop_reserve(self) -> bool:
+        try:
+            os.unlink(self.path / RESERVE)
+            return True
+        except FileNotFoundError:
+            return False
 
     def close(self) -> None:
         self.db.close()
@@ -148,6 +200,7 @@ class Staging:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else ""
 
+    @_uses_reserve_when_full
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
@@ -187,6 +240,7 @@ class Staging:
         for ino in inos:
             self._nlinks.pop(ino, None)
 
+    @_uses_reserve_when_full
     def make(self, parent: int, name: str, kind: str, mode: int, uid: int, gid: int,
              target: str | None = None) -> int:
         now = time.time_ns()
@@ -205,6 +259,7 @@ class Staging:
             os.close(fd)
         return ino
 
+    @_uses_reserve_when_full
     def link(self, ino: int, parent: int, name: str) -> None:
         now = time.time_ns()
         with self.db:
@@ -215,6 +270,7 @@ class Staging:
         self._cached(ino, ctime_ns=now)
         self._names_changed(ino, parent)
 
+    @_uses_reserve_when_full
     def unlink(self, parent: int, name: str) -> int | None:
         """Remove a name; returns its inode. The inode itself stays until `drop_if_orphan`."""
         ino = self.lookup(parent, name)
@@ -230,6 +286,7 @@ class Staging:
         self._names_changed(ino, parent)
         return ino
 
+    @_uses_reserve_when_full
     def rename(self, old_parent: int, old: str, new_parent: int, new: str) -> int | None:
         """Move a name; a name already at the target is replaced and its inode returned."""
         ino = self.lookup(old_parent, old)
@@ -261,6 +318,7 @@ class Staging:
             cur = row[0]
         return ino == ROOT
 
+    @_uses_reserve_when_full
     def update(self, ino: int, **fields) -> None:
         if not fields:
             return
@@ -278,6 +336,7 @@ class Staging:
         self.db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, parent))
         self._cached(parent, mtime_ns=now, ctime_ns=now)
 
+    @_uses_reserve_when_full
     def drop_if_orphan(self, ino: int) -> bool:
         """Delete an inode that no name refers to any more (and its blob)."""
         if ino == ROOT or self.db.execute("SELECT 1 FROM entries WHERE inode=? LIMIT 1", (ino,)).fetchone():
@@ -320,9 +379,11 @@ class Staging:
         row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)).fetchone()
         return row[0] if row else None
 
+    @_uses_reserve_when_full
     def set_xattr(self, ino: int, name: str, value: bytes) -> None:
         self.db.execute("INSERT OR REPLACE INTO xattrs VALUES (?,?,?)", (ino, name, value))
 
+    @_uses_reserve_when_full
     def remove_xattr(self, ino: int, name: str) -> bool:
         return self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
 

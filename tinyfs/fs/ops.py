@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import sqlite3
 import stat
 
 import pyfuse3
@@ -57,6 +58,12 @@ def handler(fn):
             raise pyfuse3.FUSEError(e.errno) from None
         except trio.Cancelled:
             raise
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:   # the transaction's database: disk full
+                log.warning("%s: %s", fn.__name__, e)
+                raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None

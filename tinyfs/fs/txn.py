@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import stat
-from collections import deque
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..core.commit import CommitRequest, NewFile
@@ -24,6 +24,16 @@ from ..core.model import DirEntry, LinkEntry
 from ..core.staging import ROOT, Node, Staging, node_entry
 
 log = logging.getLogger(__name__)
+
+
+# Staged bytes never take the last HEADROOM bytes of the file system: txn.db needs a few pages to go on
+# recording changes (an unlink is how a user frees space), and a commit needs room for its tag files.
+HEADROOM = 2 << 20
+
+
+def _free_bytes(fd: int) -> int:
+    st = os.fstatvfs(fd)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def fail(code: int, message: str = "") -> OSError:
@@ -150,6 +160,8 @@ class OpenTxn:
     def pwrite(self, of: OpenFile, offset: int, data: bytes) -> int:
         """Put the bytes in the blob (any thread). A failure marks the file incomplete (SPEC 5: EIO at commit)."""
         try:
+            if _free_bytes(of.fd) < len(data) + HEADROOM:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             n = os.pwrite(of.fd, data, offset)
         except OSError as e:
             of.failed = True
