@@ -92,6 +92,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from .digests import hash_file as _hash_file
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ALGORITHMS: tuple[str, ...] = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
@@ -172,21 +174,11 @@ def hash_file(
     algorithms: Sequence[str],
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, str]:
-    """Hash ``path`` with every algorithm in one read pass of 1 MiB chunks."""
+    """Hash ``path`` with every algorithm in one read pass (refusing algorithms a bag may not use)."""
     for alg in algorithms:
         if alg not in SUPPORTED_ALGORITHMS:
             raise ValueError(f"unsupported hash algorithm {alg!r}")
-    hashers = {alg: hashlib.new(alg, usedforsecurity=False) for alg in algorithms}
-    buf = bytearray(CHUNK_SIZE)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            chunk = view[:n]
-            for h in hashers.values():
-                h.update(chunk)
-            if progress is not None:
-                progress(n)
-    return {alg: h.hexdigest() for alg, h in hashers.items()}
+    return _hash_file(path, algorithms, progress)
 
 
 def validate_bag(

@@ -12,15 +12,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .bagcheck import encode_manifest_path as encode_path  # noqa: F401  (one encoder for writer and reader)
 from .digests import MultiHash
 from .durable import write_new
 
 PROFILE = "https://tinyfs.invalid/bagit-profile/tinyfs-1"
-
-
-def encode_path(path: str) -> str:
-    """RFC 8493 §2.1.3: percent-encode %, CR and LF in a manifest path."""
-    return path.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def fold(name: str, value: str) -> str:
