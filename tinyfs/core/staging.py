@@ -40,7 +40,7 @@ CREATE TABLE inodes (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL,
     gid INTEGER NOT NULL, size INTEGER NOT NULL DEFAULT 0, mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL, blob INTEGER NOT NULL DEFAULT 0, base TEXT, digests TEXT,
-    incomplete INTEGER NOT NULL DEFAULT 0, target TEXT);
+    incomplete INTEGER NOT NULL DEFAULT 0, target TEXT, atime_ns INTEGER);
 CREATE TABLE entries (parent INTEGER NOT NULL, name TEXT NOT NULL, inode INTEGER NOT NULL,
     PRIMARY KEY (parent, name)) WITHOUT ROWID;
 CREATE INDEX entries_by_inode ON entries (inode);
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # time it finds the disk full, so that it can go on recording changes and space can be freed.
 RESERVE = "reserve"
 RESERVE_BYTES = 1 << 20
-COLUMNS = "id, kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, base, digests, incomplete, target"
+COLUMNS = "id, kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, base, digests, incomplete, target, atime_ns"
 OPENING_PREFIX = ".opening-"
 
 
@@ -72,6 +72,7 @@ class Node:
     digests: str | None  # JSON {alg: hex} of the blob, when hashed as it was written
     incomplete: int      # 1 when a write of the blob failed (e.g. ENOSPC): commit refuses it
     target: str | None   # symlink target
+    atime_ns: int | None = None   # shown while staged (as a local disk does), never recorded
 
 
 def _uses_reserve_when_full(fn):
@@ -433,7 +434,7 @@ def _populate(db: sqlite3.Connection, state: State, uid: int, gid: int, now: int
         ino = next_id
         next_id += 1
         parent, _, name = path.rpartition("/")
-        inodes.append((ino, kind, mode, uid, gid, size, mtime_ns, now, 0, base, None, 0, target))
+        inodes.append((ino, kind, mode, uid, gid, size, mtime_ns, now, 0, base, None, 0, target, None))
         entries.append((ids[parent], name, ino))
         return ino
 
@@ -445,7 +446,7 @@ def _populate(db: sqlite3.Connection, state: State, uid: int, gid: int, now: int
         xattrs.extend((ino, k, base64.b64decode(v)) for k, v in f.xattrs.items())
     for path, lk in state.links.items():
         add(path, "l", 0o777, lk.mtime_ns, size=len(os.fsencode(lk.target)), target=lk.target)
-    db.executemany(f"INSERT INTO inodes ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", inodes)
+    db.executemany(f"INSERT INTO inodes ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", inodes)
     db.executemany("INSERT INTO entries VALUES (?,?,?)", entries)
     db.executemany("INSERT INTO xattrs VALUES (?,?,?)", xattrs)
 

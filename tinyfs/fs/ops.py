@@ -131,13 +131,16 @@ class Operations(pyfuse3.Operations):
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
         return attrs
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        a = self._txn_attr(node) if node.kind == "txn" else self.view.attr(node)
+    def _attrs(self, node: Node, a: Attr | None = None) -> pyfuse3.EntryAttributes:
+        """EntryAttributes of a node (from `a` when the caller already has its Attr, as readdir does)."""
+        if a is None:
+            a = self._txn_attr(node) if node.kind == "txn" else self.view.attr(node)
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.st_mode, e.st_size, e.st_nlink = a.mode, a.size, a.nlink
         e.st_uid, e.st_gid = a.uid, a.gid
-        e.st_mtime_ns = e.st_atime_ns = a.mtime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_atime_ns = a.mtime_ns if a.atime_ns is None else a.atime_ns
         e.st_ctime_ns = a.ctime_ns or a.mtime_ns
         e.st_blksize = BLKSIZE
         e.st_blocks = (a.size + 511) // 512
@@ -189,7 +192,7 @@ class Operations(pyfuse3.Operations):
         if node.sino == SROOT:
             return Attr(stat.S_IFDIR | 0o755, mtime_ns=s.mtime_ns, ctime_ns=s.ctime_ns, uid=txn.uid, gid=txn.gid,
                         nlink=txn.staging.nlink(SROOT, "d"), entry_timeout=SHORT, attr_timeout=SHORT)
-        return Attr(kind_bits(s) | s.mode, size=txn.size_of(node.sino, s), mtime_ns=s.mtime_ns,
+        return Attr(kind_bits(s) | s.mode, size=txn.size_of(node.sino, s), mtime_ns=s.mtime_ns, atime_ns=s.atime_ns,
                     ctime_ns=s.ctime_ns, uid=s.uid, gid=s.gid, nlink=txn.staging.nlink(node.sino, s.kind),
                     entry_timeout=LONG, attr_timeout=LONG)
 
@@ -208,10 +211,12 @@ class Operations(pyfuse3.Operations):
         raw = bytes(name)
         if raw == b".":
             return self._entry(parent)
+        if len(raw) > 255:
+            raise fail(errno.ENAMETOOLONG)   # FUSE does not enforce NAME_MAX for us
         try:
             name = decode_name(raw)
         except TinyfsError:
-            raise fail(errno.ENOENT) from None
+            raise fail(errno.ENOENT) from None   # such a name cannot exist here; creating it is EILSEQ
         if parent.kind == "root":
             if name not in self.top:
                 raise fail(errno.ENOENT)
@@ -262,6 +267,8 @@ class Operations(pyfuse3.Operations):
             changes["gid"] = attr.st_gid
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
         changes["ctime_ns"] = _now()
         txn.staging.update(node.sino, **changes)
         return self._attrs(node)
@@ -309,6 +316,7 @@ class Operations(pyfuse3.Operations):
             for name, s, nlink in children_nodes(txn.staging, node.sino):
                 child = self._txn_node(txn, s.id)
                 a = Attr(kind_bits(s) | s.mode, size=txn.size_of(s.id, s), mtime_ns=s.mtime_ns, ctime_ns=s.ctime_ns,
+                         atime_ns=s.atime_ns,
                          uid=s.uid, gid=s.gid, nlink=nlink if s.kind != "d" else 2)
                 out.append((name, child, a))
             return out
@@ -324,24 +332,13 @@ class Operations(pyfuse3.Operations):
             new = node.key not in self.by_key
             ino = self._register(node)
             node = self.nodes[ino]
-            attrs = self._attrs(node) if a is None else self._attr_from(node, a)
+            attrs = self._attrs(node, a)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
                 if new and not self.lookups.get(ino):
                     del self.nodes[ino]
                     del self.by_key[node.key]
                 return
             self.lookups[ino] = self.lookups.get(ino, 0) + 1
-
-    def _attr_from(self, node: Node, a: Attr) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = node.ino
-        e.st_mode, e.st_size, e.st_nlink, e.st_uid, e.st_gid = a.mode, a.size, a.nlink, a.uid, a.gid
-        e.st_mtime_ns = e.st_atime_ns = a.mtime_ns
-        e.st_ctime_ns = a.ctime_ns
-        e.st_blksize = BLKSIZE
-        e.st_blocks = (a.size + 511) // 512
-        e.entry_timeout = e.attr_timeout = LONG
-        return e
 
     @handler
     async def releasedir(self, fh):

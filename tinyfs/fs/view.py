@@ -36,6 +36,7 @@ class Attr:
     uid: int = 0
     gid: int = 0
     nlink: int = 1
+    atime_ns: int | None = None   # None: show the mtime
     entry_timeout: float = LONG
     attr_timeout: float = LONG
 
