@@ -47,7 +47,7 @@ STABLE_TRIES = 3
 
 def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, algorithms: Sequence[str],
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, str], int]:
-    """Copy src to a new file dst while hashing it; returns (digests, size). dst is fsynced.
+    """Copy src to a new file dst while hashing it; returns (digests, size).
 
     A source another process writes while it is copied would give a torn copy (bytes that never existed
     together, with a digest that matches them). Its size and times are compared before and after the
@@ -66,8 +66,7 @@ def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, algorithms: Se
                 if progress:
                     progress(n)
             if _fingerprint(os.fstat(fin.fileno())) == before:
-                os.fsync(fout.fileno())
-                break
+                break   # no fsync here: the commit makes every staged byte durable with one syncfs
     else:
         from .errors import Busy
         raise Busy(f"{os.fsdecode(src)}: changed while it was being copied ({STABLE_TRIES} tries); "

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
+
+NO_XATTRS: dict[str, str] = MappingProxyType({})  # shared by the many files without xattrs (memory)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     digest: str
     size: int
@@ -27,10 +30,12 @@ class FileEntry:
 
     @classmethod
     def from_json(cls, doc: dict) -> FileEntry:
-        return cls(doc["digest"], int(doc["size"]), int(doc["mode"]), int(doc["mtime_ns"]), dict(doc.get("xattrs", {})))
+        xattrs = doc.get("xattrs")
+        return cls(doc["digest"], int(doc["size"]), int(doc["mode"]), int(doc["mtime_ns"]),
+                   dict(xattrs) if xattrs else NO_XATTRS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkEntry:
     target: str
     mtime_ns: int
@@ -43,7 +48,7 @@ class LinkEntry:
         return cls(doc["target"], int(doc["mtime_ns"]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirEntry:
     mode: int
     mtime_ns: int

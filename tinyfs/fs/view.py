@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..core.errors import NotFound
 from ..core.ids import is_rid
@@ -41,7 +41,7 @@ class Attr:
     attr_timeout: float = LONG
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """One inode of the mount. `kind` says which part of the tree it belongs to."""
 
@@ -54,7 +54,7 @@ class Node:
     sino: int = 0                   # staging inode for txn nodes
     txn: object = None              # OpenTxn for txn nodes
     ino: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict | None = None       # state roots: {'current': bool, 'created_ns': int}
 
 
 def readonly_mode(mode: int) -> int:
@@ -102,9 +102,10 @@ class View:
 
     def _state_attr(self, node: Node) -> Attr:
         e = node.entry
-        top_timeout = SHORT if node.extra.get("current") and not node.path else LONG
+        extra = node.extra or {}
+        top_timeout = SHORT if extra.get("current") and not node.path else LONG
         if e is None:  # the root of a state: resources/<rid> or instances/<rid>/<iid>
-            created = node.extra.get("created_ns", self.root_mtime)
+            created = extra.get("created_ns", self.root_mtime)
             return Attr(stat.S_IFDIR | 0o555, mtime_ns=created, ctime_ns=created, uid=self.uid, gid=self.gid,
                         nlink=2, entry_timeout=top_timeout, attr_timeout=top_timeout)
         if isinstance(e, FileEntry):
