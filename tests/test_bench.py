@@ -1,0 +1,88 @@
+"""scripts/bench --quick runs to the end and reports every workload (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+WARM = [
+    "deposit-1g",
+    "deposit-small",
+    "commit-1g",
+    "commit-small",
+    "redeposit",
+    "read-1g-warm",
+    "read-small-warm",
+    "find-ls-warm",
+    "ls-lR-warm",
+    "fsck-1g-warm",
+    "fsck-small-warm",
+]
+COLD = ["read-1g-cold", "read-small-cold", "find-ls-cold", "ls-lR-cold", "fsck-1g-cold", "fsck-small-cold"]
+MOUNT = ["mount-empty", "mount-resources", "mount-files"]
+VARIANTS = {
+    "deposit-1g": {"tinyfs", "passthrough", "cp+make_bag+sync", "cp+sync"},
+    "deposit-small": {"tinyfs", "passthrough", "cp+make_bag+sync", "cp+sync"},
+    "commit-1g": {"tinyfs", "passthrough", "sync"},
+    "commit-small": {"tinyfs", "passthrough", "sync"},
+    "redeposit": {"tinyfs", "passthrough", "rsync+sync"},
+    "fsck-1g-warm": {"tinyfs", "bagit.py --validate"},
+    "fsck-small-warm": {"tinyfs", "bagit.py --validate"},
+    "read-small-warm": {"tinyfs", "passthrough", "native"},
+    "find-ls-warm": {"tinyfs", "passthrough", "native"},
+}
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None or shutil.which("rsync") is None,
+    reason="needs FUSE, fusermount3 and rsync",
+)
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_quick_bench_reports_every_workload(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [
+            str(PROJECT / "scripts" / "bench"),
+            "--quick",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    root = os.geteuid() == 0
+    expected = WARM + MOUNT + (COLD if root else [])
+    workloads = result["workloads"]
+    missing = [w for w in expected if w not in workloads]
+    assert not missing, f"workloads missing from the JSON: {missing}"
+    for name, w in workloads.items():
+        assert w["variants"], name
+        for variant, v in w["variants"].items():
+            assert is_number(v["median"]), (name, variant, v.get("median"))
+    for name, variants in VARIANTS.items():
+        assert set(workloads[name]["variants"]) >= variants, (name, sorted(workloads[name]["variants"]))
+    for name in MOUNT:
+        v = workloads[name]["variants"]["tinyfs"]
+        assert is_number(v["rss_kib_median"]), name
+    assert result["table"] and all(is_number(row["ratio"]) for row in result["table"])
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "scratch left behind"
+    assert "| workload |" in r.stdout
