@@ -196,12 +196,22 @@ class Transaction:
         self._remove_tree(path)
 
     def _remove_tree(self, path: str) -> None:
+        current = self._current(path)
+        if current is None:
+            return          # nothing there, so nothing below it either (every child has its directory)
+        if not isinstance(current, DirEntry):
+            self._drop(path)
+            return
         prefix = path + "/"
         for p in [p for p in self._paths() if p == path or p.startswith(prefix)]:
-            if p in self._base_state.entries():
-                self._changes[p] = None
-            else:
-                self._changes.pop(p, None)
+            self._drop(p)
+
+    def _drop(self, path: str) -> None:
+        """Forget a path: a removal when the base has it, else just drop the pending change."""
+        if self._base_state.get(path) is not None:
+            self._changes[path] = None
+        else:
+            self._changes.pop(path, None)
 
     # -- ending ------------------------------------------------------------
     def commit(self, progress: Callable[[int], None] | None = None,

@@ -26,8 +26,8 @@ from pathlib import Path
 from . import bagwrite
 from .digests import copy_and_hash, hash_file, parallel
 from .durable import fsync_dir, write_new
-from .errors import Forbidden, LabelTaken, NotFound, Stale, TinyfsError
-from .ids import check_label, check_rid, new_instance_id, parent_of
+from .errors import Forbidden, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
+from .ids import PATH_MAX, check_label, check_rid, new_instance_id, parent_of
 from .layout import ArchiveRoot
 from .model import DirEntry, Entry, FileEntry, InstanceDoc, LinkEntry, State, utc_now
 
@@ -95,6 +95,8 @@ def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], N
             return _commit_locked(archive, req, head, iid, stage, progress)
         except BaseException as e:
             shutil.rmtree(stage, ignore_errors=True, onerror=_force_remove)
+            if archive.config.mode == "worm":
+                owner_writable(c.source for c in req.changes.values() if isinstance(c, NewFile) and c.linkable)
             if isinstance(e, TinyfsError) or isinstance(e, OSError):
                 archive.events.append("commit.failed", req.rid, None, error=str(e))
             raise
@@ -116,6 +118,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     delta = _diff(base_state, changes) if req.full else _drop_noops(base_state, changes)
     merged = _merge(base_state, head_state, delta, req.rid)
     _check_tree(merged)
+    _check_lengths(delta)
 
     if req.label is not None and req.label in archive.labels(req.rid):
         raise LabelTaken(f"label {req.label!r} is already used by resource {req.rid!r}")
@@ -289,6 +292,14 @@ def _check_tree(state: State) -> None:
             raise Stale(f"{path!r} has no parent directory in the merged state", path=path)
 
 
+def _check_lengths(delta: dict) -> None:
+    """A logical path longer than PATH_MAX (a mount builds one with relative names: no syscall sees it
+    whole) would make an instance fsck calls damaged: refused (ENAMETOOLONG), the transaction intact."""
+    for path in delta:
+        if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX:
+            raise NameTooLong(f"{path[:60]}...: path longer than {PATH_MAX} bytes", path=path)
+
+
 def _counts(before: State, after: State) -> tuple[int, int, int]:
     added = sum(1 for p in after.files if p not in before.files)
     changed = sum(1 for p, f in after.files.items() if p in before.files and before.files[p] != f)
@@ -347,6 +358,18 @@ def _manifest_digests(archive: ArchiveRoot, rid: str, stored_rel: str, algorithm
             digest = hash_file(archive.stored_path(rid, stored_rel), [alg])[alg]
         out[alg] = digest
     return out
+
+
+def owner_writable(paths) -> None:
+    """Worm mode makes a new bag read-only, and staged blobs are hard links of its files (one inode): a
+    commit that fails or is interrupted gives them back their owner's write permission (a daemon that
+    does not run as root could not write them again otherwise)."""
+    for path in paths:
+        try:
+            if not os.lstat(path).st_mode & stat.S_IWUSR:
+                os.chmod(path, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def _make_read_only(top: Path) -> None:

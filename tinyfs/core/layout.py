@@ -142,7 +142,8 @@ class ArchiveRoot:
             raise NotFound(f"no instance {iid} of resource {rid!r}") from None
         with self._docs_lock:
             self._docs[key] = doc
-            while len(self._docs) > 32:
+            # Bounded by entries, not documents: one instance may list 100,000 paths, another 3.
+            while len(self._docs) > 1 and sum(_weight(d) for d in self._docs.values()) > DOC_CACHE_ENTRIES:
                 self._docs.popitem(last=False)
         return doc
 
@@ -186,6 +187,13 @@ class ArchiveRoot:
             yield
         finally:
             os.close(fd)
+
+
+DOC_CACHE_ENTRIES = 200_000
+
+
+def _weight(doc: InstanceDoc) -> int:
+    return len(doc.state.files) + len(doc.state.dirs) + len(doc.state.links) + 1
 
 
 def _listdir(path: Path) -> list[str]:

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 
-from .commit import COMMIT_PREFIX, TRASH_PREFIX, _force_remove, drop_older_instances
+from .commit import COMMIT_PREFIX, TRASH_PREFIX, _force_remove, drop_older_instances, owner_writable
 from .errors import Busy
 from .ids import is_rid
 from .layout import LOCKS, ArchiveRoot
@@ -67,6 +67,16 @@ def recover(archive: ArchiveRoot) -> list[str]:
 
 
 def _finish_mount_transaction(archive: ArchiveRoot, rid: str) -> list[str]:
+    """Under the resource lock: a commit running in a live mount holds it (`tinyfs recover` run while the
+    archive is mounted must not undo, or touch the files of, a commit in flight)."""
+    try:
+        with archive.resource_lock(rid, wait=False):
+            return _finish_mount_transaction_locked(archive, rid)
+    except Busy:
+        return []
+
+
+def _finish_mount_transaction_locked(archive: ArchiveRoot, rid: str) -> list[str]:
     from .staging import Staging
 
     path = archive.transactions / rid
@@ -83,6 +93,7 @@ def _finish_mount_transaction(archive: ArchiveRoot, rid: str) -> list[str]:
             Staging.remove(path)
             return [f"finished commit of transaction {rid} (instance {marker})"]
         if staging.get_meta("state") == "committing":
+            owner_writable(staging.blobs.iterdir())
             staging.set_meta("state", "failed")
             staging.set_meta("error", "the commit was interrupted (crash); nothing was committed")
             staging.set_meta("committing", "")

@@ -56,6 +56,7 @@ class OpenFile:
     pending: deque = field(default_factory=deque)   # written buffers not yet fed to the hasher, in order
     draining: bool = False     # a feeder task is running for `pending`
     failed: bool = False       # a write failed: the blob may miss bytes
+    generation: int = 0        # OpenTxn.generations[sino] when its latest writer opened it
 
 
 class OpenTxn:
@@ -69,6 +70,9 @@ class OpenTxn:
         self.token = staging.get_meta("created")       # distinguishes successive transactions of one rid
         self.files: dict[int, OpenFile] = {}
         self.hashing: dict[int, int] = {}               # sino -> version being hashed in the background
+        # sino -> count of opens for writing; outlives OpenFile (dropped at the last close), so that the
+        # digests of a closed writer's bytes, found after another writer opened the file, are not recorded
+        self.generations: dict[int, int] = {}
         self.algorithms = archive.config.digests
         self.closed = False
         self.committing = False
@@ -92,6 +96,11 @@ class OpenTxn:
             of = OpenFile(sino, fd, bool(node.blob), size=node.size)
             self.files[sino] = of
         if write:
+            if node.digests:
+                # the bytes may change from now on: forget their digests first, durably (WAL), so that a
+                # kill -9 before the last writer's close cannot leave the new bytes with the old digests
+                self.staging.update(sino, digests=None)
+            of.generation = self.generations[sino] = self.generations.get(sino, 0) + 1
             of.writers += 1
         else:
             of.readers += 1
@@ -181,7 +190,10 @@ class OpenTxn:
         if size == 0:
             fields["incomplete"] = 0
         self.staging.update(sino, **fields)
+        # a hash of the bytes before the truncate, still running after a close, must not be recorded
+        generation = self.generations[sino] = self.generations.get(sino, 0) + 1
         if of is not None:
+            of.generation = generation
             of.size = size
             of.version += 1
             if size == 0:
@@ -200,8 +212,8 @@ class OpenTxn:
     def digest_job(self, of: OpenFile):
         """What to do after the last writer closed: a callable to run in a worker thread, or None."""
         sino, version = of.sino, of.version
-        if not of.on_blob:
-            return None
+        if not of.on_blob or self.generations.get(sino, 0) != of.generation:
+            return None         # opened for writing again since: that writer's close hashes the file
         if of.hasher is not None and of.hashed_to == of.size:
             digests = of.hasher.hexdigests()
             self.staging.update(sino, digests=json.dumps(digests))
@@ -209,12 +221,17 @@ class OpenTxn:
         path = self.staging.blob_path(sino)
         self.hashing[sino] = version
 
+        generation = of.generation
+
         def job():
-            return sino, version, hash_file(path, self.algorithms)
+            return sino, (generation, version), hash_file(path, self.algorithms)
         return job
 
-    def digest_done(self, sino: int, version: int, digests: dict[str, str]) -> None:
+    def digest_done(self, sino: int, version: tuple[int, int], digests: dict[str, str]) -> None:
         self.hashing.pop(sino, None)
+        generation, version = version
+        if self.generations.get(sino, 0) != generation:
+            return  # opened for writing again meanwhile
         of = self.files.get(sino)
         if of is not None and of.version != version:
             return  # written again meanwhile
