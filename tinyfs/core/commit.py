@@ -150,10 +150,13 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     names = _stored_names({d: first_path[d] for d in to_store}, archive, req.rid, iid, stage)
     payload: dict[str, dict[str, str]] = {}
     total = 0
+    made_dirs: set[Path] = set()
     for digest in to_store:
         rel = names[digest]
         dest = inst / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.parent not in made_dirs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            made_dirs.add(dest.parent)
         if digest in sources:
             src = sources[digest]
             if src.linkable:
@@ -200,13 +203,13 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
         os.rename(inst, resource_dir / res_rel)  # the atomic step for a new instance
         fsync_dir(resource_dir / "instances")
         shutil.rmtree(stage)
-    for src in sources.values():
-        if src.linkable:   # the bag holds the bytes now; drop the staging name (an immutable file could not lose it)
-            try:
-                os.unlink(src.source)
-            except OSError:
-                pass
     if cfg.immutable:
+        for src in sources.values():
+            if src.linkable:   # an immutable file could not lose its staging name later: drop it now
+                try:
+                    os.unlink(src.source)
+                except OSError:
+                    pass
         set_immutable_tree(resource_dir / res_rel)
     if dynamic and head is not None:
         drop_older_instances(archive, req.rid, iid)
@@ -239,7 +242,9 @@ def _resolve_digests(changes: dict[str, Change], algorithms, pending: Path, prog
             if os.stat(nf.source).st_size != nf.size:
                 raise TinyfsError(f"{nf.label}: changed while it was being committed", path=nf.label)
 
-    parallel(resolve, list(enumerate(todo)))
+    work = [(n, nf) for n, nf in enumerate(todo)
+            if not nf.linkable or nf.digests is None or not all(a in nf.digests for a in algorithms)]
+    parallel(resolve, work)
     return todo
 
 

@@ -177,8 +177,17 @@ class Staging:
     @staticmethod
     def remove(path: Path) -> None:
         """Delete a transaction: one rename makes it disappear, then the bytes go."""
+        Staging.delete(Staging.detach(path))
+
+    @staticmethod
+    def detach(path: Path) -> Path:
+        """The quick half of `remove`: rename the transaction out of sight (recovery deletes .trash-*)."""
         trash = path.with_name(f".trash-{uuid.uuid4().hex}")
         os.rename(path, trash)
+        return trash
+
+    @staticmethod
+    def delete(trash: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod

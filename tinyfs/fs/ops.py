@@ -569,7 +569,8 @@ class Operations(pyfuse3.Operations):
             raise fail(code, str(e)) from None
         old_root = self.by_key.get(("txn", rid, txn.token, SROOT))
         self._close_txn(txn)
-        await trio.to_thread.run_sync(Staging.remove, txn.staging.path)
+        trash = await trio.to_thread.run_sync(Staging.detach, txn.staging.path)
+        self.nursery.start_soon(trio.to_thread.run_sync, Staging.delete, trash)   # bytes go after the reply
         log.info("committed %s as %s", rid, result.instance)
         await trio.to_thread.run_sync(self._invalidate, self.top["resources"], rid)
         if old_root is not None:
