@@ -252,7 +252,8 @@ class Staging:
 
     @_uses_reserve_when_full
     def make(self, parent: int, name: str, kind: str, mode: int, uid: int, gid: int,
-             target: str | None = None) -> int:
+             target: str | None = None, create_blob: bool = True) -> int:
+        """A new entry. A file's blob is created here unless the caller opens it with O_CREAT at once."""
         now = time.time_ns()
         with self.db:
             self.db.execute("BEGIN")
@@ -264,7 +265,7 @@ class Staging:
             self.db.execute("INSERT INTO entries VALUES (?,?,?)", (parent, name, ino))
             self._touch(parent, now)
         self._names_changed(parent)
-        if kind == "f":
+        if kind == "f" and create_blob:
             fd = os.open(self.blob_path(ino), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
             os.close(fd)
         return ino
@@ -491,7 +492,8 @@ def refresh_sizes(staging: Staging) -> None:
     for ino, size in rows:
         try:
             real = os.stat(staging.blob_path(ino)).st_size
-        except FileNotFoundError:
+        except FileNotFoundError:   # created, then the daemon died before its first open
+            os.close(os.open(staging.blob_path(ino), os.O_CREAT | os.O_WRONLY, 0o600))
             real = 0
         if real != size:
             staging.update(ino, size=real, digests=None)

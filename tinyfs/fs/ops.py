@@ -637,7 +637,8 @@ class Operations(pyfuse3.Operations):
         txn = self._live(parent)
         if txn.staging.lookup(parent.sino, name) is not None:
             raise fail(errno.EEXIST)
-        sino = txn.staging.make(parent.sino, name, "f", stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
+        sino = txn.staging.make(parent.sino, name, "f", stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid,
+                                create_blob=False)    # txn.open below creates it (one open instead of two)
         node = self._txn_node(txn, sino)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY
         of = txn.open(sino, write, truncate=False)

@@ -90,7 +90,7 @@ class OpenTxn:
         of = self.files.get(sino)
         if of is None:
             if node.blob:
-                fd = os.open(self.staging.blob_path(sino), os.O_RDWR)
+                fd = os.open(self.staging.blob_path(sino), os.O_RDWR | os.O_CREAT, 0o600)
             else:
                 fd = os.open(self.base_path(node), os.O_RDONLY)
             of = OpenFile(sino, fd, bool(node.blob), size=node.size)
