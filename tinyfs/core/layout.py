@@ -189,7 +189,7 @@ class ArchiveRoot:
             os.close(fd)
 
 
-DOC_CACHE_ENTRIES = 200_000
+DOC_CACHE_ENTRIES = 50_000   # a single larger document is still kept (alone)
 
 
 def _weight(doc: InstanceDoc) -> int:
