@@ -32,6 +32,9 @@ MOUNT_LOCK = ".mount.lock"
 # `tinyfs SOURCE MOUNTPOINT -o rw,allow_other,dev,suid` (mount.fuse3 adds dev,suid when run by root),
 # so every word they may pass must be accepted.
 PASSED = {"allow_other", "allow_root", "default_permissions", "noexec", "nodev", "nosuid"}   # on to FUSE/kernel
+# tinyfs's own: `writeback` turns the kernel's writeback cache on (faster sequential writes; a write()
+# that returned is then only safe once its file is closed or fsynced -- see docs/design.md).
+OWN = {"writeback"}
 # Bookkeeping words of fstab, mount(8) and systemd, and kernel flags that mean nothing here (atime
 # flavours, sync: a commit is durable anyway). `dev` and `suid` are dropped on purpose: a tinyfs mount
 # is always nosuid,nodev (FUSE's default), because the read-only views show archived files -- which
@@ -61,7 +64,7 @@ def parse_options(text: str | list[str] | None) -> list[str]:
             readonly = key == "ro"
         elif key in DROPPED or key.startswith("x-"):
             continue
-        elif key in PASSED and "=" not in opt:
+        elif key in (PASSED | OWN) and "=" not in opt:
             if opt not in out:
                 out.append(opt)
         else:
@@ -145,7 +148,8 @@ def _serve(root: str, mountpoint: str, options: list[str], early: _EarlySignals)
         if early.signum is not None:
             log.info("signal %s before mounting: not mounting", signal.Signals(early.signum).name)
             return 0
-        ops = Operations(archive)
+        ops = Operations(archive, writeback="writeback" in options)
+        options = [o for o in options if o not in OWN]
         fsname = str(archive.root) if "," not in str(archive.root) else "tinyfs"
         fuse_options = set(pyfuse3.default_options) | {"default_permissions", f"fsname={fsname}",
                                                         "subtype=tinyfs", *options}

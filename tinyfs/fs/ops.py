@@ -79,10 +79,12 @@ class Handle:
 
 
 class Operations(pyfuse3.Operations):
-    enable_writeback_cache = True      # see docs/design.md: write errors are caught by the incomplete mark
-
-    def __init__(self, archive: ArchiveRoot):
+    def __init__(self, archive: ArchiveRoot, writeback: bool = False):
         super().__init__()
+        # Off by default: with the kernel's writeback cache a write() returns before the daemon has the
+        # bytes, so a killed daemon would lose writes that had returned (SPEC 5). `-o writeback` trades
+        # that for speed; its write errors surface at close() and are caught by the incomplete mark.
+        self.enable_writeback_cache = writeback
         self.archive = archive
         self.view = View(archive, os.getuid(), os.getgid())
         self.nodes: dict[int, Node] = {}
@@ -678,6 +680,8 @@ class Operations(pyfuse3.Operations):
         except OSError:
             txn.mark_incomplete(of)
             raise
+        if not self.enable_writeback_cache:   # else the kernel keeps mtime and sends it with setattr
+            txn.staging.update(of.sino, mtime_ns=_now())
         while len(of.pending) > MAX_PENDING:
             await trio.sleep(0.001)
         return n
