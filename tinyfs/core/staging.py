@@ -250,6 +250,11 @@ class Staging:
         for ino in inos:
             self._nlinks.pop(ino, None)
 
+    def _is_dir(self, *inos: int | None) -> bool:
+        """Whether one of these inodes is a directory: only then do their parents' link counts change
+        (a recount of a directory of 100,000 files after every create made creates O(n))."""
+        return any(ino is not None and (n := self.node(ino)) is not None and n.kind == "d" for ino in inos)
+
     @_uses_reserve_when_full
     def make(self, parent: int, name: str, kind: str, mode: int, uid: int, gid: int,
              target: str | None = None, create_blob: bool = True) -> int:
@@ -264,7 +269,8 @@ class Staging:
             ino = cur.lastrowid
             self.db.execute("INSERT INTO entries VALUES (?,?,?)", (parent, name, ino))
             self._touch(parent, now)
-        self._names_changed(parent)
+        if kind == "d":
+            self._names_changed(parent)
         if kind == "f" and create_blob:
             fd = os.open(self.blob_path(ino), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
             os.close(fd)
@@ -279,7 +285,7 @@ class Staging:
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
             self._touch(parent, now)
         self._cached(ino, ctime_ns=now)
-        self._names_changed(ino, parent)
+        self._names_changed(ino)                       # a file: its parent's link count is unchanged
 
     @_uses_reserve_when_full
     def unlink(self, parent: int, name: str) -> int | None:
@@ -294,7 +300,7 @@ class Staging:
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
             self._touch(parent, now)
         self._cached(ino, ctime_ns=now)
-        self._names_changed(ino, parent)
+        self._names_changed(ino, *((parent,) if self._is_dir(ino) else ()))
         return ino
 
     @_uses_reserve_when_full
@@ -314,7 +320,8 @@ class Staging:
             if new_parent != old_parent:
                 self._touch(new_parent, now)
         self._cached(ino, ctime_ns=now)
-        self._names_changed(ino, replaced, old_parent, new_parent)
+        parents = (old_parent, new_parent) if self._is_dir(ino, replaced) else ()
+        self._names_changed(ino, replaced, *parents)
         return replaced
 
     def is_ancestor(self, ino: int, of: int) -> bool:
