@@ -412,12 +412,17 @@ class Operations(pyfuse3.Operations):
         txn.staging.unlink(parent.sino, name)
         self._drop_if_unused(txn, sino)
 
-    async def _rollback(self, rid: str) -> None:
+    def _idle_txn(self, rid: str) -> OpenTxn:
+        """The open transaction `rid` for a rollback or a commit: ENOENT if none, EBUSY while committing."""
         txn = self._txn(rid) if is_rid(rid) else None
         if txn is None:
             raise fail(errno.ENOENT)
         if txn.committing:
             raise fail(errno.EBUSY)
+        return txn
+
+    async def _rollback(self, rid: str) -> None:
+        txn = self._idle_txn(rid)
         if txn.staging.has_children(SROOT):
             raise fail(errno.ENOTEMPTY)
         self._close_txn(txn)
@@ -530,11 +535,7 @@ class Operations(pyfuse3.Operations):
 
     # -- commit ---------------------------------------------------------------
     async def _commit(self, rid: str) -> None:
-        txn = self._txn(rid) if is_rid(rid) else None
-        if txn is None:
-            raise fail(errno.ENOENT)
-        if txn.committing:
-            raise fail(errno.EBUSY)
+        txn = self._idle_txn(rid)
         if self.closing:
             raise fail(errno.EBUSY, "the mount is shutting down")
         txn.committing = True
