@@ -236,7 +236,7 @@ class Transaction(RuleBasedStateMachine):
             self.exists = True
             assert read_tree(view) == self.model      # visible when the rename returns
             assert recorded(self.mount.root, self.rid) == self.model
-        r = run_tinyfs("fsck", self.mount.root, check=False)
+        r = run_tinyfs("fsck", self.mount.root, *([self.rid] if self.exists else []), check=False)
         assert r.returncode == 0, r.stdout + r.stderr
         self.committed = dict(self.model)
         self.commits += 1
