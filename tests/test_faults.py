@@ -10,6 +10,8 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -225,28 +227,31 @@ def test_worm_commit_killed_after_its_bag_is_read_only_leaves_the_transaction_wr
     t = point / "transactions" / "w"
     hit = False
     try:
-        for attempt in range(8):
+        for attempt in range(16):
             if not t.exists():
                 os.mkdir(t)
             for i in range(100):
                 (t / f"s{attempt}-{i}.txt").write_text(f"small {attempt} {i}\n")
-            (t / f"big{attempt}.bin").write_bytes(os.urandom(64 * MIB))     # dirty: syncfs takes a while
+            (t / f"big{attempt}.bin").write_bytes(os.urandom(96 * MIB))     # dirty: syncfs takes a while
             before = tree(t)
-            import threading
             th = threading.Thread(target=lambda: _try(m.commit, "w"))
             th.start()
-            tags = None
+            tags = False
             while th.is_alive() and not tags:       # kill the daemon as soon as the bag's tag files exist
-                tags = list((root / "transactions").glob(".commit-w-*/instances/*/tagmanifest-*.txt"))
+                stages = [n for n in os.listdir(root / "transactions") if n.startswith(".commit-w-")]
+                for stage in stages:
+                    iid = stage[len(".commit-w-"):]
+                    if os.path.exists(root / "transactions" / stage / "instances" / iid / "tagmanifest-sha512.txt"):
+                        tags = True
+            if tags:
+                time.sleep(0.005 * (attempt % 4 + 1))   # into syncfs, after worm's chmod
             m.crash()
             th.join()
-            if not tags:
-                continue                             # the commit won the race: try again
-            blobs = list((root / "transactions" / "w" / "blobs").iterdir())
+            blobs = list((root / "transactions" / "w" / "blobs").iterdir()) if tags else []
             hit = hit or any(not os.stat(b).st_mode & 0o200 for b in blobs)
             m.start()                                # recovery
-            if not t.exists():
-                continue                             # the rename had happened after all
+            if not tags or not t.exists():
+                continue                             # the commit won the race: try again
             assert tree(t) == before
             modes = {oct(os.stat(b).st_mode & 0o777) for b in (root / "transactions" / "w" / "blobs").iterdir()}
             assert modes <= {"0o600", "0o644"}, modes
@@ -368,7 +373,6 @@ def test_killing_the_committing_mv_does_not_cut_the_commit(crashable):
     """kill -9 of `mv` during the rename: the kernel does not interrupt a FUSE request the daemon has
     already taken, so mv dies only when the commit has finished, and the commit is whole."""
     m = crashable
-    import time
     for i in range(3):
         t = m / "transactions" / f"mv{i}"
         os.mkdir(t)
