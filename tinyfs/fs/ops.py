@@ -806,19 +806,23 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def setxattr(self, inode, name, value, ctx):
-        node = self._node(inode)
-        name = bytes(name).decode("utf-8", "surrogateescape")
-        if node.kind != "txn":
-            raise fail(errno.EROFS)
-        if not name.startswith("user."):
-            raise fail(errno.ENOTSUP)
-        txn = self._live(node)
+        node, name, txn = self._xattr_target(inode, name)
         value = bytes(value)
         if name.startswith("user.tinyfs."):
             if node.sino == SROOT:
                 self._set_meta(txn, name[len("user.tinyfs."):], value)
             return  # copied from a view (cp -a): accepted and ignored
         txn.staging.set_xattr(node.sino, name, value)
+
+    def _xattr_target(self, inode, name) -> tuple[Node, str, OpenTxn]:
+        """Where an xattr may change: only user.* names, only inside a live transaction."""
+        node = self._node(inode)
+        name = bytes(name).decode("utf-8", "surrogateescape")
+        if node.kind != "txn":
+            raise fail(errno.EROFS)
+        if not name.startswith("user."):
+            raise fail(errno.ENOTSUP)
+        return node, name, self._live(node)
 
     def _set_meta(self, txn: OpenTxn, key: str, value: bytes) -> None:
         if key not in META:
@@ -837,13 +841,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def removexattr(self, inode, name, ctx):
-        node = self._node(inode)
-        name = bytes(name).decode("utf-8", "surrogateescape")
-        if node.kind != "txn":
-            raise fail(errno.EROFS)
-        if not name.startswith("user."):
-            raise fail(errno.ENOTSUP)
-        txn = self._live(node)
+        node, name, txn = self._xattr_target(inode, name)
         if node.sino == SROOT and name.startswith("user.tinyfs."):
             key = name[len("user.tinyfs."):]
             if key in META:
