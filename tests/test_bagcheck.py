@@ -294,7 +294,7 @@ def test_progress_and_workers(made_bag: Path) -> None:
                     for n in ("bagit.txt", "bag-info.txt", "manifest-sha256.txt", "manifest-sha512.txt"))
     assert sum(seen) == payload_bytes + tag_bytes  # every byte read exactly once
     assert max(seen) <= 1 << 20
-    assert threading.main_thread().name not in threads
+    assert 1 <= len(threads) <= 3   # workers=3: the calling thread and at most two helpers hash
     assert validate_bag(made_bag, workers=1) == validate_bag(made_bag, workers=8)
 
 

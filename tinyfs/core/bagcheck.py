@@ -87,12 +87,12 @@ import re
 import stat
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from .digests import hash_file as _hash_file
+from .digests import parallel
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ _FETCH_LINE = re.compile(r"([^ \t]+)[ \t]+([^ \t]+)[ \t]+(.+)")
 _DECL_LINE = re.compile(r"([^:]*):(.*)")
 _VERSION = re.compile(r"(\d+)\.(\d+)")
 _OXUM = re.compile(r"(\d+)\.(\d+)")
+_HEX = re.compile(r"[0-9a-f]*")
 _DRIVE_OR_UNC = re.compile(r"[A-Za-z]:[\\/]|\\\\")
 
 
@@ -144,6 +145,7 @@ class BagReport:
     encoding: str | None = None
     info: list[tuple[str, str]] = field(default_factory=list)
     payload: dict[str, dict[str, str]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)   # regular files found under data/, as lstat saw them
 
     @property
     def valid(self) -> bool:
@@ -298,7 +300,7 @@ class _Checker:
         self.codec = "utf-8"
         self.payload_manifests: list[_Manifest] = []
         self.tag_manifests: list[_Manifest] = []
-        self.disk: dict[str, int] = {}
+        self.disk: dict[str, int] = report.sizes
         self.fetch_absent: set[str] = set()
         self.excused: dict[str, int | None] = {}
 
@@ -784,17 +786,14 @@ class _Checker:
     def _verify_checksums(self) -> None:
         jobs = self._hash_jobs()
         order = sorted(jobs, key=lambda p: self.disk.get(p, 0), reverse=True)
-        results: dict[str, dict[str, str] | OSError] = {}
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="bagcheck") as pool:
-            futures = {p: pool.submit(self._hash_one, p, sorted(jobs[p])) for p in order}
-            for path, future in futures.items():
-                results[path] = future.result()
+        found = parallel(lambda p: self._hash_one(p, sorted(jobs[p])), order, self.workers)
+        results = dict(zip(order, found, strict=True))
         for path in sorted(results):
             self._compare(path, jobs[path], results[path])
 
     def _hash_one(self, rel: str, algs: list[str]) -> dict[str, str] | OSError:
         try:
-            return hash_file(self.root / rel, algs, self.progress)
+            return hash_file(os.path.join(self.root, rel), algs, self.progress)
         except OSError as e:
             return e
 
@@ -811,4 +810,4 @@ class _Checker:
 
 
 def _is_hex(s: str) -> bool:
-    return all(c in "0123456789abcdef" for c in s)
+    return _HEX.fullmatch(s) is not None

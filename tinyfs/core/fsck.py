@@ -166,7 +166,6 @@ class _Resource:
         self.archive, self.rid, self.chain, self.bags, self.report = archive, rid, chain, bags, report
         self.dir = archive.resource_dir(rid)
         self.dynamic = archive.config.mode == "dynamic"
-        self._stat_cache: dict[str, os.stat_result | None] = {}
         self._bad: dict[str, set[str]] = {}
 
     def find(self, iid: str | None, path: str, code: str, message: str) -> None:
@@ -281,14 +280,16 @@ class _Resource:
             if holder != iid:   # the holder's own findings already name the file
                 self.find(iid, path, "stored-damaged", f"its bytes, stored in {rel}, failed their check")
             return
-        st = self._stat(rel)
-        if st is None:
+        found = holder_bag.sizes.get(inner)      # what the bag's validation saw a moment ago
+        if found is None:
+            found = self._size(rel)
+        if found is None:
             self.find(iid, path, "missing-stored-file", f"{rel} does not exist")
             return
         if holder == iid:
-            self.report.bytes += st.st_size
-        if st.st_size != size:
-            self.find(iid, path, "stored-size-mismatch", f"{rel} has {st.st_size} bytes, recorded {size}")
+            self.report.bytes += found
+        if found != size:
+            self.find(iid, path, "stored-size-mismatch", f"{rel} has {found} bytes, recorded {size}")
         listed = holder_bag.payload.get(inner)
         if listed is None:
             self.find(iid, path, "not-in-manifest", f"{rel} is not a payload file of its bag")
@@ -304,13 +305,11 @@ class _Resource:
             self._bad[iid] = {p.path for p in self.bags[(self.rid, iid)].problems}
         return self._bad[iid]
 
-    def _stat(self, rel: str) -> os.stat_result | None:
-        if rel not in self._stat_cache:
-            try:
-                self._stat_cache[rel] = os.stat(self.dir / rel)
-            except OSError:
-                self._stat_cache[rel] = None
-        return self._stat_cache[rel]
+    def _size(self, rel: str) -> int | None:
+        try:
+            return os.stat(os.path.join(self.dir, rel)).st_size
+        except OSError:
+            return None
 
     def _check_bag_info(self, iid: str, bag: BagReport) -> None:
         info = dict(bag.info)
