@@ -252,6 +252,43 @@ def test_sparse_and_random_writes_and_truncate(mnt):
     assert len(rw) == 800 and rw[500:502] == b"XX"
 
 
+def test_write_only_handles_bypass_the_page_cache_coherently(mnt):
+    """Write-only handles are direct I/O (one copy less, no second page cache): a reader that already
+    cached the bytes, a new reader, a shared writable mmap and the commit all see the newest bytes."""
+    import mmap
+
+    t = mnt / "transactions" / "coherent"
+    os.mkdir(t)
+    p = t / "f.bin"
+    p.write_bytes(b"A" * 100_000)
+    reader = os.open(p, os.O_RDONLY)
+    writer = os.open(p, os.O_WRONLY)
+    try:
+        assert os.pread(reader, 10, 5000) == b"A" * 10           # now in the kernel's cache
+        os.pwrite(writer, b"B" * 10, 5000)
+        assert os.pread(reader, 10, 5000) == b"B" * 10
+        with open(p, "rb") as again:
+            again.seek(5000)
+            assert again.read(10) == b"B" * 10
+        os.pwrite(writer, b"C" * 10, 100_000)                   # grows the file
+        assert os.fstat(reader).st_size == 100_010
+        assert os.pread(reader, 15, 99_995) == b"A" * 5 + b"C" * 10
+        rw = os.open(p, os.O_RDWR)
+        try:
+            with mmap.mmap(rw, 4096) as m:
+                m[0:3] = b"XYZ"
+                m.flush()
+        finally:
+            os.close(rw)
+        assert os.pread(reader, 4, 0) == b"XYZA"
+    finally:
+        os.close(writer)
+        os.close(reader)
+    mnt.commit("coherent")
+    data = (mnt / "resources" / "coherent" / "f.bin").read_bytes()
+    assert data == b"XYZ" + b"A" * 4997 + b"B" * 10 + b"A" * 94_990 + b"C" * 10
+
+
 def test_copy_on_write_of_a_base_file_and_glib_style_replace(mnt):
     t = mnt / "transactions" / "cow"
     os.mkdir(t)

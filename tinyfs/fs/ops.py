@@ -629,6 +629,7 @@ class Operations(pyfuse3.Operations):
         of = txn.open(node.sino, write, truncate=truncate)
         info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
         info.keep_cache = True
+        info.direct_io = _write_only(flags)
         return info
 
     @handler
@@ -648,6 +649,7 @@ class Operations(pyfuse3.Operations):
         txn.start_hashing(of)
         info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
         info.keep_cache = True
+        info.direct_io = _write_only(flags)
         return info, self._entry(node)
 
     @handler
@@ -863,6 +865,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def access(self, inode, mode, ctx):
         return True
+
+
+def _write_only(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) == os.O_WRONLY
 
 
 def _now() -> int:
