@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 
 NO_XATTRS: dict[str, str] = MappingProxyType({})  # shared by the many files without xattrs (memory)
+_ENCODE = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,16 +125,22 @@ class InstanceDoc:
     stored: dict[str, str]
 
     def to_json_bytes(self) -> bytes:
-        doc = {
+        """Sorted keys (SPEC 4), one line per entry: `diff` of two instances shows what changed, and
+        it is written with the C encoder (json's indent= falls back to pure Python: 0.2 s per 10k files)."""
+        top = {
             "type": "tinyfs-instance", "format": 1,
             "id": self.id, "resource": self.resource, "previous": self.previous, "created": self.created,
             "message": self.message, "creator": self.creator, "label": self.label, "digest": self.digest,
-            "state": {p: e.to_json() for p, e in self.state.files.items()},
-            "links": {p: e.to_json() for p, e in self.state.links.items()},
-            "dirs": {p: e.to_json() for p, e in self.state.dirs.items()},
-            "stored": self.stored,
         }
-        return (json.dumps(doc, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+        sections = {
+            "state": _lines(self.state.files, _file_json),
+            "links": _lines(self.state.links, lambda e: _ENCODE(e.to_json())),
+            "dirs": _lines(self.state.dirs, lambda e: f'{{"mode":{e.mode},"mtime_ns":{e.mtime_ns}}}'),
+            "stored": _lines(self.stored, _ENCODE),
+        }
+        parts = [f" {_ENCODE(k)}: {sections[k] if k in sections else _ENCODE(top[k])}"
+                 for k in sorted([*top, *sections])]
+        return ("{\n" + ",\n".join(parts) + "\n}\n").encode("utf-8")
 
     @classmethod
     def from_json_bytes(cls, raw: bytes) -> InstanceDoc:
@@ -147,3 +154,17 @@ class InstanceDoc:
         )
         return cls(doc["id"], doc["resource"], doc["previous"], doc["created"], doc.get("message", ""),
                    doc.get("creator", ""), doc.get("label"), doc["digest"], state, dict(doc["stored"]))
+
+
+def _lines(entries: dict, encode) -> str:
+    """A JSON object with one sorted entry per line."""
+    if not entries:
+        return "{}"
+    return "{\n" + ",\n".join(f"  {_ENCODE(k)}: {encode(v)}" for k, v in sorted(entries.items())) + "\n }"
+
+
+def _file_json(e: FileEntry) -> str:
+    if e.xattrs:
+        return _ENCODE(e.to_json())
+    # the common case by hand (keys in sorted order; a digest is hex, the rest are integers)
+    return f'{{"digest":"{e.digest}","mode":{e.mode},"mtime_ns":{e.mtime_ns},"size":{e.size}}}'
