@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 NO_XATTRS: dict[str, str] = MappingProxyType({})  # shared by the many files without xattrs (memory)
 _ENCODE = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+_STRING = json.encoder.encode_basestring       # the C function behind ensure_ascii=False, for one string
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +135,11 @@ class InstanceDoc:
         }
         sections = {
             "state": _lines(self.state.files, _file_json),
-            "links": _lines(self.state.links, lambda e: _ENCODE(e.to_json())),
+            "links": _lines(self.state.links, lambda e: f'{{"mtime_ns":{e.mtime_ns},"target":{_STRING(e.target)}}}'),
             "dirs": _lines(self.state.dirs, lambda e: f'{{"mode":{e.mode},"mtime_ns":{e.mtime_ns}}}'),
-            "stored": _lines(self.stored, _ENCODE),
+            "stored": _lines(self.stored, _STRING),
         }
-        parts = [f" {_ENCODE(k)}: {sections[k] if k in sections else _ENCODE(top[k])}"
+        parts = [f" {_STRING(k)}: {sections[k] if k in sections else _ENCODE(top[k])}"
                  for k in sorted([*top, *sections])]
         return ("{\n" + ",\n".join(parts) + "\n}\n").encode("utf-8")
 
@@ -160,7 +161,7 @@ def _lines(entries: dict, encode) -> str:
     """A JSON object with one sorted entry per line."""
     if not entries:
         return "{}"
-    return "{\n" + ",\n".join(f"  {_ENCODE(k)}: {encode(v)}" for k, v in sorted(entries.items())) + "\n }"
+    return "{\n" + ",\n".join(f"  {_STRING(k)}: {encode(v)}" for k, v in sorted(entries.items())) + "\n }"
 
 
 def _file_json(e: FileEntry) -> str:
