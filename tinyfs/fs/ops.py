@@ -745,8 +745,8 @@ class Operations(pyfuse3.Operations):
         txn, of = h.txn, h.of
         if txn.closed:
             return
-        last_writer = txn.release(of, h.write)        # before any await: see the module docstring
-        if last_writer:
+        needs_hashing = txn.release(of, h.write)      # before any await: see the module docstring
+        if needs_hashing:
             self.busy[txn.rid] = self.busy.get(txn.rid, 0) + 1
             self.nursery.start_soon(self._digest_after_close, txn, of)
 
