@@ -707,15 +707,12 @@ class Operations(pyfuse3.Operations):
             done.set()
 
     async def _drain(self, txn: OpenTxn, of: OpenFile) -> None:
-        """Feed written buffers to the file's hasher in order, in a worker thread."""
+        """Feed written buffers to the file's hasher in order, in a worker thread that takes every buffer
+        queued meanwhile (one thread hand-off per burst, not per buffer)."""
         self.busy[txn.rid] = self.busy.get(txn.rid, 0) + 1
         try:
             while of.pending:
-                buf = of.pending[0]
-                hasher = of.hasher
-                if hasher is not None:
-                    await trio.to_thread.run_sync(hasher.update, buf)
-                of.pending.popleft()
+                await trio.to_thread.run_sync(_feed_hasher, of)
         finally:
             of.draining = False
             self.busy[txn.rid] -= 1
@@ -865,6 +862,16 @@ class Operations(pyfuse3.Operations):
     @handler
     async def access(self, inode, mode, ctx):
         return True
+
+
+def _feed_hasher(of: OpenFile) -> None:
+    """(worker thread) Hash queued buffers until none is left; the loop appends meanwhile (deque appends
+    and pops are thread-safe) and drops the hasher when a write breaks the order."""
+    while of.pending:
+        hasher = of.hasher
+        if hasher is not None:
+            hasher.update(of.pending[0])
+        of.pending.popleft()
 
 
 def _write_only(flags: int) -> bool:
