@@ -82,6 +82,55 @@ def test_ops_read_only_refusals_and_reads(archive):
     run(go)
 
 
+def test_ops_view_files_open_lazily_and_missing_bytes_read_as_eio(archive):
+    """A view file's stored bytes are opened at the first read (a warm read costs one round trip);
+    bytes that vanished from a damaged archive give EIO at that read, never a wrong answer."""
+    ops = Operations(archive.root)
+    ctx = Ctx()
+
+    async def go():
+        res = await ops.lookup(ops.top["resources"], b"r1", ctx)
+        f = await ops.lookup(res.st_ino, b"f.txt", ctx)
+        info = await ops.open(f.st_ino, os.O_RDONLY, ctx)
+        assert ops.handles[info.fh].fd == -1                  # nothing opened yet
+        assert await ops.read(info.fh, 1, 3) == b"ell"
+        assert ops.handles[info.fh].fd >= 0
+        await ops.release(info.fh)
+        path = ops.view.file_path(ops.nodes[f.st_ino])
+        os.chmod(path, 0o644)
+        os.rename(path, path + ".away")
+        try:
+            info = await ops.open(f.st_ino, os.O_RDONLY, ctx)
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.read(info.fh, 0, 10)
+            assert e.value.errno == errno.EIO
+            await ops.release(info.fh)
+        finally:
+            os.rename(path + ".away", path)
+    run(go)
+
+
+def test_ops_dynamic_mode_opens_at_once(tmp_path):
+    """In dynamic mode a commit deletes the replaced instance: an open handle must hold its bytes."""
+    a = Archive.init(tmp_path / "dyn", mode="dynamic")
+    (tmp_path / "f.txt").write_text("old")
+    with a.new("r1") as t:
+        t.add(tmp_path / "f.txt")
+    ops = Operations(a.root)
+    ctx = Ctx()
+
+    async def go():
+        res = await ops.lookup(ops.top["resources"], b"r1", ctx)
+        f = await ops.lookup(res.st_ino, b"f.txt", ctx)
+        info = await ops.open(f.st_ino, os.O_RDONLY, ctx)
+        (tmp_path / "f.txt").write_text("new")
+        with a.get("r1", "a") as t:
+            t.add(tmp_path / "f.txt")
+        assert await ops.read(info.fh, 0, 10) == b"old"
+        await ops.release(info.fh)
+    run(go)
+
+
 def test_ops_transaction_write_and_commit(archive, tmp_path):
     ops = Operations(archive.root)
     ctx = Ctx(uid=1234, gid=1234)
