@@ -16,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..core.bagwrite import start_writeback
 from ..core.commit import CommitRequest, NewFile
 from ..core.digests import MultiHash, hash_file
 from ..core.errors import Incomplete
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 # Staged bytes never take the last HEADROOM bytes of the file system: txn.db needs a few pages to go on
 # recording changes (an unlink is how a user frees space), and a commit needs room for its tag files.
 HEADROOM = 2 << 20
+
+# Every WRITEBACK_CHUNK written, the disk is asked to start on the chunk before (a big file's bytes then
+# reach the disk during the copy, and the commit's syncfs has little left to do).
+WRITEBACK_CHUNK = 16 << 20
 
 
 def _free_bytes(fd: int) -> int:
@@ -210,6 +215,10 @@ class OpenTxn:
         if n != len(data):
             of.hasher = None
             of.failed = True   # the kernel retries a short write; until then the blob has a gap
+        end = offset + n
+        if end // WRITEBACK_CHUNK > offset // WRITEBACK_CHUNK:   # a chunk boundary was crossed
+            start = (end // WRITEBACK_CHUNK - 1) * WRITEBACK_CHUNK
+            start_writeback(of.fd, start, WRITEBACK_CHUNK)
         return n
 
     def mark_incomplete(self, of: OpenFile) -> None:
