@@ -7,15 +7,13 @@ one manifest and one tagmanifest per algorithm, and any extra tag files
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from .bagcheck import encode_manifest_path as encode_path  # noqa: F401  (one encoder for writer and reader)
 from .digests import MultiHash
-from .durable import write_new
+from .durable import syncfs, write_new  # noqa: F401  (commit and export call bagwrite.syncfs; tests swap it)
 
 PROFILE = "https://tinyfs.invalid/bagit-profile/tinyfs-1"
 
@@ -70,45 +68,3 @@ def read_manifest(bag: Path, alg: str) -> dict[str, str]:
             out[path] = digest
     return out
 
-
-@functools.cache
-def _libc():
-    """libc through ctypes, loaded once (find_library runs `ldconfig -p`: ~10 ms a call)."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    try:
-        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    except AttributeError:
-        pass
-    return libc
-
-
-def syncfs(path: str | os.PathLike) -> None:
-    """Flush every dirty page and inode of the file system holding `path` (one call instead of
-    an fsync per file). Falls back to a global sync where syncfs(2) is unavailable."""
-    import ctypes
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _libc().syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    except AttributeError:
-        os.sync()
-    finally:
-        os.close(fd)
-
-
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range of a file to disk, without waiting (sync_file_range(2)
-    with SYNC_FILE_RANGE_WRITE). Durability still comes from the commit's syncfs; starting early only
-    spreads the disk writes over the copy so that the syncfs has less left to do. Best effort."""
-    try:
-        _libc().sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
-    except AttributeError:
-        pass

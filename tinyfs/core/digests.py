@@ -12,7 +12,10 @@ import shutil
 import threading
 from collections.abc import Callable, Sequence
 
+from .durable import start_writeback
+
 CHUNK = 1 << 20
+WRITEBACK_CHUNK = 16 << 20   # see durable.start_writeback
 _local = threading.local()
 
 
@@ -73,6 +76,8 @@ def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, algorithms: Se
                 hasher.update(view[:n])
                 fout.write(view[:n])
                 size += n
+                if size % WRITEBACK_CHUNK < n:      # crossed a chunk boundary: start that chunk's writeback
+                    start_writeback(fout.fileno(), size - size % WRITEBACK_CHUNK - WRITEBACK_CHUNK, WRITEBACK_CHUNK)
                 if progress:
                     progress(n)
             if _fingerprint(os.fstat(fin.fileno())) == before:

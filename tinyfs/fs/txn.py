@@ -16,9 +16,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..core.bagwrite import start_writeback
 from ..core.commit import CommitRequest, NewFile
 from ..core.digests import MultiHash, hash_file
+from ..core.durable import start_writeback
 from ..core.errors import Incomplete
 from ..core.layout import ArchiveRoot
 from ..core.model import DirEntry, LinkEntry
