@@ -116,7 +116,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     new_files = _resolve_digests(req.changes, cfg.digests, pending, progress)
     changes = {p: (c.entry(cfg.primary) if isinstance(c, NewFile) else c) for p, c in req.changes.items()}
     delta = _diff(base_state, changes) if req.full else _drop_noops(base_state, changes)
-    merged = _merge(base_state, head_state, delta, req.rid)
+    merged = _merge(base_state, head_state, delta, req.rid, head_is_base=head == req.base)
     _check_tree(merged)
     _check_lengths(delta)
 
@@ -273,10 +273,10 @@ def _drop_noops(base: State, changes: dict[str, Entry | None]) -> dict[str, Entr
     return {p: e for p, e in changes.items() if before.get(p) != e}
 
 
-def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str) -> State:
+def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str, head_is_base: bool = False) -> State:
     """Apply `delta` (made against `base`) on top of `head`; ESTALE when a path changed on both sides."""
     result = head.entries()
-    theirs = _diff(base, result)
+    theirs = {} if head_is_base else _diff(base, result)     # nobody committed meanwhile: nothing can clash
     clash = sorted(p for p in delta if p in theirs and theirs[p] != delta[p])
     if clash:
         raise Stale(f"resource {rid!r} changed meanwhile and {clash[0]!r} changed on both sides",

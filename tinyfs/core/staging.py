@@ -57,7 +57,7 @@ COLUMNS = "id, kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, base, diges
 OPENING_PREFIX = ".opening-"
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     id: int
     kind: str            # "f", "d" or "l"
