@@ -685,7 +685,7 @@ class Operations(pyfuse3.Operations):
             if not of.draining and not of.pending and len(buf) < FEED_INLINE:
                 of.hasher.update(buf)
             else:
-                of.pending.append(buf)
+                of.pending.append((of.hasher, buf))   # for this hasher: a truncate to 0 starts another
                 if not of.draining:
                     of.draining = True
                     self.nursery.start_soon(self._drain, txn, of)
@@ -881,11 +881,12 @@ class Operations(pyfuse3.Operations):
 
 def _feed_hasher(of: OpenFile) -> None:
     """(worker thread) Hash queued buffers until none is left; the loop appends meanwhile (deque appends
-    and pops are thread-safe) and drops the hasher when a write breaks the order."""
+    and pops are thread-safe). Each buffer goes to the hasher it was queued for: after a truncate to 0 the
+    file has a new one, and bytes written before it must not reach it. A hasher the loop has dropped (a
+    write broke the order) is fed in vain, and nobody reads it."""
     while of.pending:
-        hasher = of.hasher
-        if hasher is not None:
-            hasher.update(of.pending[0])
+        hasher, buf = of.pending[0]
+        hasher.update(buf)
         of.pending.popleft()
 
 

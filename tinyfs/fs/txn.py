@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,15 +53,17 @@ class FreeSpace:
     def __init__(self):
         self.estimate = 0
         self.checked = 0.0
+        self.lock = threading.Lock()     # big writes land from several worker threads
 
     def allows(self, fd: int, n: int) -> bool:
-        now = time.monotonic()
-        if self.estimate < n + HEADROOM + self.MARGIN or now - self.checked > self.MAX_AGE:
-            self.estimate, self.checked = _free_bytes(fd), now
-        if self.estimate < n + HEADROOM:
-            return False
-        self.estimate -= n
-        return True
+        with self.lock:
+            now = time.monotonic()
+            if self.estimate < n + HEADROOM + self.MARGIN or now - self.checked > self.MAX_AGE:
+                self.estimate, self.checked = _free_bytes(fd), now
+            if self.estimate < n + HEADROOM:
+                return False
+            self.estimate -= n
+            return True
 
 
 def fail(code: int, message: str = "") -> OSError:
@@ -80,7 +83,7 @@ class OpenFile:
     hashed_to: int = 0
     size: int = 0
     version: int = 0           # bumped by every change of bytes; a background hash of an older version is dropped
-    pending: deque = field(default_factory=deque)   # written buffers not yet fed to the hasher, in order
+    pending: deque = field(default_factory=deque)   # (hasher, buffer) written, not yet hashed, in order
     draining: bool = False     # a feeder task is running for `pending`
     failed: bool = False       # a write failed: the blob may miss bytes
     generation: int = 0        # OpenTxn.generations[sino] when its latest writer opened it
@@ -139,7 +142,7 @@ class OpenTxn:
     def release(self, of: OpenFile, write: bool) -> bool:
         """Drop one handle; True when the last writer left and the file still needs hashing (in the
         background). A file written in order is hashed already: its digests are recorded here, with its
-        size and mtime, in one update."""
+        size, in one update."""
         if write:
             of.writers -= 1
         else:
@@ -158,7 +161,6 @@ class OpenTxn:
             if self.staging.nlink(of.sino, "f") == 0:
                 self.staging.drop_if_orphan(of.sino)
         return last_writer and not hashed
-
 
     def open_for_writing(self) -> list[int]:
         return [sino for sino, of in self.files.items() if of.writers > 0]
