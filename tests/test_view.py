@@ -43,6 +43,13 @@ class Fields:
         return False
 
 
+async def open_view_file(ops: Operations, ctx: Ctx, rid: bytes, name: bytes):
+    """(resources/<rid>, its file <name>, an open FileInfo of it for reading)."""
+    res = await ops.lookup(ops.top["resources"], rid, ctx)
+    f = await ops.lookup(res.st_ino, name, ctx)
+    return res, f, await ops.open(f.st_ino, os.O_RDONLY, ctx)
+
+
 def run(fn, *args):
     return trio.run(fn, *args)
 
@@ -70,9 +77,7 @@ def test_ops_read_only_refusals_and_reads(archive):
     ctx = Ctx()
 
     async def go():
-        res = await ops.lookup(ops.top["resources"], b"r1", ctx)
-        f = await ops.lookup(res.st_ino, b"f.txt", ctx)
-        info = await ops.open(f.st_ino, os.O_RDONLY, ctx)
+        res, f, info = await open_view_file(ops, ctx, b"r1", b"f.txt")
         assert await ops.read(info.fh, 0, 100) == b"hello"
         await ops.release(info.fh)
         for call in (lambda: ops.open(f.st_ino, os.O_WRONLY, ctx),
@@ -99,9 +104,7 @@ def test_ops_view_files_open_lazily_and_missing_bytes_read_as_eio(archive):
     ctx = Ctx()
 
     async def go():
-        res = await ops.lookup(ops.top["resources"], b"r1", ctx)
-        f = await ops.lookup(res.st_ino, b"f.txt", ctx)
-        info = await ops.open(f.st_ino, os.O_RDONLY, ctx)
+        res, f, info = await open_view_file(ops, ctx, b"r1", b"f.txt")
         assert ops.handles[info.fh].fd == -1                  # nothing opened yet
         assert await ops.read(info.fh, 1, 3) == b"ell"
         assert ops.handles[info.fh].fd >= 0
@@ -130,9 +133,7 @@ def test_ops_dynamic_mode_opens_at_once(tmp_path):
     ctx = Ctx()
 
     async def go():
-        res = await ops.lookup(ops.top["resources"], b"r1", ctx)
-        f = await ops.lookup(res.st_ino, b"f.txt", ctx)
-        info = await ops.open(f.st_ino, os.O_RDONLY, ctx)
+        res, f, info = await open_view_file(ops, ctx, b"r1", b"f.txt")
         (tmp_path / "f.txt").write_text("new")
         with a.get("r1", "a") as t:
             t.add(tmp_path / "f.txt")
