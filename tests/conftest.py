@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from mounting import tinyfs_argv
+from mounting import Mounted, tinyfs_argv
 
 from tinyfs import Archive
 
@@ -49,3 +50,35 @@ def archive_ok():
 def archive(tmp_path) -> Archive:
     """A fresh preservation-mode archive (sha512) at tmp_path/archive."""
     return Archive.init(tmp_path / "archive")
+
+
+@contextmanager
+def mounted(root: Path, tmp_path: Path):
+    """A real mount of `root` at tmp_path/mnt (log in tmp_path/mount.log), stopped on the way out."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    m = Mounted(root, point, tmp_path / "mount.log").start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """A fresh archive made by `tinyfs init` at tmp_path/archive."""
+    root = tmp_path / "archive"
+    run_tinyfs("init", root)
+    return root
+
+
+@pytest.fixture
+def mnt(root, tmp_path):
+    """`root` mounted; afterwards the unmount is clean, the log has no traceback and the archive checks."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    m = Mounted(root, point, tmp_path / "mount.log").start()
+    yield m
+    assert m.stop() == 0, m.log.read_text()[-3000:]
+    assert not m.tracebacks(), m.tracebacks()[-3000:]
+    check_archive_ok(root)

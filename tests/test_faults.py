@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import check_archive_ok, run_tinyfs
+from conftest import check_archive_ok, mounted, run_tinyfs
 from mounting import Mounted, tree
 
 from tinyfs.core.layout import ArchiveRoot
@@ -103,13 +103,8 @@ def free_bytes(path: Path) -> int:
 def full_mount(small_fs, tmp_path):
     root = small_fs / "archive"
     run_tinyfs("init", root)
-    point = tmp_path / "mnt"
-    point.mkdir()
-    m = Mounted(root, point, tmp_path / "mount.log").start()
-    try:
+    with mounted(root, tmp_path) as m:
         yield m
-    finally:
-        m.stop()
 
 
 @needs_fuse
@@ -274,16 +269,9 @@ def _try(fn, *args) -> None:
 
 
 @pytest.fixture
-def crashable(tmp_path):
-    root = tmp_path / "archive"
-    run_tinyfs("init", root)
-    point = tmp_path / "mnt"
-    point.mkdir()
-    m = Mounted(root, point, tmp_path / "mount.log").start()
-    try:
+def crashable(root, tmp_path):
+    with mounted(root, tmp_path) as m:
         yield m
-    finally:
-        m.stop()
     check_archive_ok(root)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import bagit
 import pytest
 from conftest import check_archive_ok, run_tinyfs
-from mounting import Mounted, tinyfs_argv, tree
+from mounting import tinyfs_argv, tree
 
 from tinyfs import Archive
 from tinyfs.core.errors import Busy
@@ -34,24 +34,6 @@ needs_fuse = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.e
                                 reason="needs FUSE")
 MIB = 1 << 20
 ENTRIES = int(os.environ.get("TINYFS_HOSTILE_ENTRIES", "10000"))   # 100000 for the full run (docs/faults.md)
-
-
-@pytest.fixture
-def root(tmp_path) -> Path:
-    root = tmp_path / "archive"
-    run_tinyfs("init", root)
-    return root
-
-
-@pytest.fixture
-def mnt(root, tmp_path):
-    point = tmp_path / "mnt"
-    point.mkdir()
-    m = Mounted(root, point, tmp_path / "mount.log").start()
-    yield m
-    assert m.stop() == 0, m.log.read_text()[-3000:]
-    assert not m.tracebacks(), m.tracebacks()[-3000:]
-    check_archive_ok(root)
 
 
 def errno_of(fn, *args, **kw) -> int:

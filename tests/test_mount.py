@@ -18,25 +18,6 @@ pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.e
                                 reason="needs FUSE")
 
 
-@pytest.fixture
-def root(tmp_path) -> Path:
-    root = tmp_path / "archive"
-    subprocess.run([*tinyfs_argv(), "init", str(root)], check=True)
-    return root
-
-
-@pytest.fixture
-def mnt(root, tmp_path):
-    point = tmp_path / "mnt"
-    point.mkdir()
-    m = Mounted(root, point, tmp_path / "mount.log").start()
-    yield m
-    status = m.stop()
-    assert status == 0, m.log.read_text()[-3000:]
-    assert not m.tracebacks(), m.tracebacks()[-3000:]
-    check_archive(root)
-
-
 def source_tree(base: Path, n: int = 30) -> Path:
     (base / "a" / "b").mkdir(parents=True)
     (base / "empty-dir").mkdir()

@@ -399,12 +399,7 @@ class Operations(pyfuse3.Operations):
         name = decode_name(bytes(name))
         if parent.kind == "top" and parent.path == "transactions":
             return await self._rollback(name)
-        if parent.kind != "txn":
-            raise self._readonly_error(parent)
-        txn = self._live(parent)
-        sino = txn.staging.lookup(parent.sino, name)
-        if sino is None:
-            raise fail(errno.ENOENT)
+        txn, sino = self._staged_child(parent, name)
         s = txn.staging.node(sino)
         if s.kind != "d":
             raise fail(errno.ENOTDIR)
@@ -436,6 +431,16 @@ class Operations(pyfuse3.Operations):
         for key in [k for k in self.by_key if k[0] == "txn" and k[1] == txn.rid and k[2] == txn.token]:
             del self.by_key[key]
 
+    def _staged_child(self, parent: Node, name: str) -> tuple[OpenTxn, int]:
+        """(transaction, staged inode) of an existing name in a live transaction directory (to remove it)."""
+        if parent.kind != "txn":
+            raise self._readonly_error(parent)
+        txn = self._live(parent)
+        sino = txn.staging.lookup(parent.sino, name)
+        if sino is None:
+            raise fail(errno.ENOENT)
+        return txn, sino
+
     def _drop_if_unused(self, txn: OpenTxn, sino: int) -> None:
         if sino not in txn.files:
             txn.staging.drop_if_orphan(sino)
@@ -444,12 +449,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         parent = self._node(parent_inode)
         name = decode_name(bytes(name))
-        if parent.kind != "txn":
-            raise self._readonly_error(parent)
-        txn = self._live(parent)
-        sino = txn.staging.lookup(parent.sino, name)
-        if sino is None:
-            raise fail(errno.ENOENT)
+        txn, sino = self._staged_child(parent, name)
         if txn.staging.node(sino).kind == "d":
             raise fail(errno.EISDIR)
         txn.staging.unlink(parent.sino, name)
