@@ -10,9 +10,23 @@ database commits each small change with a write(2) and no fsync
 fsyncs. Blobs are flat numbered files, so staging never lengthens a logical
 path past the kernel's limits, and renames never move bytes.
 
-A base file (from the state the transaction started from) has no blob: its
-`base` column holds its digest and its bytes are read from the archive until
-the first write or truncate copies them (copy-on-write; never on open).
+The database holds only what changed since the base state (an overlay):
+  - The base state (the head the transaction started from) is read into memory
+    (`BaseTree`): every base entry gets a fixed negative inode number, its place
+    in the sorted list of base paths, so a restarted daemon finds the same numbers.
+  - A base inode gets a row in `inodes` (with its xattrs in `xattrs`) only when it
+    is first changed ("copy-up", one SQLite transaction); new inodes have positive ids.
+  - A row in `entries` overrides the base listing of its directory at that name:
+    inode 0 means the base name was removed (a whiteout). A row at a base name is
+    never deleted, only pointed elsewhere or set to 0.
+So opening a transaction on 100,000 files writes nothing, and a commit reads
+only the changes from SQLite. Transactions staged before the overlay (no
+`overlay` meta key) have every base entry as a row: they read as an overlay on
+an empty base.
+
+A base file has no blob: its `base` column (or base entry) holds its digest and
+its bytes are read from the archive until the first write or truncate copies
+them (copy-on-write; never on open).
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +69,14 @@ RESERVE = "reserve"
 RESERVE_BYTES = 1 << 20
 COLUMNS = "id, kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, base, digests, incomplete, target, atime_ns"
 OPENING_PREFIX = ".opening-"
+OVERLAY = "overlay"   # meta key: "1" when base entries live in memory, not as rows (see the module docstring)
+GONE = "-"            # the kind of a dropped base inode's row: its number must not come back from the base
 
 
 @dataclass(slots=True)
 class Node:
     id: int
-    kind: str            # "f", "d" or "l"
+    kind: str            # "f", "d" or "l" ("-" in the row of a dropped base inode, never in a Node)
     mode: int            # permission bits only (st_mode & 0o7777)
     uid: int
     gid: int
@@ -110,11 +126,59 @@ def make_reserve(path: Path) -> None:
             os.close(fd)
 
 
+class BaseTree:
+    """The base state as the staging sees it: fixed inode numbers, names and listings, in memory.
+
+    Base inode numbers are -1, -2, ... in sorted path order (a parent sorts before its children), so
+    the same base state always gets the same numbers. The root is ROOT, as in the database."""
+
+    def __init__(self, state: State):
+        self.entry: dict[int, FileEntry | LinkEntry | DirEntry] = {}
+        self.where: dict[int, tuple[int, str]] = {}          # inode -> (parent inode, name) in the base
+        self.kids: dict[int, dict[str, int]] = {ROOT: {}}     # directory -> {name: inode}, names sorted
+        dirs = {"": ROOT}
+        entries = state.entries()
+        for n, path in enumerate(sorted(entries), 1):
+            ino = -n
+            entry = entries[path]
+            parent, _, name = path.rpartition("/")
+            pino = dirs[parent]
+            self.entry[ino] = entry
+            self.where[ino] = (pino, name)
+            self.kids[pino][name] = ino
+            if isinstance(entry, DirEntry):
+                dirs[path] = ino
+                self.kids[ino] = {}
+
+    def child(self, parent: int, name: str) -> int | None:
+        kids = self.kids.get(parent)
+        return kids.get(name) if kids else None
+
+
+def _base_tree(staging: Staging, load_base: Callable[[str], State] | None) -> BaseTree:
+    if staging.get_meta(OVERLAY) != "1":
+        return BaseTree(State())          # staged before the overlay: every base entry is a row
+    base = staging.get_meta("base")
+    if not base:
+        return BaseTree(State())
+    if load_base is None:
+        raise RuntimeError(f"{staging.path}: the base state is needed to read this transaction's tree")
+    return BaseTree(load_base(base))
+
+
 class Staging:
-    def __init__(self, path: Path, db: sqlite3.Connection):
+    def __init__(self, path: Path, db: sqlite3.Connection, load_base: Callable[[str], State] | None = None):
         self.path = path
         self.blobs = path / "blobs"
         self.db = db
+        self._load_base = load_base
+        self._tree: BaseTree | None = None
+        self._created = int(self.get_meta("created") or 0)
+        self._uid = int(self.get_meta("uid") or 0)
+        self._gid = int(self.get_meta("gid") or 0)
+        # base inodes with a row of their own, and base inodes some row names (a hard link or a rename)
+        self._owned = {r[0] for r in db.execute("SELECT id FROM inodes WHERE id < 0")}
+        self._base_named = {r[0] for r in db.execute("SELECT DISTINCT inode FROM entries WHERE inode < 0")}
         # Write-through caches: the database stays the truth, these spare a SELECT per request.
         self._nodes: dict[int, Node] = {}
         self._nlinks: dict[int, int] = {}
@@ -127,10 +191,18 @@ class Staging:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Transactions outlive upgrades: bring an older txn.db up to this schema (idempotent)."""
+        columns = {r[1] for r in db.execute("PRAGMA table_info(inodes)")}
+        if "atime_ns" not in columns:
+            db.execute("ALTER TABLE inodes ADD COLUMN atime_ns INTEGER")
+
     @classmethod
-    def create(cls, path: Path, rid: str, base: str | None, base_state: State, uid: int, gid: int,
-               meta: dict[str, str] | None = None) -> Staging:
-        """Make transactions/<rid> showing `base_state`; built aside, then one rename (no torn opens)."""
+    def create(cls, path: Path, rid: str, base: str | None, load_base: Callable[[str], State] | None,
+               uid: int, gid: int, meta: dict[str, str] | None = None) -> Staging:
+        """Make transactions/<rid> showing the base instance `base`; built aside, then one rename (no torn
+        opens). Nothing of the base state is written: `load_base(base)` gives it when it is first needed."""
         if path.exists():
             raise AlreadyExists(f"a transaction for {rid!r} is already open")
         tmp = path.with_name(f"{OPENING_PREFIX}{rid}-{uuid.uuid4().hex[:8]}")
@@ -145,24 +217,33 @@ class Staging:
             db.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("rid", rid), ("base", base or ""), ("uid", str(uid)), ("gid", str(gid)),
                 ("created", str(now)), ("state", "open"), ("error", ""), ("committing", ""),
-                ("message", ""), ("creator", ""), ("label", ""), *(meta or {}).items()])
+                ("message", ""), ("creator", ""), ("label", ""), (OVERLAY, "1"), *(meta or {}).items()])
             db.execute("INSERT INTO inodes (id, kind, mode, uid, gid, mtime_ns, ctime_ns) VALUES (?,?,?,?,?,?,?)",
                        (ROOT, "d", 0o755, uid, gid, now, now))
-            _populate(db, base_state, uid, gid, now)
         db.close()
         try:
             os.rename(tmp, path)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise AlreadyExists(f"a transaction for {rid!r} is already open") from None
-        return cls.open(path)
+        return cls.open(path, load_base)
 
     @classmethod
-    def open(cls, path: Path) -> Staging:
+    def open(cls, path: Path, load_base: Callable[[str], State] | None = None) -> Staging:
+        """Open a transaction. Without `load_base` only its metadata and blobs can be used (recovery)."""
         if not (path / "txn.db").exists():
             raise FileNotFoundError(f"{path} is not a transaction")
         make_reserve(path)
-        return cls(path, cls._connect(path))
+        db = cls._connect(path)
+        cls._migrate(db)
+        return cls(path, db, load_base)
+
+    @property
+    def tree(self) -> BaseTree:
+        """The base state in memory, read the first time the tree is used."""
+        if self._tree is None:
+            self._tree = _base_tree(self, self._load_base)
+        return self._tree
 
     def drop_reserve(self) -> bool:
         try:
@@ -214,37 +295,143 @@ class Staging:
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    # -- the tree -----------------------------------------------------------
+    # -- inodes -------------------------------------------------------------
     def node(self, ino: int) -> Node | None:
-        """The inode's row (cached; callers must not modify it: use `update`)."""
+        """The inode (cached; callers must not modify it: use `update`)."""
         node = self._nodes.get(ino)
         if node is None:
-            row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE id=?", (ino,)).fetchone()
-            if row is None:
-                return None
-            node = self._nodes[ino] = Node(*row)
+            if ino > 0 or ino in self._owned:
+                row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE id=?", (ino,)).fetchone()
+                if row is None or row[1] == GONE:
+                    return None
+                node = Node(*row)
+            else:
+                node = self._base_node(ino)
+                if node is None:
+                    return None
+            self._nodes[ino] = node
         return node
 
+    def _base_node(self, ino: int) -> Node | None:
+        """An untouched base inode, made from its base entry (ctime: when the transaction opened)."""
+        entry = self.tree.entry.get(ino)
+        if isinstance(entry, FileEntry):
+            return Node(ino, "f", entry.mode, self._uid, self._gid, entry.size, entry.mtime_ns, self._created,
+                        0, entry.digest, None, 0, None)
+        if isinstance(entry, DirEntry):
+            return Node(ino, "d", entry.mode, self._uid, self._gid, 0, entry.mtime_ns, self._created,
+                        0, None, None, 0, None)
+        if isinstance(entry, LinkEntry):
+            return Node(ino, "l", 0o777, self._uid, self._gid, len(os.fsencode(entry.target)), entry.mtime_ns,
+                        self._created, 0, None, None, 0, entry.target)
+        return None
+
+    def _has_row(self, ino: int) -> bool:
+        return ino > 0 or ino in self._owned
+
+    @_uses_reserve_when_full
+    def _own(self, *inos: int | None) -> None:
+        """Copy-up: give base inodes a row of their own (with their xattrs, in one SQLite transaction)
+        before their first change. Call outside any other SQLite transaction."""
+        for ino in inos:
+            if ino is None or self._has_row(ino):
+                continue
+            node = self.node(ino)
+            if node is None:
+                continue
+            entry = self.tree.entry[ino]
+            xattrs = entry.xattrs if isinstance(entry, FileEntry) else {}
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute(f"INSERT INTO inodes ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                (node.id, node.kind, node.mode, node.uid, node.gid, node.size, node.mtime_ns,
+                                 node.ctime_ns, node.blob, node.base, node.digests, node.incomplete, node.target,
+                                 node.atime_ns))
+                self.db.executemany("INSERT INTO xattrs VALUES (?,?,?)",
+                                    [(ino, k, base64.b64decode(v)) for k, v in xattrs.items()])
+            self._owned.add(ino)
+
+    # -- names ----------------------------------------------------------------
+    def _row_at(self, parent: int, name: str) -> tuple[int] | None:
+        """The entries row at (parent, name): (inode,) with 0 for a whiteout, or None (the base decides)."""
+        return self.db.execute("SELECT inode FROM entries WHERE parent=? AND name=?", (parent, name)).fetchone()
+
     def lookup(self, parent: int, name: str) -> int | None:
-        row = self.db.execute("SELECT inode FROM entries WHERE parent=? AND name=?", (parent, name)).fetchone()
-        return row[0] if row else None
+        row = self._row_at(parent, name)
+        if row is not None:
+            return row[0] or None
+        return self.tree.child(parent, name)
 
     def children(self, parent: int) -> list[tuple[str, int]]:
-        return self.db.execute("SELECT name, inode FROM entries WHERE parent=? ORDER BY name", (parent,)).fetchall()
+        """(name, inode) of every entry of a directory, sorted by name."""
+        return self._children(parent)[0]
+
+    def _children(self, parent: int) -> tuple[list[tuple[str, int]], set[str]]:
+        """The listing, and the names in it that rows decide (the others are base names at home)."""
+        rows = self.db.execute("SELECT name, inode FROM entries WHERE parent=?", (parent,)).fetchall()
+        kids = self.tree.kids.get(parent)
+        if not rows:
+            return (list(kids.items()) if kids else []), set()
+        merged = dict(kids) if kids else {}
+        for name, ino in rows:
+            if ino:
+                merged[name] = ino
+            else:
+                merged.pop(name, None)
+        return sorted(merged.items()), {name for name, _ino in rows}
 
     def has_children(self, ino: int) -> bool:
-        return self.db.execute("SELECT 1 FROM entries WHERE parent=? LIMIT 1", (ino,)).fetchone() is not None
+        if not self.tree.kids.get(ino):
+            return self.db.execute("SELECT 1 FROM entries WHERE parent=? AND inode != 0 LIMIT 1",
+                                   (ino,)).fetchone() is not None
+        return bool(self.children(ino))
+
+    def _names_of(self, ino: int) -> int:
+        """How many names an inode has: rows naming it, plus its base name if no row overrides that."""
+        n = 0
+        if ino > 0 or ino in self._base_named:
+            n = self.db.execute("SELECT count(*) FROM entries WHERE inode=?", (ino,)).fetchone()[0]
+        where = self.tree.where.get(ino) if ino < 0 else None
+        if where is not None and self._row_at(*where) is None:
+            n += 1
+        return n
 
     def nlink(self, ino: int, kind: str) -> int:
         n = self._nlinks.get(ino)
         if n is None:
             if kind == "d":
-                n = 2 + self.db.execute("SELECT count(*) FROM entries e JOIN inodes i ON i.id=e.inode "
-                                        "WHERE e.parent=? AND i.kind='d'", (ino,)).fetchone()[0]
+                n = 2 + sum(1 for _name, child in self.children(ino) if self._kind(child) == "d")
             else:
-                n = self.db.execute("SELECT count(*) FROM entries WHERE inode=?", (ino,)).fetchone()[0]
+                n = self._names_of(ino)
             self._nlinks[ino] = n
         return n
+
+    def _kind(self, ino: int) -> str | None:
+        node = self.node(ino)
+        return node.kind if node is not None else None
+
+    def parent_of(self, ino: int) -> int | None:
+        """The directory holding a (directory) inode's one name."""
+        row = self.db.execute("SELECT parent FROM entries WHERE inode=? LIMIT 1", (ino,)).fetchone()
+        if row:
+            return row[0]
+        where = self.tree.where.get(ino) if ino < 0 else None
+        if where is not None and self._row_at(*where) is None:
+            return where[0]
+        return None
+
+    def _set_name(self, parent: int, name: str, ino: int) -> None:
+        """(in the caller's SQLite transaction)"""
+        self.db.execute("INSERT OR REPLACE INTO entries VALUES (?,?,?)", (parent, name, ino))
+        if ino < 0:
+            self._base_named.add(ino)
+
+    def _clear_name(self, parent: int, name: str) -> None:
+        """(in the caller's SQLite transaction) a base name becomes a whiteout, any other row goes."""
+        if self.tree.child(parent, name) is not None:
+            self.db.execute("INSERT OR REPLACE INTO entries VALUES (?,?,0)", (parent, name))
+        else:
+            self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
 
     def _names_changed(self, *inos: int | None) -> None:
         for ino in inos:
@@ -253,12 +440,14 @@ class Staging:
     def _is_dir(self, *inos: int | None) -> bool:
         """Whether one of these inodes is a directory: only then do their parents' link counts change
         (a recount of a directory of 100,000 files after every create made creates O(n))."""
-        return any(ino is not None and (n := self.node(ino)) is not None and n.kind == "d" for ino in inos)
+        return any(ino is not None and self._kind(ino) == "d" for ino in inos)
 
+    # -- changes of the tree ----------------------------------------------------
     @_uses_reserve_when_full
     def make(self, parent: int, name: str, kind: str, mode: int, uid: int, gid: int,
              target: str | None = None, create_blob: bool = True) -> int:
         """A new entry. A file's blob is created here unless the caller opens it with O_CREAT at once."""
+        self._own(parent)
         now = time.time_ns()
         with self.db:
             self.db.execute("BEGIN")
@@ -267,7 +456,7 @@ class Staging:
                                   (kind, mode & 0o7777, uid, gid, len(os.fsencode(target)) if target else 0,
                                    now, now, 1 if kind == "f" else 0, target))
             ino = cur.lastrowid
-            self.db.execute("INSERT INTO entries VALUES (?,?,?)", (parent, name, ino))
+            self._set_name(parent, name, ino)
             self._touch(parent, now)
         if kind == "d":
             self._names_changed(parent)
@@ -278,10 +467,11 @@ class Staging:
 
     @_uses_reserve_when_full
     def link(self, ino: int, parent: int, name: str) -> None:
+        self._own(ino, parent)
         now = time.time_ns()
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute("INSERT INTO entries VALUES (?,?,?)", (parent, name, ino))
+            self._set_name(parent, name, ino)
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
             self._touch(parent, now)
         self._cached(ino, ctime_ns=now)
@@ -293,10 +483,11 @@ class Staging:
         ino = self.lookup(parent, name)
         if ino is None:
             return None
+        self._own(ino, parent)
         now = time.time_ns()
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
+            self._clear_name(parent, name)
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
             self._touch(parent, now)
         self._cached(ino, ctime_ns=now)
@@ -308,13 +499,12 @@ class Staging:
         """Move a name; a name already at the target is replaced and its inode returned."""
         ino = self.lookup(old_parent, old)
         replaced = self.lookup(new_parent, new)
+        self._own(ino, old_parent, new_parent)
         now = time.time_ns()
         with self.db:
             self.db.execute("BEGIN")
-            if replaced is not None:
-                self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (new_parent, new))
-            self.db.execute("UPDATE entries SET parent=?, name=? WHERE parent=? AND name=?",
-                            (new_parent, new, old_parent, old))
+            self._clear_name(old_parent, old)
+            self._set_name(new_parent, new, ino)
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
             self._touch(old_parent, now)
             if new_parent != old_parent:
@@ -326,20 +516,20 @@ class Staging:
 
     def is_ancestor(self, ino: int, of: int) -> bool:
         """True when directory `ino` is `of` or contains it (a rename into itself is EINVAL)."""
-        cur = of
+        cur: int | None = of
         while cur != ROOT:
             if cur == ino:
                 return True
-            row = self.db.execute("SELECT parent FROM entries WHERE inode=? LIMIT 1", (cur,)).fetchone()
-            if not row:
+            cur = self.parent_of(cur)
+            if cur is None:
                 return False
-            cur = row[0]
         return ino == ROOT
 
     @_uses_reserve_when_full
     def update(self, ino: int, **fields) -> None:
         if not fields:
             return
+        self._own(ino)
         sets = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE inodes SET {sets} WHERE id=?", (*fields.values(), ino))
         self._cached(ino, **fields)
@@ -351,18 +541,26 @@ class Staging:
                 setattr(node, key, value)
 
     def _touch(self, parent: int, now: int) -> None:
+        """(in the caller's SQLite transaction, after `_own(parent)`)"""
         self.db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, parent))
         self._cached(parent, mtime_ns=now, ctime_ns=now)
 
     @_uses_reserve_when_full
     def drop_if_orphan(self, ino: int) -> bool:
-        """Delete an inode that no name refers to any more (and its blob)."""
-        if ino == ROOT or self.db.execute("SELECT 1 FROM entries WHERE inode=? LIMIT 1", (ino,)).fetchone():
+        """Delete an inode that no name refers to any more (and its blob). A base inode keeps a row
+        marked GONE, so that its number does not come back from the base state."""
+        if ino == ROOT or self.node(ino) is None or self._names_of(ino) > 0:
             return False
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+            if ino > 0:
+                self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+            else:
+                self.db.execute(f"INSERT OR REPLACE INTO inodes ({COLUMNS}) "
+                                "VALUES (?,?,0,0,0,0,0,0,0,NULL,NULL,0,NULL,NULL)", (ino, GONE))
             self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        if ino < 0:
+            self._owned.add(ino)
         self._nodes.pop(ino, None)
         self._nlinks.pop(ino, None)
         try:
@@ -372,8 +570,10 @@ class Staging:
         return True
 
     def drop_orphans(self) -> int:
-        rows = self.db.execute("SELECT id FROM inodes WHERE id != ? AND id NOT IN (SELECT inode FROM entries)",
+        """After a crash: drop inodes left without a name (the kernel forgot them with the daemon)."""
+        rows = self.db.execute("SELECT id FROM inodes WHERE id > ? AND id NOT IN (SELECT inode FROM entries)",
                                (ROOT,)).fetchall()
+        rows += self.db.execute("SELECT id FROM inodes WHERE id < 0 AND kind != ?", (GONE,)).fetchall()
         return sum(self.drop_if_orphan(r[0]) for r in rows)
 
     # -- bytes ----------------------------------------------------------------
@@ -390,43 +590,99 @@ class Staging:
         os.rename(tmp, dest)
 
     # -- xattrs ------------------------------------------------------------
+    def _base_xattrs(self, ino: int) -> dict[str, bytes]:
+        entry = self.tree.entry.get(ino)
+        if not isinstance(entry, FileEntry):
+            return {}
+        return {k: base64.b64decode(v) for k, v in sorted(entry.xattrs.items())}
+
     def xattrs(self, ino: int) -> dict[str, bytes]:
+        if not self._has_row(ino):
+            return self._base_xattrs(ino)
         return dict(self.db.execute("SELECT name, value FROM xattrs WHERE inode=? ORDER BY name", (ino,)))
 
     def get_xattr(self, ino: int, name: str) -> bytes | None:
+        if not self._has_row(ino):
+            return self._base_xattrs(ino).get(name)
         row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)).fetchone()
         return row[0] if row else None
 
     @_uses_reserve_when_full
     def set_xattr(self, ino: int, name: str, value: bytes) -> None:
+        self._own(ino)
         self.db.execute("INSERT OR REPLACE INTO xattrs VALUES (?,?,?)", (ino, name, value))
 
     @_uses_reserve_when_full
     def remove_xattr(self, ino: int, name: str) -> bool:
+        if self.get_xattr(ino, name) is None:
+            return False
+        self._own(ino)
         return self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
 
     # -- the whole tree, for commit ----------------------------------------
-    def walk(self) -> Iterator[tuple[str, Node]]:
-        """Every (logical path, node) below the root, parents before children."""
-        nodes = {n.id: n for n in (Node(*r) for r in self.db.execute(f"SELECT {COLUMNS} FROM inodes"))}
-        kids: dict[int, list[tuple[str, int]]] = {}
-        for parent, name, ino in self.db.execute("SELECT parent, name, inode FROM entries ORDER BY name"):
-            kids.setdefault(parent, []).append((name, ino))
+    def walk(self) -> Iterator[tuple[str, int, Node | None]]:
+        """Every (logical path, inode, row) below the root, parents before children. `row` is None for
+        an inode untouched since the base: its entry is `tree.entry[inode]`, unchanged."""
+        tree = self.tree
+        rows = {r[0]: Node(*r) for r in self.db.execute(f"SELECT {COLUMNS} FROM inodes")}
+        named: dict[int, list[tuple[str, int]]] = {}
+        for parent, name, ino in self.db.execute("SELECT parent, name, inode FROM entries"):
+            named.setdefault(parent, []).append((name, ino))
         stack = [("", ROOT)]
         while stack:
             prefix, ino = stack.pop()
-            for name, child in reversed(kids.get(ino, [])):
+            kids = tree.kids.get(ino)
+            listing = kids.items() if kids else ()
+            if ino in named:
+                merged = dict(listing)
+                for name, child in named[ino]:
+                    if child:
+                        merged[name] = child
+                    else:
+                        merged.pop(name, None)
+                listing = merged.items()
+            for name, child in listing:
                 path = f"{prefix}{name}"
-                node = nodes[child]
-                yield path, node
-                if node.kind == "d":
+                row = rows.get(child)
+                yield path, child, row
+                if (row.kind == "d") if row is not None else isinstance(tree.entry[child], DirEntry):
                     stack.append((path + "/", child))
 
     def all_xattrs(self) -> dict[int, dict[str, str]]:
-        """inode -> {name: base64 value} of every recorded (user.*) xattr."""
+        """inode -> {name: base64 value} of every xattr of an inode with a row (others: their base entry)."""
         out: dict[int, dict[str, str]] = {}
         for ino, name, value in self.db.execute("SELECT inode, name, value FROM xattrs"):
             out.setdefault(ino, {})[name] = base64.b64encode(value).decode()
+        return out
+
+    def listing(self, parent: int) -> list[tuple[str, Node, int]]:
+        """(name, node, nlink) of every entry of a directory (readdir): the rows of its entries and their
+        name counts come in two queries, not two per entry."""
+        children, decided = self._children(parent)
+        wanted = [ino for _name, ino in children if ino not in self._nodes and self._has_row(ino)]
+        if wanted:
+            for row in self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE id IN "
+                                       "(SELECT inode FROM entries WHERE parent=?)", (parent,)):
+                if row[0] not in self._nodes and row[1] != GONE:
+                    self._nodes[row[0]] = Node(*row)
+        counts: dict[int, int] = {}
+        if any(ino > 0 and ino not in self._nlinks for _name, ino in children):
+            counts = dict(self.db.execute(
+                "SELECT inode, count(*) FROM entries WHERE inode IN (SELECT inode FROM entries WHERE parent=?) "
+                "GROUP BY inode", (parent,)))
+        out = []
+        for name, ino in children:
+            node = self.node(ino)
+            if node is None:
+                continue
+            if node.kind == "d":
+                out.append((name, node, 2))
+                continue
+            if ino > 0 and ino in counts:      # a new inode has names in rows only
+                self._nlinks.setdefault(ino, counts[ino])
+            elif ino < 0 and ino not in self._base_named and name not in decided:
+                self._nlinks.setdefault(ino, 1)    # a base inode at home, named by no row
+            out.append((name, node, self.nlink(ino, node.kind)))
         return out
 
 
@@ -438,34 +694,6 @@ def _copy_range(fin, fout) -> None:
         if n == 0:
             break
         done += n
-
-
-def _populate(db: sqlite3.Connection, state: State, uid: int, gid: int, now: int) -> None:
-    """Insert the base state's directories, files and links as inodes and names."""
-    ids: dict[str, int] = {"": ROOT}
-    next_id = ROOT + 1
-    inodes, entries, xattrs = [], [], []
-
-    def add(path: str, kind: str, mode: int, mtime_ns: int, size=0, base=None, target=None) -> int:
-        nonlocal next_id
-        ino = next_id
-        next_id += 1
-        parent, _, name = path.rpartition("/")
-        inodes.append((ino, kind, mode, uid, gid, size, mtime_ns, now, 0, base, None, 0, target, None))
-        entries.append((ids[parent], name, ino))
-        return ino
-
-    for path in sorted(state.dirs, key=lambda p: (p.count("/"), p)):
-        d = state.dirs[path]
-        ids[path] = add(path, "d", d.mode, d.mtime_ns)
-    for path, f in state.files.items():
-        ino = add(path, "f", f.mode, f.mtime_ns, size=f.size, base=f.digest)
-        xattrs.extend((ino, k, base64.b64decode(v)) for k, v in f.xattrs.items())
-    for path, lk in state.links.items():
-        add(path, "l", 0o777, lk.mtime_ns, size=len(os.fsencode(lk.target)), target=lk.target)
-    db.executemany(f"INSERT INTO inodes ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", inodes)
-    db.executemany("INSERT INTO entries VALUES (?,?,?)", entries)
-    db.executemany("INSERT INTO xattrs VALUES (?,?,?)", xattrs)
 
 
 def node_entry(node: Node, xattrs: dict[str, str]) -> FileEntry | LinkEntry | DirEntry | None:
@@ -485,12 +713,8 @@ def decode_digests(node: Node) -> dict[str, str] | None:
 
 
 def children_nodes(staging: Staging, parent: int) -> list[tuple[str, Node, int]]:
-    """(name, node, nlink) of every entry of a directory, in one query (readdir)."""
-    rows = staging.db.execute(
-        f"SELECT e.name, {', '.join('i.' + c.strip() for c in COLUMNS.split(','))}, "
-        "(SELECT count(*) FROM entries e2 WHERE e2.inode = i.id) "
-        "FROM entries e JOIN inodes i ON i.id = e.inode WHERE e.parent=? ORDER BY e.name", (parent,)).fetchall()
-    return [(r[0], Node(*r[1:-1]), r[-1]) for r in rows]
+    """(name, node, nlink) of every entry of a directory (readdir)."""
+    return staging.listing(parent)
 
 
 def refresh_sizes(staging: Staging) -> None:

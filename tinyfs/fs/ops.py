@@ -176,11 +176,14 @@ class Operations(pyfuse3.Operations):
             path = self.archive.transactions / rid
             if not (path / "txn.db").exists():
                 return None
-            staging = Staging.open(path)
+            staging = Staging.open(path, self._base_loader(rid))
             refresh_sizes(staging)
             staging.drop_orphans()
             txn = self.txns[rid] = OpenTxn(self.archive, rid, staging)
         return txn
+
+    def _base_loader(self, rid: str):
+        return lambda iid: self.archive.state(rid, iid)
 
     def _txn_node(self, txn: OpenTxn, sino: int) -> Node:
         return Node("txn", ("txn", txn.rid, txn.token, sino), rid=txn.rid, sino=sino, txn=txn)
@@ -376,9 +379,10 @@ class Operations(pyfuse3.Operations):
         head = self.archive.head(rid)
 
         def create():
-            state = self.archive.state(rid, head) if head else None
-            from ..core.model import State
-            return Staging.create(self.archive.transactions / rid, rid, head, state or State(), ctx.uid, ctx.gid)
+            staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
+                                     ctx.uid, ctx.gid)
+            staging.tree          # the base state in memory now, in this worker thread, not in a request
+            return staging
 
         staging = await trio.to_thread.run_sync(create)
         txn = self.txns[rid] = OpenTxn(self.archive, rid, staging)
@@ -552,7 +556,7 @@ class Operations(pyfuse3.Operations):
         try:
             writing = txn.open_for_writing()
             if writing:
-                path = next((p for p, n in txn.staging.walk() if n.id in writing), "?")
+                path = next((p for p, sino, _row in txn.staging.walk() if sino in writing), "?")
                 raise TinyfsError(f"{path}: still open for writing", path=path)
             while self.busy.get(rid):
                 await trio.sleep(0.005)

@@ -286,8 +286,12 @@ class OpenTxn:
     def commit_request(self) -> CommitRequest:
         """The whole target state, from the staging (call on the trio thread: it reads SQLite)."""
         xattrs = self.staging.all_xattrs()
+        base_entry = self.staging.tree.entry
         changes: dict = {}
-        for path, node in self.staging.walk():
+        for path, sino, node in self.staging.walk():
+            if node is None:                 # untouched since the base
+                changes[path] = base_entry[sino]
+                continue
             x = {k: v for k, v in xattrs.get(node.id, {}).items() if k.startswith("user.")}
             entry = node_entry(node, x)
             if entry is None:
@@ -300,7 +304,7 @@ class OpenTxn:
             else:
                 changes[path] = entry
         meta = {k: self.staging.get_meta(k) for k in ("message", "creator", "label")}
-        return CommitRequest(self.rid, self.base, changes, full=True, message=meta["message"],
+        return CommitRequest(self.rid, self.base, changes, full=True, walked=True, message=meta["message"],
                              creator=meta["creator"], label=meta["label"] or None,
                              marker=lambda iid: Staging.mark_committing(self.staging.path, iid))
 
