@@ -1,8 +1,10 @@
-"""Writing the tag files of a BagIt 1.0 bag (RFC 8493), each one durably.
+"""Writing the tag files of a BagIt 1.0 bag (RFC 8493).
 
 Payload files are placed by the caller; this writes bagit.txt, bag-info.txt,
 one manifest and one tagmanifest per algorithm, and any extra tag files
-(instance.json), so that a bag is complete once this returns.
+(instance.json), so that a bag is complete once this returns. They are not
+fsynced one by one: every caller makes the whole bag durable with one
+`syncfs` before the rename that publishes it (commit, export).
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ def write_tag_files(bag: Path, algorithms: Sequence[str], payload: dict[str, dic
         tags[f"manifest-{alg}.txt"] = "".join(lines).encode("utf-8")
     tags.update(extra_tags)
     for name, data in tags.items():
-        write_new(bag / name, data, mode)
+        write_new(bag / name, data, mode, sync=False)
     for alg in algorithms:
         lines = []
         for name, data in sorted(tags.items()):
             h = MultiHash([alg])
             h.update(data)
             lines.append(f"{h.hexdigests()[alg]}  {encode_path(name)}\n")
-        write_new(bag / f"tagmanifest-{alg}.txt", "".join(lines).encode("utf-8"), mode)
+        write_new(bag / f"tagmanifest-{alg}.txt", "".join(lines).encode("utf-8"), mode, sync=False)
 
 
 def read_manifest(bag: Path, alg: str) -> dict[str, str]:

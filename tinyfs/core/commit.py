@@ -66,7 +66,8 @@ class CommitRequest:
     base: str | None                     # the head the changes were made against
     changes: dict[str, Change]           # path -> new entry, or None to remove
     full: bool = False                   # True: `changes` is the whole target state, not a delta
-    walked: bool = False                 # True: that whole state was walked from a root (every parent exists)
+    walked: bool = False                 # True: applied to `base`, the changes give a tree walked from its
+                                         # root (every parent exists): no need to check the tree again
     message: str = ""
     creator: str = ""
     label: str | None = None
@@ -118,13 +119,13 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     changes = {p: (c.entry(cfg.primary) if isinstance(c, NewFile) else c) for p, c in req.changes.items()}
     delta = _diff(base_state, changes) if req.full else _drop_noops(base_state, changes)
     merged = _merge(base_state, head_state, delta, req.rid, head_is_base=head == req.base)
-    if not (req.full and req.walked and head == req.base):   # else merged is the caller's walked tree itself
+    if not (req.walked and head == req.base):   # else merged is the caller's walked tree itself
         _check_tree(merged)
     _check_lengths(delta)
 
     if req.label is not None and req.label in archive.labels(req.rid):
         raise LabelTaken(f"label {req.label!r} is already used by resource {req.rid!r}")
-    if head is not None and merged.entries() == head_state.entries() and req.label is None:
+    if head is not None and _same_state(merged, head_state) and req.label is None:
         archive.events.append("transaction.unchanged", req.rid, head)
         shutil.rmtree(stage)
         return CommitResult(None)
@@ -147,7 +148,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
         stored.update(_stored_earlier(archive, req.rid, head, set(to_store), cfg.primary))
         to_store = [d for d in to_store if d not in stored]
     first_path: dict[str, str] = {}
-    wanted = set(to_store)
+    wanted = set(to_store)      # (reused: the digests that need a place in this bag)
     for path in sorted(p for p, f in merged.files.items() if f.digest in wanted):
         first_path.setdefault(merged.files[path].digest, path)
     names = _stored_names({d: first_path[d] for d in to_store}, archive, req.rid, iid, stage)
@@ -187,7 +188,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
                              mode=0o444 if worm else 0o644)
     if worm:
         _make_read_only(inst)
-    counts = _counts(head_state, merged)
+    counts = _counts(head_state, merged, delta)
 
     resource_dir = archive.resource_dir(req.rid)
     if head is None:
@@ -284,18 +285,28 @@ def _same(a: Entry | None, b: Entry | None) -> bool:
 
 def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str, head_is_base: bool = False) -> State:
     """Apply `delta` (made against `base`) on top of `head`; ESTALE when a path changed on both sides."""
-    result = head.entries()
-    theirs = {} if head_is_base else _diff(base, result)     # nobody committed meanwhile: nothing can clash
-    clash = sorted(p for p in delta if p in theirs and theirs[p] != delta[p])
+    theirs = {} if head_is_base else _diff(base, head.entries())   # nobody committed meanwhile: no clash
+    clash = sorted(p for p in delta if p in theirs and not _same(theirs[p], delta[p]))
     if clash:
         raise Stale(f"resource {rid!r} changed meanwhile and {clash[0]!r} changed on both sides",
                     path=clash[0])
+    # copies of the head's three maps (C speed), then the delta; unsorted: whatever is written sorts its keys
+    result = State(dict(head.files), dict(head.links), dict(head.dirs))
     for path, entry in delta.items():
-        if entry is None:
-            result.pop(path, None)
-        else:
-            result[path] = entry
-    return State.from_entries(result)      # unsorted: everything written from a state sorts its keys
+        result.files.pop(path, None)
+        result.links.pop(path, None)
+        result.dirs.pop(path, None)
+        if isinstance(entry, FileEntry):
+            result.files[path] = entry
+        elif isinstance(entry, LinkEntry):
+            result.links[path] = entry
+        elif entry is not None:
+            result.dirs[path] = entry
+    return result
+
+
+def _same_state(a: State, b: State) -> bool:
+    return a.files == b.files and a.links == b.links and a.dirs == b.dirs   # dict == compares identity first
 
 
 def _check_tree(state: State) -> None:
@@ -314,10 +325,13 @@ def _check_lengths(delta: dict) -> None:
             raise NameTooLong(f"{path[:60]}...: path longer than {PATH_MAX} bytes", path=path)
 
 
-def _counts(before: State, after: State) -> tuple[int, int, int]:
-    added = sum(1 for p in after.files if p not in before.files)
-    changed = sum(1 for p, f in after.files.items() if p in before.files and not _same(before.files[p], f))
-    removed = sum(1 for p in before.files if p not in after.files)
+def _counts(before: State, after: State, delta: dict) -> tuple[int, int, int]:
+    """Files added, changed, removed from `before` (the head) to `after` (the head with `delta` applied):
+    only the delta's paths can differ."""
+    old, new = before.files, after.files
+    added = sum(1 for p in delta if p in new and p not in old)
+    changed = sum(1 for p in delta if p in new and p in old and not _same(old[p], new[p]))
+    removed = sum(1 for p in delta if p in old and p not in new)
     return added, changed, removed
 
 

@@ -19,14 +19,16 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_new(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
-    """Create `path` (which must not exist yet) with `data`, fsynced; the caller fsyncs the directory."""
+def write_new(path: str | os.PathLike, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
+    """Create `path` (which must not exist yet) with `data`, fsynced unless the caller makes it durable
+    otherwise (`sync=False`: a syncfs of the whole file system follows); the caller fsyncs the directory."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -134,6 +134,7 @@ class BaseTree:
 
     def __init__(self, state: State):
         self.entry: dict[int, FileEntry | LinkEntry | DirEntry] = {}
+        self.path: dict[int, str] = {}                       # inode -> its path in the base
         self.where: dict[int, tuple[int, str]] = {}          # inode -> (parent inode, name) in the base
         self.kids: dict[int, dict[str, int]] = {ROOT: {}}     # directory -> {name: inode}, names sorted
         dirs = {"": ROOT}
@@ -144,6 +145,7 @@ class BaseTree:
             parent, _, name = path.rpartition("/")
             pino = dirs[parent]
             self.entry[ino] = entry
+            self.path[ino] = path
             self.where[ino] = (pino, name)
             self.kids[pino][name] = ino
             if isinstance(entry, DirEntry):

@@ -284,13 +284,19 @@ class OpenTxn:
 
     # -- commit -------------------------------------------------------------------
     def commit_request(self) -> CommitRequest:
-        """The whole target state, from the staging (call on the trio thread: it reads SQLite)."""
+        """The changes since the base, from the staging (call on the trio thread: it reads SQLite).
+        An inode untouched since the base and still at its base path is no change; a base path no
+        longer in the tree is a removal."""
+        tree = self.staging.tree
         xattrs = self.staging.all_xattrs()
-        base_entry = self.staging.tree.entry
         changes: dict = {}
+        at_home: set[int] = set()
         for path, sino, node in self.staging.walk():
-            if node is None:                 # untouched since the base
-                changes[path] = base_entry[sino]
+            if node is None:                 # untouched since the base (its directory may have moved)
+                if tree.path[sino] == path:
+                    at_home.add(sino)
+                else:
+                    changes[path] = tree.entry[sino]
                 continue
             x = {k: v for k, v in xattrs.get(node.id, {}).items() if k.startswith("user.")}
             entry = node_entry(node, x)
@@ -303,8 +309,10 @@ class OpenTxn:
                                         node.mtime_ns, x, digests=digests, linkable=True)
             else:
                 changes[path] = entry
+        for sino in tree.entry.keys() - at_home:
+            changes.setdefault(tree.path[sino], None)
         meta = {k: self.staging.get_meta(k) for k in ("message", "creator", "label")}
-        return CommitRequest(self.rid, self.base, changes, full=True, walked=True, message=meta["message"],
+        return CommitRequest(self.rid, self.base, changes, walked=True, message=meta["message"],
                              creator=meta["creator"], label=meta["label"] or None,
                              marker=lambda iid: Staging.mark_committing(self.staging.path, iid))
 
