@@ -1,7 +1,7 @@
 """A transaction through a real mount against a simple in-memory model (hypothesis state machine).
 
 Random create / write(offset) / truncate / rename / unlink / mkdir / rmdir / symlink / commit /
-rollback / remount. The transaction must always show the model; after every commit
+rollback / remount / crash (kill -9). The transaction must always show the model; after every commit
 `resources/<rid>` (and the recorded state) equals the model -- names, bytes, types, link targets --
 and `tinyfs fsck` is clean. TINYFS_SM_EXAMPLES / TINYFS_SM_STEPS make the run longer.
 """
@@ -252,6 +252,13 @@ class Transaction(RuleBasedStateMachine):
     @rule()
     def remount(self):
         assert self.mount.stop() == 0
+        self.mount.start()
+
+    @rule()
+    def crash(self):
+        """kill -9 of the daemon: every operation that returned survives (SPEC 5), whatever the overlay
+        had copied up or whited out, and the restarted daemon shows the same transaction."""
+        self.mount.crash()
         self.mount.start()
 
     @invariant()
