@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import check_archive_ok, mounted, run_tinyfs
 from mounting import Mounted, check_archive, listing, tinyfs_argv, tree
 
 pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
@@ -394,3 +395,30 @@ def test_parallel_readers_while_committing(mnt):
     th.join()
     assert not errors
     assert len(os.listdir(mnt / "resources" / "par")) == 200
+
+
+def test_a_transaction_whose_base_instance_was_dropped_can_still_be_rolled_back(tmp_path):
+    """Dynamic mode: an ingest replaces the head (and drops it) while a mount transaction built on it is
+    open. After a restart the transaction still lists (its own changes), refuses to commit (ESTALE, the
+    base is gone), and `rm -rf` rolls it back."""
+    root = tmp_path / "archive"
+    run_tinyfs("init", "--mode", "dynamic", root)
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("first\n")
+    second.write_text("second\n")
+    run_tinyfs("ingest", root, "r", first)
+    with mounted(root, tmp_path) as m:
+        t = m / "transactions" / "r"
+        os.mkdir(t)
+        (t / "mine.txt").write_text("mine\n")
+        run_tinyfs("ingest", root, "r", second)           # the transaction's base instance is dropped
+        m.stop()
+        m.start()
+        assert sorted(os.listdir(t)) == ["mine.txt"]     # only what the transaction itself holds
+        with pytest.raises(OSError) as e:
+            m.commit("r")
+        assert e.value.errno == errno.ESTALE
+        shutil.rmtree(t)
+        assert not t.exists()
+        assert sorted(os.listdir(m / "resources" / "r")) == ["first.txt", "second.txt"]
+    check_archive_ok(root)

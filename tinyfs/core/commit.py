@@ -109,7 +109,11 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     cfg = archive.config
     if req.base is not None and head is None:
         raise Stale(f"resource {req.rid!r} no longer exists")
-    base_state = archive.state(req.rid, req.base) if req.base else State()
+    try:
+        base_state = archive.state(req.rid, req.base) if req.base else State()
+    except NotFound:
+        raise Stale(f"instance {req.base} of {req.rid!r}, which the changes were made against, "
+                    "no longer exists (dynamic mode replaced it)") from None
     head_doc = archive.instance(req.rid, head) if head else None
     head_state = head_doc.state if head_doc else State()
 

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AlreadyExists
+from .errors import AlreadyExists, NotFound
 from .model import DirEntry, FileEntry, LinkEntry, State
 
 ROOT = 1
@@ -165,7 +165,14 @@ def _base_tree(staging: Staging, load_base: Callable[[str], State] | None) -> Ba
         return BaseTree(State())
     if load_base is None:
         raise RuntimeError(f"{staging.path}: the base state is needed to read this transaction's tree")
-    return BaseTree(load_base(base))
+    try:
+        return BaseTree(load_base(base))
+    except NotFound:
+        # dynamic mode dropped the instance the transaction started from: it shows its own changes
+        # (so that it can be read and rolled back); its commit fails with ESTALE
+        log.warning("%s: base instance %s no longer exists; only the transaction's own changes show",
+                    staging.path, base)
+        return BaseTree(State())
 
 
 class Staging:
