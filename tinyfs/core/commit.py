@@ -219,6 +219,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
                 except OSError:
                     pass
         set_immutable_tree(resource_dir / res_rel)
+    archive.remember(req.rid, iid, doc)         # (after the rename: the instance exists)
     if dynamic and head is not None:
         drop_older_instances(archive, req.rid, iid)
     result = CommitResult(iid, *counts, bytes_stored=total, files_stored=len(payload))
