@@ -13,7 +13,12 @@ import sqlite3
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from tinyfs.core.model import DirEntry, FileEntry, LinkEntry, State
 from tinyfs.core.staging import ROOT, Staging

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import logging
 import os
 import shutil
@@ -250,6 +249,10 @@ class Staging:
     @property
     def tree(self) -> BaseTree:
         """The base state in memory, read the first time the tree is used."""
+        return self._tree if self._tree is not None else self.read_base()
+
+    def read_base(self) -> BaseTree:
+        """Read the base state into memory now (a caller in a worker thread spares the first request)."""
         if self._tree is None:
             self._tree = _base_tree(self, self._load_base)
         return self._tree
@@ -715,15 +718,6 @@ def node_entry(node: Node, xattrs: dict[str, str]) -> FileEntry | LinkEntry | Di
     if not node.blob:
         return FileEntry(node.base, node.size, node.mode, node.mtime_ns, xattrs)
     return None
-
-
-def decode_digests(node: Node) -> dict[str, str] | None:
-    return json.loads(node.digests) if node.digests else None
-
-
-def children_nodes(staging: Staging, parent: int) -> list[tuple[str, Node, int]]:
-    """(name, node, nlink) of every entry of a directory (readdir)."""
-    return staging.listing(parent)
 
 
 def refresh_sizes(staging: Staging) -> None:

@@ -27,7 +27,7 @@ from ..core.errors import TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
 from ..core.staging import ROOT as SROOT
-from ..core.staging import Staging, children_nodes, refresh_sizes
+from ..core.staging import Staging, refresh_sizes
 from .txn import OpenFile, OpenTxn, fail, kind_bits
 from .view import BLKSIZE, LONG, SHORT, TOP, Attr, Node, View
 
@@ -319,7 +319,7 @@ class Operations(pyfuse3.Operations):
             if txn.closed:
                 raise fail(errno.ENOENT)
             out = []
-            for name, s, nlink in children_nodes(txn.staging, node.sino):
+            for name, s, nlink in txn.staging.listing(node.sino):
                 child = self._txn_node(txn, s.id)
                 a = Attr(kind_bits(s) | s.mode, size=txn.size_of(s.id, s), mtime_ns=s.mtime_ns, ctime_ns=s.ctime_ns,
                          atime_ns=s.atime_ns,
@@ -381,7 +381,7 @@ class Operations(pyfuse3.Operations):
         def create():
             staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
                                      ctx.uid, ctx.gid)
-            staging.tree          # the base state in memory now, in this worker thread, not in a request
+            staging.read_base()       # in this worker thread, not in the first request
             return staging
 
         staging = await trio.to_thread.run_sync(create)
