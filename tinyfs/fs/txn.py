@@ -288,6 +288,7 @@ class OpenTxn:
         An inode untouched since the base and still at its base path is no change; a base path no
         longer in the tree is a removal."""
         tree = self.staging.tree
+        blobs = os.fspath(self.staging.blobs)
         xattrs = self.staging.all_xattrs()
         changes: dict = {}
         at_home: set[int] = set()
@@ -305,7 +306,7 @@ class OpenTxn:
                     raise Incomplete(f"{path}: its stored bytes are incomplete (a write failed); "
                                      "rewrite or delete it", path=path)
                 digests = json.loads(node.digests) if node.digests else None
-                changes[path] = NewFile(self.staging.blob_path(node.id), self.size_of(node.id, node), node.mode,
+                changes[path] = NewFile(f"{blobs}/{node.id}", self.size_of(node.id, node), node.mode,
                                         node.mtime_ns, x, digests=digests, linkable=True)
             else:
                 changes[path] = entry
