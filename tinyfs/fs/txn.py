@@ -107,11 +107,15 @@ class OpenTxn:
         self.closed = False
         self.committing = False
         self.free = FreeSpace()
+        self._base_stored: dict[str, str] | None = None   # digest -> stored path, of the base instance
 
     # -- base bytes -----------------------------------------------------------
     def base_path(self, node: Node) -> str:
-        doc = self.archive.instance(self.rid, self.base)
-        return str(self.archive.stored_path(self.rid, doc.stored[node.base]))
+        if self._base_stored is None:
+            # kept for the transaction's life: the archive's document cache may evict the base document
+            # (another large resource browsed), and re-reading it per open cost 0.25 s at 100,000 files
+            self._base_stored = self.archive.instance(self.rid, self.base).stored
+        return str(self.archive.stored_path(self.rid, self._base_stored[node.base]))
 
     # -- open files -------------------------------------------------------------
     def open(self, sino: int, write: bool, truncate: bool) -> OpenFile:
