@@ -337,6 +337,36 @@ def test_hard_links_are_flattened_and_stored_once(mnt, root, tmp_path):
     assert len(_stored_files(root, "hard-cli")) == 1
 
 
+@needs_fuse
+def test_hard_links_to_files_of_the_base_state(mnt, root):
+    """The same through a transaction on an existing resource, where the linked file is a base file
+    (an inode the staging has no row for until it changes): link counts, a write through the new name
+    (copy-on-write of the shared inode), removal of the base name, a daemon restart, the commit."""
+    t = mnt / "transactions" / "hb"
+    os.mkdir(t)
+    (t / "a.bin").write_bytes(b"base bytes\n")
+    (t / "keep.txt").write_text("untouched\n")
+    mnt.commit("hb")
+    os.mkdir(t)
+    os.link(t / "a.bin", t / "b.bin")
+    assert os.stat(t / "a.bin").st_nlink == os.stat(t / "b.bin").st_nlink == 2
+    assert os.stat(t / "keep.txt").st_nlink == 1
+    with open(t / "b.bin", "r+b") as f:
+        f.write(b"BASE")
+    assert (t / "a.bin").read_bytes() == b"BASE bytes\n"
+    os.unlink(t / "a.bin")
+    assert os.stat(t / "b.bin").st_nlink == 1
+    mnt.stop()
+    mnt.start()
+    assert sorted(os.listdir(t)) == ["b.bin", "keep.txt"]
+    assert os.stat(t / "b.bin").st_nlink == 1 and (t / "b.bin").read_bytes() == b"BASE bytes\n"
+    mnt.commit("hb")
+    view = mnt / "resources" / "hb"
+    assert sorted(os.listdir(view)) == ["b.bin", "keep.txt"]
+    assert (view / "b.bin").read_bytes() == b"BASE bytes\n"
+    assert (view / "keep.txt").read_text() == "untouched\n"
+
+
 def _loops(d: Path) -> dict[str, str]:
     links = {"loop1": "loop2", "loop2": "loop1", "self": "self", "up": "..", "root": "/",
              "sub/back": "../sub", "sub/top": "../../.."}
