@@ -227,3 +227,33 @@ def test_overlay_matches_a_model(tmp_path):
     run_state_machine_as_test(lambda: Overlay(tmp_path), settings=settings(
         max_examples=60, stateful_step_count=40, deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]))
+
+
+def test_a_removal_in_a_transaction_staged_before_the_overlay_is_committed(tmp_path):
+    """Before the overlay every base entry was a row and the commit got the whole tree. Such a
+    transaction has no base tree to tell what was removed: it must still hand over its whole tree,
+    or a file deleted in it would survive the commit."""
+    from tinyfs import Archive
+    from tinyfs.core.commit import commit
+    from tinyfs.core.layout import ArchiveRoot
+    from tinyfs.fs.txn import OpenTxn
+
+    archive = Archive.init(tmp_path / "archive")
+    with archive.new("r") as txn:
+        txn.add_bytes("a.txt", b"a\n")
+        txn.add_bytes("d/b.txt", b"b\n")
+    root = ArchiveRoot(tmp_path / "archive")
+    head = root.head("r")
+    staging = Staging.create(root.transactions / "r", "r", head, None, 0, 0)
+    staging.set_meta("overlay", "")                     # the old format: rows for every base entry
+    d = staging.make(ROOT, "d", "d", 0o755, 0, 0)
+    for parent, name, path in ((ROOT, "a.txt", "a.txt"), (d, "b.txt", "d/b.txt")):
+        f = root.state("r").files[path]
+        ino = staging.make(parent, name, "f", f.mode, 0, 0, create_blob=False)
+        staging.update(ino, blob=0, base=f.digest, size=f.size, mtime_ns=f.mtime_ns)
+    staging.close()
+    staging = Staging.open(root.transactions / "r", lambda iid: root.state("r", iid))
+    staging.unlink(staging.lookup(ROOT, "d"), "b.txt")
+    result = commit(root, OpenTxn(root, "r", staging).commit_request())
+    assert result.removed == 1
+    assert sorted(root.state("r").files) == ["a.txt"]

@@ -157,7 +157,7 @@ class BaseTree:
 
 
 def _base_tree(staging: Staging, load_base: Callable[[str], State] | None) -> BaseTree:
-    if staging.get_meta(OVERLAY) != "1":
+    if not staging.overlay:
         return BaseTree(State())          # staged before the overlay: every base entry is a row
     base = staging.get_meta("base")
     if not base:
@@ -181,6 +181,8 @@ class Staging:
         self.db = db
         self._load_base = load_base
         self._tree: BaseTree | None = None
+        # False for a transaction staged before the overlay: every base entry is a row (see _base_tree)
+        self.overlay = self.get_meta(OVERLAY) == "1"
         self._created = int(self.get_meta("created") or 0)
         self._uid = int(self.get_meta("uid") or 0)
         self._gid = int(self.get_meta("gid") or 0)

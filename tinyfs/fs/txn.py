@@ -290,7 +290,8 @@ class OpenTxn:
     def commit_request(self) -> CommitRequest:
         """The changes since the base, from the staging (call on the trio thread: it reads SQLite).
         An inode untouched since the base and still at its base path is no change; a base path no
-        longer in the tree is a removal."""
+        longer in the tree is a removal. A transaction staged before the overlay has every entry as a
+        row and no base tree to tell removals: it hands over its whole tree (`full`), as it used to."""
         tree = self.staging.tree
         blobs = os.fspath(self.staging.blobs)
         xattrs = self.staging.all_xattrs()
@@ -317,7 +318,8 @@ class OpenTxn:
         for sino in tree.entry.keys() - at_home:
             changes.setdefault(tree.path[sino], None)
         meta = {k: self.staging.get_meta(k) for k in ("message", "creator", "label")}
-        return CommitRequest(self.rid, self.base, changes, walked=True, message=meta["message"],
+        return CommitRequest(self.rid, self.base, changes, full=not self.staging.overlay, walked=True,
+                             message=meta["message"],
                              creator=meta["creator"], label=meta["label"] or None,
                              marker=lambda iid: Staging.mark_committing(self.staging.path, iid))
 
