@@ -134,9 +134,9 @@ class BaseTree:
     def __init__(self, state: State):
         self.entry: dict[int, FileEntry | LinkEntry | DirEntry] = {}
         self.path: dict[int, str] = {}                       # inode -> its path in the base
-        self.where: dict[int, tuple[int, str]] = {}          # inode -> (parent inode, name) in the base
         self.kids: dict[int, dict[str, int]] = {ROOT: {}}     # directory -> {name: inode}, names sorted
-        dirs = {"": ROOT}
+        self.dirs: dict[str, int] = {"": ROOT}               # directory path -> inode
+        dirs = self.dirs
         entries = state.entries()
         for n, path in enumerate(sorted(entries), 1):
             ino = -n
@@ -145,7 +145,6 @@ class BaseTree:
             pino = dirs[parent]
             self.entry[ino] = entry
             self.path[ino] = path
-            self.where[ino] = (pino, name)
             self.kids[pino][name] = ino
             if isinstance(entry, DirEntry):
                 dirs[path] = ino
@@ -154,6 +153,14 @@ class BaseTree:
     def child(self, parent: int, name: str) -> int | None:
         kids = self.kids.get(parent)
         return kids.get(name) if kids else None
+
+    def where(self, ino: int) -> tuple[int, str] | None:
+        """(parent inode, name) of a base inode in the base (derived: a map per entry cost 100 bytes each)."""
+        path = self.path.get(ino)
+        if path is None:
+            return None
+        parent, _, name = path.rpartition("/")
+        return self.dirs[parent], name
 
 
 def _base_tree(staging: Staging, load_base: Callable[[str], State] | None) -> BaseTree:
@@ -405,7 +412,7 @@ class Staging:
         n = 0
         if ino > 0 or ino in self._base_named:
             n = self.db.execute("SELECT count(*) FROM entries WHERE inode=?", (ino,)).fetchone()[0]
-        where = self.tree.where.get(ino) if ino < 0 else None
+        where = self.tree.where(ino) if ino < 0 else None
         if where is not None and self._row_at(*where) is None:
             n += 1
         return n
@@ -429,7 +436,7 @@ class Staging:
         row = self.db.execute("SELECT parent FROM entries WHERE inode=? LIMIT 1", (ino,)).fetchone()
         if row:
             return row[0]
-        where = self.tree.where.get(ino) if ino < 0 else None
+        where = self.tree.where(ino) if ino < 0 else None
         if where is not None and self._row_at(*where) is None:
             return where[0]
         return None
