@@ -412,10 +412,14 @@ class Staging:
         n = 0
         if ino > 0 or ino in self._base_named:
             n = self.db.execute("SELECT count(*) FROM entries WHERE inode=?", (ino,)).fetchone()[0]
-        where = self.tree.where(ino) if ino < 0 else None
-        if where is not None and self._row_at(*where) is None:
+        if self._home(ino) is not None:
             n += 1
         return n
+
+    def _home(self, ino: int) -> tuple[int, str] | None:
+        """A base inode's base (parent, name) while no row overrides that name, else None."""
+        where = self.tree.where(ino) if ino < 0 else None
+        return where if where is not None and self._row_at(*where) is None else None
 
     def nlink(self, ino: int, kind: str) -> int:
         n = self._nlinks.get(ino)
@@ -436,10 +440,8 @@ class Staging:
         row = self.db.execute("SELECT parent FROM entries WHERE inode=? LIMIT 1", (ino,)).fetchone()
         if row:
             return row[0]
-        where = self.tree.where(ino) if ino < 0 else None
-        if where is not None and self._row_at(*where) is None:
-            return where[0]
-        return None
+        home = self._home(ino)
+        return home[0] if home is not None else None
 
     def _set_name(self, parent: int, name: str, ino: int) -> None:
         """(in the caller's SQLite transaction)"""
