@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import uuid
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -65,7 +66,7 @@ class Overlay(RuleBasedStateMachine):
 
     def __init__(self, tmp):
         super().__init__()
-        self.path = tmp / f"t{id(self)}"
+        self.path = tmp / f"t{uuid.uuid4().hex}"      # a fresh directory per example (id() is reused)
         self.staging = Staging.create(self.path, "r", "base-iid", lambda iid: BASE, 0, 0)
         self.paths: dict[str, int] = {}
         self.inodes: dict[int, list] = {}
