@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -113,6 +114,25 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise Busy(f"{mountpoint} is already a mount point")
 
 
+# Collector thresholds for the daemon (Python's defaults: 700, 10, 10). See tune_gc().
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector run far less often in the daemon.
+
+    The daemon keeps large, acyclic, long-lived data (instance documents of 10,000+ entries, the base
+    tree of an open transaction, a Node per inode the kernel knows). With the default thresholds a full
+    collection ran once or twice per re-deposit of a 10,000-file resource, 14-33 ms each, collecting
+    nothing: 10 % of an `rsync` + commit (0.39-0.41 s -> 0.36-0.37 s, medians of 24 re-deposits).
+    Cycles are still collected: a young collection after 50,000 net allocations (a few MiB at most),
+    a full one as the ageing rules of CPython decide. What exists once the daemon has started (modules,
+    functions, classes) is frozen out of every later collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 class _EarlySignals:
     """Remembers SIGTERM/SIGINT that arrive before the trio loop watches for them (during recovery or
     while mounting), so that `systemctl stop` at start-up still ends cleanly instead of killing the
@@ -149,6 +169,7 @@ def _serve(root: str, mountpoint: str, options: list[str], early: _EarlySignals)
             log.info("signal %s before mounting: not mounting", signal.Signals(early.signum).name)
             return 0
         ops = Operations(archive, writeback="writeback" in options)
+        tune_gc()
         options = [o for o in options if o not in OWN]
         fsname = str(archive.root) if "," not in str(archive.root) else "tinyfs"
         fuse_options = set(pyfuse3.default_options) | {"default_permissions", f"fsname={fsname}",
