@@ -14,6 +14,7 @@ from types import MappingProxyType
 NO_XATTRS: dict[str, str] = MappingProxyType({})  # shared by the many files without xattrs (memory)
 _ENCODE = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
 _STRING = json.encoder.encode_basestring       # the C function behind ensure_ascii=False, for one string
+_NEXT = ",\n"                                  # between two entries of instance.json
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,21 +128,28 @@ class InstanceDoc:
 
     def to_json_bytes(self) -> bytes:
         """Sorted keys (SPEC 4), one line per entry: `diff` of two instances shows what changed, and
-        it is written with the C encoder (json's indent= falls back to pure Python: 0.2 s per 10k files)."""
+        it is written with the C encoder (json's indent= falls back to pure Python: 0.2 s per 10k files).
+        The pieces are joined once: each copy of a 10,000-file document costs about a millisecond."""
         top = {
             "type": "tinyfs-instance", "format": 1,
             "id": self.id, "resource": self.resource, "previous": self.previous, "created": self.created,
             "message": self.message, "creator": self.creator, "label": self.label, "digest": self.digest,
         }
         sections = {
-            "state": _lines(self.state.files, _file_json),
+            "state": _file_lines(self.state.files),
             "links": _lines(self.state.links, lambda e: f'{{"mtime_ns":{e.mtime_ns},"target":{_STRING(e.target)}}}'),
             "dirs": _lines(self.state.dirs, lambda e: f'{{"mode":{e.mode},"mtime_ns":{e.mtime_ns}}}'),
             "stored": _lines(self.stored, _STRING),
         }
-        parts = [f" {_STRING(k)}: {sections[k] if k in sections else _ENCODE(top[k])}"
-                 for k in sorted([*top, *sections])]
-        return ("{\n" + ",\n".join(parts) + "\n}\n").encode("utf-8")
+        out = ["{\n"]
+        for n, key in enumerate(sorted([*top, *sections])):
+            out.append(f"{_NEXT if n else ''} {_STRING(key)}: ")
+            if key in sections:
+                out += sections[key]
+            else:
+                out.append(_ENCODE(top[key]))
+        out.append("\n}\n")
+        return "".join(out).encode("utf-8")
 
     @classmethod
     def from_json_bytes(cls, raw: bytes) -> InstanceDoc:
@@ -157,15 +165,31 @@ class InstanceDoc:
                    doc.get("creator", ""), doc.get("label"), doc["digest"], state, dict(doc["stored"]))
 
 
-def _lines(entries: dict, encode) -> str:
-    """A JSON object with one sorted entry per line."""
+def _lines(entries: dict, encode) -> list[str]:
+    """A JSON object with one sorted entry per line, as pieces to join. Sorting the keys, not the items:
+    a state is its head's (sorted) entries with the changes at the end; comparing keys alone is 10x faster."""
     if not entries:
-        return "{}"
-    return "{\n" + ",\n".join(f"  {_STRING(k)}: {encode(v)}" for k, v in sorted(entries.items())) + "\n }"
+        return ["{}"]
+    out = ["{\n"]
+    out += [f"{_NEXT}  {_STRING(k)}: {encode(entries[k])}" for k in sorted(entries)]
+    out[1] = out[1][len(_NEXT):]
+    out.append("\n }")
+    return out
 
 
-def _file_json(e: FileEntry) -> str:
-    if e.xattrs:
-        return _ENCODE(e.to_json())
-    # the common case by hand (keys in sorted order; a digest is hex, the rest are integers)
-    return f'{{"digest":"{e.digest}","mode":{e.mode},"mtime_ns":{e.mtime_ns},"size":{e.size}}}'
+def _file_lines(files: dict[str, FileEntry]) -> list[str]:
+    """The "state" object: `_lines` with the common entry (no xattrs) written by hand, inline (sorted keys;
+    a digest is hex, the rest are integers): 10,000 files are the bulk of a commit's instance.json."""
+    if not files:
+        return ["{}"]
+    out = ["{\n"]
+    for k in sorted(files):
+        e = files[k]
+        if e.xattrs:
+            out.append(f"{_NEXT}  {_STRING(k)}: {_ENCODE(e.to_json())}")
+        else:
+            out.append(f'{_NEXT}  {_STRING(k)}: {{"digest":"{e.digest}","mode":{e.mode},"mtime_ns":{e.mtime_ns},'
+                       f'"size":{e.size}}}')
+    out[1] = out[1][len(_NEXT):]
+    out.append("\n }")
+    return out
