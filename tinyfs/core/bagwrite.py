@@ -10,6 +10,7 @@ fsynced one by one: every caller makes the whole bag durable with one
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,18 +44,28 @@ def write_tag_files(bag: Path, algorithms: Sequence[str], payload: dict[str, dic
         "bag-info.txt": info,
     }
     for alg in algorithms:
-        lines = sorted(f"{digests[alg]}  {encode_path(p)}\n" for p, digests in payload.items())
+        lines = sorted(f"{d[alg]}  {encode_path(p)}\n" for p, d in payload.items())
         tags[f"manifest-{alg}.txt"] = "".join(lines).encode("utf-8")
     tags.update(extra_tags)
-    for name, data in tags.items():
-        write_new(bag / name, data, mode, sync=False)
+    # hashing and writing both release the GIL: a 10,000-file instance.json (4 MB) is hashed on the
+    # other core while it is written (3.5 of 9 ms)
+    with ThreadPoolExecutor(1, thread_name_prefix="tag-digests") as pool:
+        hashing = pool.submit(_hash_all, tags, algorithms)
+        for name, data in tags.items():
+            write_new(bag / name, data, mode, sync=False)
+        digests = hashing.result()
     for alg in algorithms:
-        lines = []
-        for name, data in sorted(tags.items()):
-            h = MultiHash([alg])
-            h.update(data)
-            lines.append(f"{h.hexdigests()[alg]}  {encode_path(name)}\n")
+        lines = [f"{digests[name][alg]}  {encode_path(name)}\n" for name in sorted(tags)]
         write_new(bag / f"tagmanifest-{alg}.txt", "".join(lines).encode("utf-8"), mode, sync=False)
+
+
+def _hash_all(tags: dict[str, bytes], algorithms: Sequence[str]) -> dict[str, dict[str, str]]:
+    out = {}
+    for name, data in tags.items():
+        h = MultiHash(algorithms)
+        h.update(data)
+        out[name] = h.hexdigests()
+    return out
 
 
 def read_manifest(bag: Path, alg: str) -> dict[str, str]:

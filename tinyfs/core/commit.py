@@ -185,7 +185,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     shutil.rmtree(pending)
 
     doc = InstanceDoc(iid, req.rid, head, utc_now(), req.message or "", req.creator or "", req.label,
-                      cfg.primary, merged, dict(sorted(stored.items())))
+                      cfg.primary, merged, stored)   # (unsorted: instance.json sorts)
     info = bagwrite.bag_info(req.rid, total, len(payload), [
         ("Internal-Sender-Description", doc.message), ("Contact-Name", doc.creator),
         ("Tinyfs-Label", doc.label or ""), ("Tinyfs-Instance", iid), ("Tinyfs-Previous", head or "")])
