@@ -222,6 +222,8 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
                     pass
         set_immutable_tree(resource_dir / res_rel)
     archive.remember(req.rid, iid, doc)         # (after the rename: the instance exists)
+    if not dynamic:
+        _note_stored(archive, req.rid, head, iid, to_store)
     if dynamic and head is not None:
         drop_older_instances(archive, req.rid, iid)
     result = CommitResult(iid, *counts, bytes_stored=total, files_stored=len(payload))
@@ -366,10 +368,64 @@ def _stored_names(wanted: dict[str, str], archive: ArchiveRoot, rid: str, iid: s
     return names
 
 
+STORED_KEYS_MAX = 200_000    # stored-digest keys a process keeps (~80 bytes each), beyond the last resource's
+
+
+def _key(digest: str) -> int:
+    try:
+        return int(digest[:15], 16)
+    except ValueError:      # not hex (a damaged manifest line): matches no digest tinyfs computes
+        return -1
+
+
+def _stored_keys(archive: ArchiveRoot, rid: str, head: str, primary: str) -> set[int]:
+    """Keys (the first 60 bits) of every digest that an instance up to `head` stores, from the bags'
+    manifests the first time, then kept up to date by `_note_stored` (instances are never removed
+    outside dynamic mode, which does not look back). The caller holds the resource lock."""
+    with archive.stored_keys_lock:
+        known = archive.stored_keys.get(rid)
+        if known is not None and known[0] == head:
+            archive.stored_keys.move_to_end(rid)
+            return known[1]
+    keys = set()
+    for iid in archive.instance_ids(rid):
+        keys.update(_key(d) for d in bagwrite.read_manifest(archive.instance_dir(rid, iid), primary).values())
+        if iid == head:
+            break
+    _remember_keys(archive, rid, head, keys)
+    return keys
+
+
+def _note_stored(archive: ArchiveRoot, rid: str, head: str | None, iid: str, digests) -> None:
+    """The new instance `iid` (on top of `head`) stores `digests`: move the resource's keys on to it."""
+    with archive.stored_keys_lock:
+        known = archive.stored_keys.pop(rid, None)
+    if head is None:
+        known = (None, set())
+    if known is not None and known[0] == head:
+        known[1].update(_key(d) for d in digests)
+        _remember_keys(archive, rid, iid, known[1])
+
+
+def _remember_keys(archive: ArchiveRoot, rid: str, iid: str, keys: set[int]) -> None:
+    with archive.stored_keys_lock:
+        archive.stored_keys[rid] = (iid, keys)
+        archive.stored_keys.move_to_end(rid)
+        while len(archive.stored_keys) > 1 and \
+                sum(len(k) for _, k in archive.stored_keys.values()) > STORED_KEYS_MAX:
+            archive.stored_keys.popitem(last=False)
+
+
 def _stored_earlier(archive: ArchiveRoot, rid: str, head: str, wanted: set[str], primary: str) -> dict[str, str]:
     """digest -> stored path for wanted digests that an instance before the head stores (SPEC 3: content
-    is stored once per resource). Reads each earlier bag's manifest: it lists exactly what that bag stores."""
+    is stored once per resource). Reads each earlier bag's manifest: it lists exactly what that bag stores,
+    but only when a wanted digest may be there at all: reading a long history for new bytes cost a
+    commit 0.1 ms a small manifest and 7 ms a 10,000-line one, and new bytes are the common case."""
+    keys = _stored_keys(archive, rid, head, primary)
+    wanted = {d for d in wanted if _key(d) in keys}
     found: dict[str, str] = {}
+    if not wanted:
+        return found
     for iid in reversed(archive.instance_ids(rid)):
         if iid == head:
             continue
