@@ -430,10 +430,11 @@ class Operations(pyfuse3.Operations):
         self.archive.events.append("transaction.rolled_back", rid, txn.base, via="mount")
 
     def _close_txn(self, txn: OpenTxn) -> None:
+        """Its nodes stay registered until the kernel forgets them (after the invalidations): their keys
+        carry the transaction's token, which no later transaction has, and scanning every key here
+        cost a commit 1-2 ms."""
         txn.close()
         self.txns.pop(txn.rid, None)
-        for key in [k for k in self.by_key if k[0] == "txn" and k[1] == txn.rid and k[2] == txn.token]:
-            del self.by_key[key]
 
     def _staged_child(self, parent: Node, name: str) -> tuple[OpenTxn, int]:
         """(transaction, staged inode) of an existing name in a live transaction directory (to remove it)."""
