@@ -334,8 +334,11 @@ class OpenTxn:
         self.staging.close()
 
 
+_KIND_BITS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}
+
+
 def kind_bits(node: Node) -> int:
-    return {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}[node.kind]
+    return _KIND_BITS[node.kind]
 
 
 def now_ns() -> int:
