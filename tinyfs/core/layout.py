@@ -91,7 +91,7 @@ class ArchiveRoot:
         self.transactions = self.root / "transactions"
         self._docs: OrderedDict[tuple[str, str], InstanceDoc] = OrderedDict()
         self._docs_lock = threading.Lock()
-        # rid -> (instance, keys of every digest stored up to it): see commit.stored_before (under the lock)
+        # rid -> (instance, keys of every digest stored up to it): see commit._stored_keys (under the lock)
         self.stored_keys: OrderedDict[str, tuple[str, set[int]]] = OrderedDict()
         self.stored_keys_lock = threading.Lock()
 

@@ -136,7 +136,7 @@ class InstanceDoc:
             "message": self.message, "creator": self.creator, "label": self.label, "digest": self.digest,
         }
         sections = {
-            "state": _file_lines(self.state.files),
+            "state": _lines(self.state.files, _file_json),
             "links": _lines(self.state.links, lambda e: f'{{"mtime_ns":{e.mtime_ns},"target":{_STRING(e.target)}}}'),
             "dirs": _lines(self.state.dirs, lambda e: f'{{"mode":{e.mode},"mtime_ns":{e.mtime_ns}}}'),
             "stored": _lines(self.stored, _STRING),
@@ -177,19 +177,8 @@ def _lines(entries: dict, encode) -> list[str]:
     return out
 
 
-def _file_lines(files: dict[str, FileEntry]) -> list[str]:
-    """The "state" object: `_lines` with the common entry (no xattrs) written by hand, inline (sorted keys;
-    a digest is hex, the rest are integers): 10,000 files are the bulk of a commit's instance.json."""
-    if not files:
-        return ["{}"]
-    out = ["{\n"]
-    for k in sorted(files):
-        e = files[k]
-        if e.xattrs:
-            out.append(f"{_NEXT}  {_STRING(k)}: {_ENCODE(e.to_json())}")
-        else:
-            out.append(f'{_NEXT}  {_STRING(k)}: {{"digest":"{e.digest}","mode":{e.mode},"mtime_ns":{e.mtime_ns},'
-                       f'"size":{e.size}}}')
-    out[1] = out[1][len(_NEXT):]
-    out.append("\n }")
-    return out
+def _file_json(e: FileEntry) -> str:
+    if e.xattrs:
+        return _ENCODE(e.to_json())
+    # the common case by hand (keys in sorted order; a digest is hex, the rest are integers)
+    return f'{{"digest":"{e.digest}","mode":{e.mode},"mtime_ns":{e.mtime_ns},"size":{e.size}}}'
