@@ -81,18 +81,6 @@ class State:
     def get(self, path: str) -> Entry | None:
         return self.files.get(path) or self.links.get(path) or self.dirs.get(path)
 
-    @classmethod
-    def from_entries(cls, entries: dict[str, Entry]) -> State:
-        state = cls()
-        for path, entry in entries.items():
-            if isinstance(entry, FileEntry):
-                state.files[path] = entry
-            elif isinstance(entry, LinkEntry):
-                state.links[path] = entry
-            else:
-                state.dirs[path] = entry
-        return state
-
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 

@@ -29,7 +29,7 @@ from ..core.layout import ArchiveRoot
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
 from .txn import OpenFile, OpenTxn, fail, kind_bits
-from .view import BLKSIZE, LONG, SHORT, TOP, Attr, Node, View
+from .view import BLKSIZE, LONG, SHORT, TOP, Node, View
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,12 @@ def entry_attributes(mode: int, size: int, nlink: int, uid: int, gid: int, mtime
     e.st_blocks = (size + 511) // 512
     e.entry_timeout, e.attr_timeout = entry_timeout, attr_timeout
     return e
+
+
+def staged_attributes(txn: OpenTxn, s, nlink: int) -> pyfuse3.EntryAttributes:
+    """EntryAttributes (without st_ino) of a staged inode `s` of a transaction other than its root."""
+    return entry_attributes(kind_bits(s) | s.mode, txn.size_of(s.id, s), nlink, s.uid, s.gid, s.mtime_ns,
+                            s.atime_ns, s.ctime_ns, LONG, LONG)
 
 
 def handler(fn):
@@ -150,9 +156,12 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        a = self._txn_attr(node) if node.kind == "txn" else self.view.attr(node)
-        e = entry_attributes(a.mode, a.size, a.nlink, a.uid, a.gid, a.mtime_ns, a.atime_ns, a.ctime_ns,
-                             a.entry_timeout, a.attr_timeout)
+        if node.kind == "txn":
+            e = self._txn_attrs(node)
+        else:
+            a = self.view.attr(node)
+            e = entry_attributes(a.mode, a.size, a.nlink, a.uid, a.gid, a.mtime_ns, a.atime_ns, a.ctime_ns,
+                                 a.entry_timeout, a.attr_timeout)
         e.st_ino = node.ino
         return e
 
@@ -194,7 +203,7 @@ class Operations(pyfuse3.Operations):
     def _txn_node(self, txn: OpenTxn, sino: int) -> Node:
         return Node("txn", ("txn", txn.rid, txn.token, sino), rid=txn.rid, sino=sino, txn=txn)
 
-    def _txn_attr(self, node: Node) -> Attr:
+    def _txn_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         txn = node.txn
         if txn.closed:
             raise fail(errno.ENOENT)
@@ -202,11 +211,9 @@ class Operations(pyfuse3.Operations):
         if s is None:
             raise fail(errno.ENOENT)
         if node.sino == SROOT:
-            return Attr(stat.S_IFDIR | 0o755, mtime_ns=s.mtime_ns, ctime_ns=s.ctime_ns, uid=txn.uid, gid=txn.gid,
-                        nlink=txn.staging.nlink(SROOT, "d"), entry_timeout=SHORT, attr_timeout=SHORT)
-        return Attr(kind_bits(s) | s.mode, size=txn.size_of(node.sino, s), mtime_ns=s.mtime_ns, atime_ns=s.atime_ns,
-                    ctime_ns=s.ctime_ns, uid=s.uid, gid=s.gid, nlink=txn.staging.nlink(node.sino, s.kind),
-                    entry_timeout=LONG, attr_timeout=LONG)
+            return entry_attributes(stat.S_IFDIR | 0o755, 0, txn.staging.nlink(SROOT, "d"), txn.uid, txn.gid,
+                                    s.mtime_ns, None, s.ctime_ns, SHORT, SHORT)
+        return staged_attributes(txn, s, txn.staging.nlink(node.sino, s.kind))
 
     def _in_txn(self, node: Node) -> bool:
         return node.kind == "txn"
@@ -324,11 +331,9 @@ class Operations(pyfuse3.Operations):
             txn = node.txn
             if txn.closed:
                 raise fail(errno.ENOENT)
-            # EntryAttributes made here, not through an Attr: a fresh transaction's tree is listed whole
+            # attributes made here, with the listing: a fresh transaction's tree is listed whole
             # (readdirplus), 10,000 entries for a 10,000-file base
-            return [(name, self._txn_node(txn, s.id),
-                     entry_attributes(kind_bits(s) | s.mode, txn.size_of(s.id, s), nlink if s.kind != "d" else 2,
-                                      s.uid, s.gid, s.mtime_ns, s.atime_ns, s.ctime_ns, LONG, LONG))
+            return [(name, self._txn_node(txn, s.id), staged_attributes(txn, s, nlink))
                     for name, s, nlink in txn.staging.listing(node.sino)]
         children = await trio.to_thread.run_sync(self.view.children, node) if node.kind == "top" \
             else self.view.children(node)
