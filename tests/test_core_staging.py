@@ -198,7 +198,11 @@ class Overlay(RuleBasedStateMachine):
             for name, node, nlink in self.staging.listing(ino):
                 m = self.paths[self._join(d, name)]
                 assert node.id == self.ino_of[m]
-                if node.kind != "d":
+                if node.kind == "d":
+                    child = self._join(d, name)
+                    assert nlink == 2 + sum(1 for p, k in self.paths.items()
+                                            if p.rpartition("/")[0] == child and self.inodes[k][0] == "d"), child
+                else:
                     assert nlink == list(self.paths.values()).count(m), (d, name)
 
     @invariant()

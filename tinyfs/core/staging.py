@@ -136,7 +136,8 @@ class BaseTree:
         self.path: dict[int, str] = {}                       # inode -> its path in the base
         self.kids: dict[int, dict[str, int]] = {ROOT: {}}     # directory -> {name: inode}, names sorted
         self.dirs: dict[str, int] = {"": ROOT}               # directory path -> inode
-        dirs = self.dirs
+        self.subdirs: dict[int, int] = {}                    # directory -> how many directories it holds
+        dirs, subdirs = self.dirs, self.subdirs
         entries = state.entries()
         for n, path in enumerate(sorted(entries), 1):
             ino = -n
@@ -149,6 +150,7 @@ class BaseTree:
             if isinstance(entry, DirEntry):
                 dirs[path] = ino
                 self.kids[ino] = {}
+                subdirs[pino] = subdirs.get(pino, 0) + 1
 
     def child(self, parent: int, name: str) -> int | None:
         kids = self.kids.get(parent)
@@ -424,12 +426,18 @@ class Staging:
     def nlink(self, ino: int, kind: str) -> int:
         n = self._nlinks.get(ino)
         if n is None:
-            if kind == "d":
+            if kind == "d" and ino < 0 and not self._has_rows_under(ino):
+                n = 2 + self.tree.subdirs.get(ino, 0)      # its base listing: no node per child needed
+            elif kind == "d":
                 n = 2 + sum(1 for _name, child in self.children(ino) if self._kind(child) == "d")
             else:
                 n = self._names_of(ino)
             self._nlinks[ino] = n
         return n
+
+    def _has_rows_under(self, ino: int) -> bool:
+        """Whether any row names (or hides) an entry in this directory: else its base listing holds."""
+        return self.db.execute("SELECT 1 FROM entries WHERE parent=? LIMIT 1", (ino,)).fetchone() is not None
 
     def _kind(self, ino: int) -> str | None:
         node = self.node(ino)
@@ -699,7 +707,7 @@ class Staging:
             if node is None:
                 continue
             if node.kind == "d":
-                out.append((name, node, 2))
+                out.append((name, node, self.nlink(ino, "d")))   # as getattr says: the kernel keeps this one
                 continue
             if ino > 0 and ino in counts:      # a new inode has names in rows only
                 self._nlinks.setdefault(ino, counts[ino])
