@@ -99,6 +99,70 @@ def test_rsync_plain_delete_inplace(mnt, tmp_path, root):
     assert len(os.listdir(mnt / "instances" / "data")) == 3
 
 
+@pytest.mark.parametrize("mode", ["preservation", "dynamic"])
+def test_a_browsed_resource_shows_every_change_of_a_commit_at_once(tmp_path, mode):
+    """resources/<rid> read whole (every entry looked up, every file in the page cache, one kept open),
+    then a commit that changes a little of everything: the mv returns and every name shows the new
+    head, while the unchanged entries keep their inodes (their cached entries were not thrown away)."""
+    root = tmp_path / "archive"
+    run_tinyfs("init", root, "--mode", mode)
+    src = source_tree(tmp_path / "src")
+    (src / "a" / "gone-dir" / "deeper").mkdir(parents=True)
+    (src / "a" / "gone-dir" / "deeper" / "x.txt").write_text("x\n")
+    (src / "will-be-a-dir").write_text("a file first\n")
+    with mounted(root, tmp_path) as m:
+        t = m.mnt / "transactions" / "doc"
+        os.mkdir(t)
+        subprocess.run(["cp", "-a", f"{src}/.", str(t)], check=True)
+        m.commit("doc")
+        view = m.mnt / "resources" / "doc"
+        (old,) = os.listdir(m.mnt / "instances" / "doc")
+        before = tree(view)
+        inodes = {p: os.lstat(view / p).st_ino for p in listing(view)}
+        kept_open = open(view / "a" / "f003.txt", "rb")
+        changed_open = open(view / "a" / "f004.txt", "rb")
+        assert changed_open.read() == before["a/f004.txt"]
+
+        os.mkdir(t)
+        stamp = os.stat(t / "a" / "f004.txt").st_mtime_ns
+        with open(t / "a" / "f004.txt", "r+b") as f:
+            f.write(b"FILE")                                   # same size, same mtime: only the bytes differ
+        os.utime(t / "a" / "f004.txt", ns=(stamp, stamp))
+        os.chmod(t / "a" / "f005.txt", 0o640)
+        os.unlink(t / "a" / "f006.txt")
+        shutil.rmtree(t / "a" / "gone-dir")
+        (t / "a" / "b" / "new.txt").write_text("new\n")
+        os.unlink(t / "will-be-a-dir")
+        os.mkdir(t / "will-be-a-dir")
+        (t / "will-be-a-dir" / "inside.txt").write_text("inside\n")
+        os.unlink(t / "link")
+        os.symlink("a/f000.txt", t / "link")
+        expected_tree, expected_listing = tree(t), listing(t)
+        m.commit("doc")
+
+        assert tree(view) == expected_tree
+        shown = listing(view)
+        assert shown.keys() == expected_listing.keys()
+        for path, (kind, mode_, mtime, extra) in expected_listing.items():
+            assert shown[path] == (kind, mode_ if kind == "l" else mode_ & 0o555, mtime, extra), path
+        assert not (view / "a" / "f006.txt").exists() and not (view / "a" / "gone-dir").exists()
+        assert os.readlink(view / "link") == "a/f000.txt"
+        new_head = sorted(os.listdir(m.mnt / "instances" / "doc"))[-1]
+        created_ms = int(new_head.replace("-", "")[:12], 16)
+        assert os.stat(view).st_mtime_ns // 1_000_000 == created_ms
+        kept = [p for p in inodes if p in shown and not p.startswith(("a/f004", "link", "will-be"))]
+        assert "a" in kept and "a/f005.txt" in kept           # new times, new mode: the same inodes
+        assert [p for p in kept if os.lstat(view / p).st_ino != inodes[p]] == []
+        assert os.lstat(view / "a" / "f004.txt").st_ino != inodes["a/f004.txt"]
+        assert kept_open.read() == before["a/f003.txt"]
+        kept_open.close()
+        changed_open.close()
+        if mode == "preservation":
+            assert tree(m.mnt / "instances" / "doc" / old) == before
+    assert not m.tracebacks(), m.tracebacks()[-3000:]
+    check_archive_ok(root)
+
+
 def test_tar_x_and_mv_from_another_file_system(mnt, tmp_path):
     src = source_tree(tmp_path / "src")
     archive = tmp_path / "src.tar"

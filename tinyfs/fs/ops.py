@@ -26,10 +26,11 @@ from ..core.commit import commit
 from ..core.errors import TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
+from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
 from .txn import OpenFile, OpenTxn, fail, kind_bits
-from .view import BLKSIZE, LONG, SHORT, TOP, Node, View
+from .view import BLKSIZE, LONG, SHORT, TOP, Node, View, state_key
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ FEED_INLINE = 64 * 1024        # smaller buffers are hashed on the loop; larger 
 WRITE_IN_THREAD = 256 * 1024   # larger writes are done in a worker thread
 MAX_PENDING = 32               # written buffers waiting for the hasher before writes wait
 META = ("message", "creator", "label")
+PERMANENT = frozenset(("root", "top", "events"))   # node kinds that live as long as the mount
 NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
@@ -166,18 +168,21 @@ class Operations(pyfuse3.Operations):
         return e
 
     async def forget(self, inode_list):
+        # After a commit the kernel forgets the transaction's whole tree, 10,000 inodes and more in
+        # batches: the maps are locals, each looked up once.
+        lookups, nodes, by_key = self.lookups, self.nodes, self.by_key
         for ino, n in inode_list:
-            left = self.lookups.get(ino, 0) - n
+            left = lookups.pop(ino, 0) - n
             if left > 0:
-                self.lookups[ino] = left
+                lookups[ino] = left
                 continue
-            self.lookups.pop(ino, None)
-            node = self.nodes.get(ino)
-            if node is None or node.kind in ("root", "top", "events"):
+            node = nodes.get(ino)
+            if node is None or node.kind in PERMANENT:
                 continue
-            del self.nodes[ino]
-            if self.by_key.get(node.key) == ino:
-                del self.by_key[node.key]
+            del nodes[ino]
+            key = node.key
+            if by_key.get(key) == ino:
+                del by_key[key]
             if node.kind == "txn" and not node.txn.closed and not node.txn.files.get(node.sino):
                 try:
                     node.txn.staging.drop_if_orphan(node.sino)
@@ -593,7 +598,9 @@ class Operations(pyfuse3.Operations):
         trash = await trio.to_thread.run_sync(Staging.detach, txn.staging.path)
         self.nursery.start_soon(trio.to_thread.run_sync, Staging.delete, trash)   # bytes go after the reply
         log.info("committed %s as %s", rid, result.instance)
-        await trio.to_thread.run_sync(self._invalidate, self.top["resources"], rid)
+        if result.instance is not None:
+            stale = self._move_current_tree(rid, result.instance)
+            await trio.to_thread.run_sync(self._invalidate_all, stale)
         if old_root is not None:
             self._invalidate_later(self.top["commit"], rid, old_root)
 
@@ -602,12 +609,78 @@ class Operations(pyfuse3.Operations):
         txn.staging.set_meta("error", message)
         log.warning("commit of %s failed: %s", txn.rid, message)
 
+    def _move_current_tree(self, rid: str, iid: str) -> list[tuple[int, str | None]]:
+        """Give the nodes of resources/<rid> that a commit left as they were the keys of the new head `iid`,
+        and return what the kernel must forget before the rename is answered: (parent inode, name) for
+        each cached name that went or now shows other bytes, (inode, None) for a node that stays with new
+        attributes (the root, whose time is the head's; a directory or file whose mode or times changed).
+
+        Invalidating resources/<rid> instead would drop the whole cached tree: for a browsed resource of
+        10,000 files that is 10,000 forgets, and as many lookups the next time it is read, however little
+        the commit changed. A file with other bytes, a symbolic link with another target, or a name whose
+        kind changed gets a new node (a new inode, so no stale page cache) at its next lookup. When the
+        previous head's tree is not what the kernel holds (a new resource, or another process committed
+        meanwhile), resources/<rid> as a whole is invalidated."""
+        whole = [(self.top["resources"], rid)]
+        doc = self.archive.instance(rid, iid)
+        old = doc.previous
+        root_ino = self.by_key.get(state_key(rid, old, "", True)) if old else None
+        if root_ino is None or state_key(rid, iid, "", True) in self.by_key:
+            return whole
+        before = self.archive.state(rid, old).entries()
+        after = doc.state.entries()
+        cached: dict[str, int] = {"": root_ino}
+        gone: set[str] = set()
+        stale: list[tuple[int, str | None]] = [(root_ino, None)]
+        for path, entry in before.items():
+            ino = self.by_key.get(state_key(rid, old, path, True))
+            if ino is not None:
+                cached[path] = ino
+                new = after.get(path)
+                if new != entry:
+                    if _same_bytes(entry, new):
+                        self.nodes[ino].entry = new
+                        stale.append((ino, None))
+                    else:
+                        gone.add(path)
+        for path in gone:
+            parent, _, name = path.rpartition("/")
+            if parent not in gone:     # else the parent's invalidation drops this name too
+                if parent not in cached:
+                    return whole
+                stale.append((cached[parent], name))
+        root = self.view.state_root(rid, iid, current=True)
+        for path, ino in cached.items():
+            if path not in gone:
+                node = self.nodes[ino]
+                del self.by_key[node.key]
+                node.key, node.iid = state_key(rid, iid, path, True), iid
+                if not path:
+                    node.extra = root.extra
+                self.by_key[node.key] = ino
+        return stale
+
+    @staticmethod
+    def _invalidate_all(stale: list[tuple[int, str | None]]) -> None:
+        for ino, name in stale:
+            if name is None:
+                Operations._invalidate_attributes(ino)
+            else:
+                Operations._invalidate(ino, name)
+
     @staticmethod
     def _invalidate(parent: int, name: str) -> None:
         try:
             pyfuse3.invalidate_entry(parent, os.fsencode(name))
         except Exception:
             pass  # the kernel did not know that name (or there is no kernel: view tests)
+
+    @staticmethod
+    def _invalidate_attributes(ino: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except Exception:
+            pass
 
     def _invalidate_later(self, parent: int, name: str, deleted: int) -> None:
         try:
@@ -905,6 +978,12 @@ def _feed_hasher(of: OpenFile) -> None:
         hasher, buf = of.pending[0]
         hasher.update(buf)
         of.pending.popleft()
+
+
+def _same_bytes(a, b) -> bool:
+    """Whether entry b differs from a only in attributes: two directories, or two files of one digest."""
+    return (isinstance(a, DirEntry) and isinstance(b, DirEntry)) or \
+        (isinstance(a, FileEntry) and isinstance(b, FileEntry) and a.digest == b.digest)
 
 
 def _write_only(flags: int) -> bool:

@@ -4,8 +4,11 @@ No pyfuse3 here, so the view is testable without a kernel. The adapter
 (ops.py) turns `Attr` into EntryAttributes and OSError into FUSEError.
 
 Node keys identify what a node shows; committed trees are keyed by instance
-id, so their nodes (and the kernel's caches of them) never go stale: a
-commit makes `resources/<rid>` resolve to nodes of a new key.
+id and by whether they belong to the current tree (`resources/<rid>`) or to
+`instances/<rid>/<iid>`, so their nodes never go stale. A commit through the
+mount moves the current tree's unchanged nodes to the new head's keys
+(ops.py, `_show_commit`); a head changed by another process makes
+`resources/<rid>` resolve to a new root node, and so to a new tree.
 """
 
 from __future__ import annotations
@@ -55,6 +58,21 @@ class Node:
     txn: object = None              # OpenTxn for txn nodes
     ino: int = 0
     extra: dict | None = None       # state roots: {'current': bool, 'created_ns': int}
+
+
+def state_key(rid: str, iid: str, path: str, current: bool) -> tuple:
+    """The key of the node showing `path` of instance `iid`, in resources/<rid> (current) or instances/."""
+    return ("state", rid, iid, path, current)
+
+
+def is_current(node: Node) -> bool:
+    """Whether a state node belongs to resources/<rid> (the last part of its key)."""
+    return node.key[4]
+
+
+def _state_child(parent: Node, path: str, entry) -> Node:
+    return Node("state", state_key(parent.rid, parent.iid, path, is_current(parent)), rid=parent.rid,
+                iid=parent.iid, path=path, entry=entry)
 
 
 def readonly_mode(mode: int) -> int:
@@ -156,7 +174,7 @@ class View:
     def state_root(self, rid: str, iid: str, current: bool) -> Node:
         # The time comes from the UUIDv7 itself (48-bit milliseconds): listing resources/ reads no instance.json.
         created = (uuid.UUID(iid).int >> 80) * 1_000_000
-        return Node("state", ("state", rid, iid, "", current), rid=rid, iid=iid, path="", entry=None,
+        return Node("state", state_key(rid, iid, "", current), rid=rid, iid=iid, path="", entry=None,
                     extra={"current": current, "created_ns": created})
 
     def _lookup_state(self, parent: Node, name: str) -> Node:
@@ -164,8 +182,7 @@ class View:
         entry = self.archive.state(parent.rid, parent.iid).get(path)
         if entry is None:
             raise NotFound(name)
-        return Node("state", ("state", parent.rid, parent.iid, path), rid=parent.rid, iid=parent.iid,
-                    path=path, entry=entry)
+        return _state_child(parent, path, entry)
 
     def _lookup_instance(self, rid: str, name: str) -> Node:
         ids = self.archive.instance_ids(rid)
@@ -208,8 +225,7 @@ class View:
         index = self._index(node.rid, node.iid)
         out = []
         for name, path, entry in index.get(node.path, ()):
-            out.append((name, Node("state", ("state", node.rid, node.iid, path), rid=node.rid, iid=node.iid,
-                                   path=path, entry=entry)))
+            out.append((name, _state_child(node, path, entry)))
         return out
 
     def _index(self, rid: str, iid: str) -> dict[str, list]:
