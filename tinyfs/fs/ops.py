@@ -23,10 +23,10 @@ import pyfuse3
 import trio
 
 from ..core.commit import commit
-from ..core.errors import TinyfsError
+from ..core.errors import NotFound, TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
-from ..core.model import DirEntry, FileEntry
+from ..core.model import DirEntry, FileEntry, State
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
 from .txn import OpenFile, OpenTxn, fail, kind_bits
@@ -599,7 +599,12 @@ class Operations(pyfuse3.Operations):
         self.nursery.start_soon(trio.to_thread.run_sync, Staging.delete, trash)   # bytes go after the reply
         log.info("committed %s as %s", rid, result.instance)
         if result.instance is not None:
-            stale = self._move_current_tree(rid, result.instance)
+            try:
+                stale = self._move_current_tree(rid, result.instance)
+            except Exception:    # the commit is made: never answer it with an error
+                log.exception("showing commit %s of %s", result.instance, rid)
+                self.view.heads.pop(rid, None)
+                stale = [(self.top["resources"], rid)]
             await trio.to_thread.run_sync(self._invalidate_all, stale)
         if old_root is not None:
             self._invalidate_later(self.top["commit"], rid, old_root)
@@ -610,54 +615,57 @@ class Operations(pyfuse3.Operations):
         log.warning("commit of %s failed: %s", txn.rid, message)
 
     def _move_current_tree(self, rid: str, iid: str) -> list[tuple[int, str | None]]:
-        """Give the nodes of resources/<rid> that a commit left as they were the keys of the new head `iid`,
-        and return what the kernel must forget before the rename is answered: (parent inode, name) for
-        each cached name that went or now shows other bytes, (inode, None) for a node that stays with new
-        attributes (the root, whose time is the head's; a directory or file whose mode or times changed).
+        """Move the tree of resources/<rid> to the new head `iid`, and return what the kernel must forget
+        before the rename is answered: (parent inode, name) for each cached name that went or now shows
+        other bytes, (inode, None) for a node that stays with new attributes (the root, whose time is the
+        head's; a directory, or a file of the same digest, whose mode or times changed).
 
-        Invalidating resources/<rid> instead would drop the whole cached tree: for a browsed resource of
-        10,000 files that is 10,000 forgets, and as many lookups the next time it is read, however little
-        the commit changed. A file with other bytes, a symbolic link with another target, or a name whose
-        kind changed gets a new node (a new inode, so no stale page cache) at its next lookup. When the
-        previous head's tree is not what the kernel holds (a new resource, or another process committed
-        meanwhile), resources/<rid> as a whole is invalidated."""
+        The nodes of that tree share one Head: moving it moves every node the commit left as it was, at
+        no cost per node, and the kernel keeps their entries, attributes and page cache (invalidating
+        resources/<rid> instead dropped the whole cached tree: for a browsed resource of 10,000 files,
+        10,000 forgets and as many lookups at its next reading, however little the commit changed). A
+        changed node is detached (it keeps showing the old instance while the kernel holds it) and
+        invalidated: a file with other bytes, a symbolic link with another target or a name of another
+        kind gets a new node, a new inode (no stale page cache), at its next lookup. When the tree the
+        kernel holds is not the previous head's (a new resource, another process committed meanwhile),
+        resources/<rid> is invalidated whole and resolves to a new Head."""
         whole = [(self.top["resources"], rid)]
+        head = self.view.heads.get(rid)
         doc = self.archive.instance(rid, iid)
-        old = doc.previous
-        root_ino = self.by_key.get(state_key(rid, old, "", True)) if old else None
-        if root_ino is None or state_key(rid, iid, "", True) in self.by_key:
+        if head is None or head.iid != doc.previous:
             return whole
-        before = self.archive.state(rid, old).entries()
-        after = doc.state.entries()
-        cached: dict[str, int] = {"": root_ino}
-        gone: set[str] = set()
+        root_ino = self.by_key.get(state_key(rid, head, ""))
+        if root_ino is None:
+            del self.view.heads[rid]         # no tree of it is cached: the next lookup starts a new one
+            return whole
+        try:
+            before, after = self.archive.state(rid, head.iid), doc.state
+        except NotFound:     # dynamic mode dropped the previous instance, and its document is not cached
+            del self.view.heads[rid]
+            return whole
         stale: list[tuple[int, str | None]] = [(root_ino, None)]
-        for path, entry in before.items():
-            ino = self.by_key.get(state_key(rid, old, path, True))
-            if ino is not None:
-                cached[path] = ino
-                new = after.get(path)
-                if new != entry:
-                    if _same_bytes(entry, new):
-                        self.nodes[ino].entry = new
-                        stale.append((ino, None))
-                    else:
-                        gone.add(path)
+        gone: dict[str, int] = {}
+        for path, old, new in _changed_entries(before, after):
+            ino = self.by_key.get(state_key(rid, head, path))
+            if ino is None:
+                continue
+            if _same_bytes(old, new):
+                self.nodes[ino].entry = new
+                stale.append((ino, None))
+            else:
+                gone[path] = ino
         for path in gone:
             parent, _, name = path.rpartition("/")
             if parent not in gone:     # else the parent's invalidation drops this name too
-                if parent not in cached:
-                    return whole
-                stale.append((cached[parent], name))
-        root = self.view.state_root(rid, iid, current=True)
-        for path, ino in cached.items():
-            if path not in gone:
-                node = self.nodes[ino]
-                del self.by_key[node.key]
-                node.key, node.iid = state_key(rid, iid, path, True), iid
-                if not path:
-                    node.extra = root.extra
-                self.by_key[node.key] = ino
+                parent_ino = self.by_key.get(state_key(rid, head, parent)) if parent else root_ino
+                if parent_ino is not None:
+                    stale.append((parent_ino, name))
+        for ino in gone.values():
+            node = self.nodes[ino]
+            del self.by_key[node.key]
+            node.key, node.head, node.iid = ("detached", ino), None, head.iid
+            self.by_key[node.key] = ino
+        head.iid = iid
         return stale
 
     @staticmethod
@@ -978,6 +986,18 @@ def _feed_hasher(of: OpenFile) -> None:
         hasher, buf = of.pending[0]
         hasher.update(buf)
         of.pending.popleft()
+
+
+def _changed_entries(before: State, after: State):
+    """(path, entry before, entry after or None) of every path of `before` whose entry differs in `after`.
+    A commit hands unchanged entries on as the very objects of the state it started from: most paths
+    cost an identity test."""
+    for old_part, new_part in ((before.files, after.files), (before.links, after.links),
+                               (before.dirs, after.dirs)):
+        for path, old in old_part.items():
+            new = new_part.get(path)
+            if new is not old and new != old:
+                yield path, old, new if new is not None else after.get(path)
 
 
 def _same_bytes(a, b) -> bool:

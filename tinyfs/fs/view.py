@@ -3,12 +3,13 @@
 No pyfuse3 here, so the view is testable without a kernel. The adapter
 (ops.py) turns `Attr` into EntryAttributes and OSError into FUSEError.
 
-Node keys identify what a node shows; committed trees are keyed by instance
-id and by whether they belong to the current tree (`resources/<rid>`) or to
-`instances/<rid>/<iid>`, so their nodes never go stale. A commit through the
-mount moves the current tree's unchanged nodes to the new head's keys
-(ops.py, `_show_commit`); a head changed by another process makes
-`resources/<rid>` resolve to a new root node, and so to a new tree.
+Node keys identify what a node shows, so that nodes never go stale. The
+nodes of `instances/<rid>/<iid>` are keyed by instance id. The nodes of
+`resources/<rid>` are keyed by a `Head`, one object shared by the whole
+current tree of a resource: a commit through the mount moves that head to the
+new instance and detaches only the nodes of entries it changed (ops.py,
+`_move_current_tree`); a head moved by another process gets a new `Head`, so
+`resources/<rid>` resolves to a new root node and a new tree.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ class Attr:
     attr_timeout: float = LONG
 
 
+class Head:
+    """The instance that resources/<rid> shows, shared by every node of that tree (compared by identity)."""
+
+    __slots__ = ("iid",)
+
+    def __init__(self, iid: str):
+        self.iid = iid
+
+
 @dataclass(eq=False, slots=True)
 class Node:
     """One inode of the mount. `kind` says which part of the tree it belongs to."""
@@ -57,22 +67,27 @@ class Node:
     sino: int = 0                   # staging inode for txn nodes
     txn: object = None              # OpenTxn for txn nodes
     ino: int = 0
-    extra: dict | None = None       # state roots: {'current': bool, 'created_ns': int}
+    head: Head | None = None        # state nodes of resources/<rid>: the head they show (iid is then None)
 
 
-def state_key(rid: str, iid: str, path: str, current: bool) -> tuple:
-    """The key of the node showing `path` of instance `iid`, in resources/<rid> (current) or instances/."""
-    return ("state", rid, iid, path, current)
+def state_key(rid: str, shown: str | Head, path: str) -> tuple:
+    """The key of the node showing `path` of an instance (an iid) or of resources/<rid> (its Head)."""
+    return ("state", rid, shown, path)
 
 
-def is_current(node: Node) -> bool:
-    """Whether a state node belongs to resources/<rid> (the last part of its key)."""
-    return node.key[4]
+def shown_iid(node: Node) -> str:
+    """The instance a state node shows."""
+    return node.head.iid if node.head is not None else node.iid
+
+
+def created_ns(iid: str) -> int:
+    """An instance's time from its UUIDv7 (48-bit milliseconds): listing resources/ reads no instance.json."""
+    return (uuid.UUID(iid).int >> 80) * 1_000_000
 
 
 def _state_child(parent: Node, path: str, entry) -> Node:
-    return Node("state", state_key(parent.rid, parent.iid, path, is_current(parent)), rid=parent.rid,
-                iid=parent.iid, path=path, entry=entry)
+    return Node("state", state_key(parent.rid, parent.head or parent.iid, path), rid=parent.rid,
+                iid=parent.iid, head=parent.head, path=path, entry=entry)
 
 
 def readonly_mode(mode: int) -> int:
@@ -87,6 +102,7 @@ class View:
         self.uid, self.gid = uid, gid
         st = os.stat(archive.root)
         self.root_mtime = st.st_mtime_ns
+        self.heads: dict[str, Head] = {}      # rid -> what its resources/<rid> tree shows
 
     # -- attributes ------------------------------------------------------
     def attr(self, node: Node) -> Attr:
@@ -120,12 +136,11 @@ class View:
 
     def _state_attr(self, node: Node) -> Attr:
         e = node.entry
-        extra = node.extra or {}
-        top_timeout = SHORT if extra.get("current") and not node.path else LONG
-        if e is None:  # the root of a state: resources/<rid> or instances/<rid>/<iid>
-            created = extra.get("created_ns", self.root_mtime)
+        if e is None:  # the root of a state: resources/<rid> (short timeouts: it moves) or instances/<rid>/<iid>
+            created = created_ns(shown_iid(node))
+            timeout = SHORT if node.head is not None else LONG
             return Attr(stat.S_IFDIR | 0o555, mtime_ns=created, ctime_ns=created, uid=self.uid, gid=self.gid,
-                        nlink=2, entry_timeout=top_timeout, attr_timeout=top_timeout)
+                        nlink=2, entry_timeout=timeout, attr_timeout=timeout)
         if isinstance(e, FileEntry):
             return Attr(stat.S_IFREG | readonly_mode(e.mode), size=e.size, mtime_ns=e.mtime_ns,
                         ctime_ns=e.mtime_ns, uid=self.uid, gid=self.gid)
@@ -172,14 +187,17 @@ class View:
         raise NotFound(name)
 
     def state_root(self, rid: str, iid: str, current: bool) -> Node:
-        # The time comes from the UUIDv7 itself (48-bit milliseconds): listing resources/ reads no instance.json.
-        created = (uuid.UUID(iid).int >> 80) * 1_000_000
-        return Node("state", state_key(rid, iid, "", current), rid=rid, iid=iid, path="", entry=None,
-                    extra={"current": current, "created_ns": created})
+        """The root of instances/<rid>/<iid>, or (current) of resources/<rid> showing its head `iid`."""
+        if not current:
+            return Node("state", state_key(rid, iid, ""), rid=rid, iid=iid)
+        head = self.heads.get(rid)
+        if head is None or head.iid != iid:     # first seen, or moved by another process: a new tree
+            head = self.heads[rid] = Head(iid)
+        return Node("state", state_key(rid, head, ""), rid=rid, head=head)
 
     def _lookup_state(self, parent: Node, name: str) -> Node:
         path = f"{parent.path}/{name}" if parent.path else name
-        entry = self.archive.state(parent.rid, parent.iid).get(path)
+        entry = self.archive.state(parent.rid, shown_iid(parent)).get(path)
         if entry is None:
             raise NotFound(name)
         return _state_child(parent, path, entry)
@@ -222,7 +240,7 @@ class View:
 
     def _state_children(self, node: Node) -> list[tuple[str, Node]]:
         """Children of a directory of a state; the per-directory index is cached per instance."""
-        index = self._index(node.rid, node.iid)
+        index = self._index(node.rid, shown_iid(node))
         out = []
         for name, path, entry in index.get(node.path, ()):
             out.append((name, _state_child(node, path, entry)))
@@ -243,7 +261,7 @@ class View:
     def file_path(self, node: Node) -> str:
         """The file on disk whose bytes a read-only file node shows."""
         if node.kind == "state":
-            doc = self.archive.instance(node.rid, node.iid)
+            doc = self.archive.instance(node.rid, shown_iid(node))
             return str(self.archive.stored_path(node.rid, doc.stored[node.entry.digest]))
         if node.kind == "aip":
             return str(self._aip_path(node))
@@ -265,7 +283,7 @@ class View:
         if node.kind != "state" or not isinstance(node.entry, FileEntry):
             return {}
         import base64
-        doc = self.archive.instance(node.rid, node.iid)
+        doc = self.archive.instance(node.rid, shown_iid(node))
         stored = doc.stored[node.entry.digest]
         out = {"user.tinyfs.digest": f"{doc.digest}:{node.entry.digest}".encode(),
                "user.tinyfs.instance": stored.split("/")[1].encode()}
