@@ -155,6 +155,8 @@ def test_a_browsed_resource_shows_every_change_of_a_commit_at_once(tmp_path, mod
         assert [p for p in kept if os.lstat(view / p).st_ino != inodes[p]] == []
         assert os.lstat(view / "a" / "f004.txt").st_ino != inodes["a/f004.txt"]
         assert kept_open.read() == before["a/f003.txt"]
+        changed_open.seek(0)
+        assert changed_open.read() == before["a/f004.txt"]       # an open file keeps the bytes it had
         kept_open.close()
         changed_open.close()
         if mode == "preservation":
