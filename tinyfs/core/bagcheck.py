@@ -100,7 +100,6 @@ SUPPORTED_ALGORITHMS: tuple[str, ...] = ("md5", "sha1", "sha224", "sha256", "sha
 KNOWN_VERSIONS: frozenset[tuple[int, int]] = frozenset(
     {(0, 93), (0, 94), (0, 95), (0, 96), (0, 97), (1, 0)}
 )
-CHUNK_SIZE = 1 << 20
 SYSTEM_FILE_NAMES: frozenset[str] = frozenset(
     {".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", ".directory"}
 )

@@ -14,14 +14,18 @@ from collections.abc import Callable, Sequence
 
 from .durable import start_writeback
 
-CHUNK = 1 << 20
+# Reads of 128 KiB, as coreutils does. Reading cached bytes in 1 MiB (or 256 or 512 KiB) requests cost
+# the kernel three to four times the system time on the machines this was measured on (kernel 6.18,
+# ext4): hashing a warm 1 GiB file 2.6-3.0 s -> 2.4 s (sys 0.55-0.73 -> 0.11-0.21 s), copying and hashing
+# it 4.6-5.8 s -> 3.3-3.4 s. Still large enough for hashlib to release the GIL.
+CHUNK = 128 << 10
 WRITEBACK_CHUNK = 16 << 20   # see durable.start_writeback
 _local = threading.local()
 
 
 def _buffer() -> tuple[bytearray, memoryview]:
-    """This thread's read buffer: allocating (and zeroing) 1 MiB per file cost more than hashing
-    a 4 KiB file."""
+    """This thread's read buffer: allocating (and zeroing) one per file cost more than hashing a 4 KiB
+    file."""
     try:
         return _local.buf
     except AttributeError:
