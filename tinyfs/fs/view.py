@@ -190,6 +190,9 @@ class View:
         """The root of instances/<rid>/<iid>, or (current) of resources/<rid> showing its head `iid`."""
         if not current:
             return Node("state", state_key(rid, iid, ""), rid=rid, iid=iid)
+        # (A worker thread lists resources/ through here too. Racing a commit's move of the Head, it can at
+        # worst make a second Head for the new instance: a new root inode, which the kernel takes as a new
+        # tree, as after a commit by another process.)
         head = self.heads.get(rid)
         if head is None or head.iid != iid:     # first seen, or moved by another process: a new tree
             head = self.heads[rid] = Head(iid)
