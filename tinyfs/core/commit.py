@@ -121,7 +121,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     pending.mkdir()
     new_files = _resolve_digests(req.changes, cfg.digests, pending, progress)
     changes = {p: (c.entry(cfg.primary) if isinstance(c, NewFile) else c) for p, c in req.changes.items()}
-    delta = _diff(base_state, changes) if req.full else _drop_noops(base_state, changes)
+    delta = state_changes(base_state, changes) if req.full else _drop_noops(base_state, changes)
     merged = _merge(base_state, head_state, delta, req.rid, head_is_base=head == req.base)
     if not (req.walked and head == req.base):   # else merged is the caller's walked tree itself
         _check_tree(merged)
@@ -268,8 +268,8 @@ def _sources_by_digest(new_files: list[NewFile], primary: str) -> dict[str, NewF
     return out
 
 
-def _diff(base: State, target: dict[str, Entry]) -> dict[str, Entry | None]:
-    """The changes that turn `base` into the full state `target`."""
+def state_changes(base: State, target: dict[str, Entry]) -> dict[str, Entry | None]:
+    """The changes that turn `base` into the full state `target` (None: removed), identity first."""
     delta: dict[str, Entry | None] = {}
     before = base.entries()
     for path, entry in target.items():
@@ -294,7 +294,7 @@ def _same(a: Entry | None, b: Entry | None) -> bool:
 
 def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str, head_is_base: bool = False) -> State:
     """Apply `delta` (made against `base`) on top of `head`; ESTALE when a path changed on both sides."""
-    theirs = {} if head_is_base else _diff(base, head.entries())   # nobody committed meanwhile: no clash
+    theirs = {} if head_is_base else state_changes(base, head.entries())   # nobody committed meanwhile: no clash
     clash = sorted(p for p in delta if p in theirs and not _same(theirs[p], delta[p]))
     if clash:
         raise Stale(f"resource {rid!r} changed meanwhile and {clash[0]!r} changed on both sides",

@@ -22,11 +22,11 @@ import stat
 import pyfuse3
 import trio
 
-from ..core.commit import commit
+from ..core.commit import commit, state_changes
 from ..core.errors import NotFound, TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
-from ..core.model import DirEntry, FileEntry, State
+from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
 from .txn import OpenFile, OpenTxn, fail, kind_bits
@@ -645,11 +645,12 @@ class Operations(pyfuse3.Operations):
             return whole
         stale: list[tuple[int, str | None]] = [(root_ino, None)]
         gone: dict[str, int] = {}
-        for path, old, new in _changed_entries(before, after):
+        old_entries = before.entries()
+        for path, new in state_changes(before, after.entries()).items():
             ino = self.by_key.get(state_key(rid, head, path))
-            if ino is None:
+            if ino is None:          # not cached, or added by the commit (FUSE caches no failed lookup)
                 continue
-            if _same_bytes(old, new):
+            if _same_bytes(old_entries[path], new):
                 self.nodes[ino].entry = new
                 stale.append((ino, None))
             else:
@@ -986,18 +987,6 @@ def _feed_hasher(of: OpenFile) -> None:
         hasher, buf = of.pending[0]
         hasher.update(buf)
         of.pending.popleft()
-
-
-def _changed_entries(before: State, after: State):
-    """(path, entry before, entry after or None) of every path of `before` whose entry differs in `after`.
-    A commit hands unchanged entries on as the very objects of the state it started from: most paths
-    cost an identity test."""
-    for old_part, new_part in ((before.files, after.files), (before.links, after.links),
-                               (before.dirs, after.dirs)):
-        for path, old in old_part.items():
-            new = new_part.get(path)
-            if new is not old and new != old:
-                yield path, old, new if new is not None else after.get(path)
 
 
 def _same_bytes(a, b) -> bool:
