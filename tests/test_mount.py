@@ -375,6 +375,28 @@ def test_other_process_commits_show_up_and_stale_conflict(mnt, root, tmp_path):
         time.sleep(0.2)
 
 
+def test_a_commit_merged_over_another_process_s_shows_at_once_in_a_browsed_tree(mnt, root, tmp_path):
+    """The tree the kernel holds is the head before another process's commit: the mount's commit, merged on
+    top of that commit, must not move the cached tree (it would miss the other commit's change)."""
+    t = mnt / "transactions" / "merged"
+    os.mkdir(t)
+    (t / "a.txt").write_text("a1")
+    (t / "b.txt").write_text("b1")
+    mnt.commit("merged")
+    view = mnt / "resources" / "merged"
+    assert tree(view) == {"a.txt": b"a1", "b.txt": b"b1"}
+    os.mkdir(t)
+    (t / "b.txt").write_text("b2 from the mount")
+    (tmp_path / "cli").mkdir()
+    for name in ("a.txt", "c.txt"):               # a.txt: a name the kernel holds; c.txt: a new one
+        (tmp_path / "cli" / name).write_text(f"{name} from the cli")
+    subprocess.run([*tinyfs_argv(), "ingest", str(root), "merged", *(str(p) for p in (tmp_path / "cli").iterdir())],
+                   check=True)
+    mnt.commit("merged")
+    assert tree(view) == {"a.txt": b"a.txt from the cli", "b.txt": b"b2 from the mount", "c.txt": b"c.txt from the cli"}
+    assert len(os.listdir(mnt / "instances" / "merged")) == 3
+
+
 def test_rollback_and_permissions_of_views(mnt, root):
     t = mnt / "transactions" / "gone"
     os.mkdir(t)
