@@ -645,12 +645,11 @@ class Operations(pyfuse3.Operations):
             return whole
         stale: list[tuple[int, str | None]] = [(root_ino, None)]
         gone: dict[str, int] = {}
-        old_entries = before.entries()
         for path, new in state_changes(before, after.entries()).items():
             ino = self.by_key.get(state_key(rid, head, path))
             if ino is None:          # not cached, or added by the commit (FUSE caches no failed lookup)
                 continue
-            if _same_bytes(old_entries[path], new):
+            if _same_bytes(self.nodes[ino].entry, new):    # a cached node holds the entry it shows
                 self.nodes[ino].entry = new
                 stale.append((ino, None))
             else:
@@ -671,25 +670,15 @@ class Operations(pyfuse3.Operations):
 
     @staticmethod
     def _invalidate_all(stale: list[tuple[int, str | None]]) -> None:
+        """(parent, name): drop that cached name; (inode, None): drop that inode's cached attributes."""
         for ino, name in stale:
-            if name is None:
-                Operations._invalidate_attributes(ino)
-            else:
-                Operations._invalidate(ino, name)
-
-    @staticmethod
-    def _invalidate(parent: int, name: str) -> None:
-        try:
-            pyfuse3.invalidate_entry(parent, os.fsencode(name))
-        except Exception:
-            pass  # the kernel did not know that name (or there is no kernel: view tests)
-
-    @staticmethod
-    def _invalidate_attributes(ino: int) -> None:
-        try:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
-        except Exception:
-            pass
+            try:
+                if name is None:
+                    pyfuse3.invalidate_inode(ino, attr_only=True)
+                else:
+                    pyfuse3.invalidate_entry(ino, os.fsencode(name))
+            except Exception:
+                pass  # the kernel did not know it (or there is no kernel: view tests)
 
     def _invalidate_later(self, parent: int, name: str, deleted: int) -> None:
         try:
