@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -180,6 +181,35 @@ def test_tar_x_and_mv_from_another_file_system(mnt, tmp_path):
     same_listing(src, view / "moved")
     assert tree(view / "moved") == tree(src)
     assert {k: v for k, v in tree(view).items() if not k.startswith("moved/")} == tree(src)
+
+
+def test_tar_x_with_xattrs_which_makes_files_with_mknod(mnt, tmp_path):
+    """GNU tar --xattrs creates each regular file with mknod(2), sets its xattrs, then opens it."""
+    src = source_tree(tmp_path / "src", n=5)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    try:
+        for n, p in enumerate(files):
+            os.setxattr(p, "user.note", f"file {n}".encode())
+    except OSError as e:
+        pytest.skip(f"no user xattrs on {tmp_path}: {e}")
+    archive = tmp_path / "src.tar"
+    subprocess.run(["tar", "--xattrs", "-C", str(src), "-cf", str(archive), "."], check=True)
+    t = mnt / "transactions" / "xtar"
+    os.mkdir(t)
+    subprocess.run(["tar", "--xattrs", "-C", str(t), "-xpf", str(archive)], check=True)
+    os.mknod(t / "made-by-mknod", 0o640 | stat.S_IFREG)
+    assert stat.S_ISREG(os.stat(t / "made-by-mknod").st_mode)
+    with pytest.raises(FileExistsError):
+        os.mknod(t / "made-by-mknod", 0o640 | stat.S_IFREG)
+    mnt.commit("xtar")
+    view = mnt / "resources" / "xtar"
+    assert tree(view) == {**tree(src), "made-by-mknod": b""}
+    (src / "made-by-mknod").touch()      # what the listing should show: the mknod'ed file, empty
+    os.chmod(src / "made-by-mknod", 0o640)
+    os.utime(src / "made-by-mknod", ns=(0, os.stat(view / "made-by-mknod").st_mtime_ns))
+    same_listing(src, view)
+    for p in files:      # (hard-linked names share one inode's xattrs)
+        assert os.getxattr(view / p.relative_to(src), "user.note") == os.getxattr(p, "user.note")
 
 
 @pytest.mark.skipif(not shutil.which("gio"), reason="needs GLib's gio")

@@ -514,7 +514,16 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if parent.kind != "txn":
             raise self._readonly_error(parent)
-        raise fail(errno.EPERM, "tinyfs archives regular files, directories and symbolic links only")
+        if not stat.S_ISREG(mode):
+            raise fail(errno.EPERM, "tinyfs archives regular files, directories and symbolic links only")
+        # A regular file made by mknod(2): GNU tar --xattrs creates files this way (then sets their
+        # xattrs, then opens them), and so does the kernel for a create when the daemon has no create.
+        name = decode_name(bytes(name))
+        txn = self._live(parent)
+        if txn.staging.lookup(parent.sino, name) is not None:
+            raise fail(errno.EEXIST)
+        sino = txn.staging.make(parent.sino, name, "f", stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
+        return self._entry(self._txn_node(txn, sino))
 
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):

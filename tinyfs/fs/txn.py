@@ -137,6 +137,8 @@ class OpenTxn:
                 self.staging.update(sino, digests=None)
             of.generation = self.generations[sino] = self.generations.get(sino, 0) + 1
             of.writers += 1
+            if of.writers == 1 and of.on_blob and of.size == 0 and of.hasher is None:
+                self.start_hashing(of)    # an empty file (made by mknod, or left empty): hash as bytes arrive
         else:
             of.readers += 1
         if truncate and write:
