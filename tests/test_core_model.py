@@ -43,3 +43,31 @@ def test_one_line_per_entry_so_that_diff_shows_changed_paths() -> None:
     assert any(line.startswith('  "plain.txt": {') for line in lines)
     assert any(line.startswith('  "empty": {"mode":448') for line in lines)
     assert json.loads(InstanceDoc("i", "r", None, "c", "", "", None, "sha512", State(), {}).to_json_bytes())["state"] == {}
+
+
+def test_a_document_following_another_reuses_its_lines_and_reads_exactly_as_if_encoded_whole() -> None:
+    """The next instance re-encodes only entries that are not the previous one's objects; the bytes
+    must not tell: every kind of change (added, removed, replaced, same value as a new object)."""
+    first = sample()
+    first.to_json_bytes()
+    assert first.encoded is not None
+    s = first.state
+    files = dict(s.files)
+    files["plain.txt"] = FileEntry("ef" * 64, 4, 0o644, 12)               # replaced
+    files["new file"] = FileEntry("ab" * 64, 3, 0o640, 13)                # added
+    del files[f"dir/{ODD}"]                                              # removed
+    dirs = {**s.dirs, "dir": DirEntry(0o755, 9)}                         # equal, but another object
+    links = {"dir/link": LinkEntry("elsewhere", 7)}
+    stored = {**first.stored, "ef" * 64: "instances/x/data/plain.txt"}
+    second = InstanceDoc("01a20a57-a4f9-7b50-a44a-92a7bac9401c", "r1", first.id, "2026-11-23T21:38:00.000000Z",
+                         "", "", None, "sha512", State(files, links, dirs), stored)
+    reused = second.to_json_bytes(previous=first)
+    assert first.encoded is None and second.encoded is not None          # the lines moved on
+    whole = InstanceDoc(**{k: getattr(second, k) for k in
+                           ("id", "resource", "previous", "created", "message", "creator", "label", "digest",
+                            "state", "stored")}).to_json_bytes()
+    assert reused == whole
+    assert InstanceDoc.from_json_bytes(reused) == second
+    third_state = State({}, {}, {})                                      # everything removed
+    third = InstanceDoc("i3", "r1", second.id, "c", "", "", None, "sha512", third_state, {})
+    assert json.loads(third.to_json_bytes(previous=second))["state"] == {}

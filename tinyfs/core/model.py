@@ -113,22 +113,35 @@ class InstanceDoc:
     digest: str
     state: State
     stored: dict[str, str]
+    # The encoded line of every entry, by section, once this document has been written (`to_json_bytes`):
+    # the next instance of the resource re-encodes only the entries that are not the same objects.
+    encoded: dict[str, dict] | None = field(default=None, compare=False, repr=False)
 
-    def to_json_bytes(self) -> bytes:
+    def to_json_bytes(self, previous: InstanceDoc | None = None) -> bytes:
         """Sorted keys (SPEC 4), one line per entry: `diff` of two instances shows what changed, and
         it is written with the C encoder (json's indent= falls back to pure Python: 0.2 s per 10k files).
-        The pieces are joined once: each copy of a 10,000-file document costs about a millisecond."""
+        The pieces are joined once: each copy of a 10,000-file document costs about a millisecond.
+
+        With `previous` (the instance this one follows, written by this process), the lines of entries
+        it holds unchanged (the very same entry objects: entries are frozen) are taken from it: a commit
+        of a few changes to a 10,000-file resource encoded 20,000 lines, 20-40 ms here. The encoded
+        lines move to this document (the head is the only one a next commit follows)."""
+        before = (previous.encoded if previous is not None else None) or {}
+        if previous is not None:
+            previous.encoded = None
         top = {
             "type": "tinyfs-instance", "format": 1,
             "id": self.id, "resource": self.resource, "previous": self.previous, "created": self.created,
             "message": self.message, "creator": self.creator, "label": self.label, "digest": self.digest,
         }
-        sections = {
-            "state": _lines(self.state.files, _file_json),
-            "links": _lines(self.state.links, lambda e: f'{{"mtime_ns":{e.mtime_ns},"target":{_STRING(e.target)}}}'),
-            "dirs": _lines(self.state.dirs, lambda e: f'{{"mode":{e.mode},"mtime_ns":{e.mtime_ns}}}'),
-            "stored": _lines(self.stored, _STRING),
+        encoded = {
+            "state": _encoded(self.state.files, _file_json, before.get("state")),
+            "links": _encoded(self.state.links, _link_json, before.get("links")),
+            "dirs": _encoded(self.state.dirs, _dir_json, before.get("dirs")),
+            "stored": _encoded(self.stored, _STRING, before.get("stored")),
         }
+        sections = {key: _lines(lines) for key, lines in encoded.items()}
+        self.encoded = encoded
         out = ["{\n"]
         for n, key in enumerate(sorted([*top, *sections])):
             out.append(f"{_NEXT if n else ''} {_STRING(key)}: ")
@@ -153,16 +166,32 @@ class InstanceDoc:
                    doc.get("creator", ""), doc.get("label"), doc["digest"], state, dict(doc["stored"]))
 
 
-def _lines(entries: dict, encode) -> list[str]:
+def _encoded(entries: dict, encode, before: dict | None) -> dict:
+    """key -> (entry, its line in the JSON object), reusing the lines of `before` whose entry is the
+    same object (an identity test per entry instead of two encodings)."""
+    if not before:
+        return {k: (v, f"  {_STRING(k)}: {encode(v)}") for k, v in entries.items()}
+    out = {}
+    for k, v in entries.items():
+        old = before.get(k)
+        out[k] = old if old is not None and old[0] is v else (v, f"  {_STRING(k)}: {encode(v)}")
+    return out
+
+
+def _lines(encoded: dict) -> list[str]:
     """A JSON object with one sorted entry per line, as pieces to join. Sorting the keys, not the items:
     a state is its head's (sorted) entries with the changes at the end; comparing keys alone is 10x faster."""
-    if not entries:
+    if not encoded:
         return ["{}"]
-    out = ["{\n"]
-    out += [f"{_NEXT}  {_STRING(k)}: {encode(entries[k])}" for k in sorted(entries)]
-    out[1] = out[1][len(_NEXT):]
-    out.append("\n }")
-    return out
+    return ["{\n", _NEXT.join([encoded[k][1] for k in sorted(encoded)]), "\n }"]
+
+
+def _link_json(e: LinkEntry) -> str:
+    return f'{{"mtime_ns":{e.mtime_ns},"target":{_STRING(e.target)}}}'
+
+
+def _dir_json(e: DirEntry) -> str:
+    return f'{{"mode":{e.mode},"mtime_ns":{e.mtime_ns}}}'
 
 
 def _file_json(e: FileEntry) -> str:
