@@ -378,13 +378,18 @@ class Operations(pyfuse3.Operations):
         name = decode_name(bytes(name))
         if parent.kind == "top" and parent.path == "transactions":
             return self._entry(await self._open_transaction(name, ctx))
+        txn, sino = self._make(parent, name, "d", mode & ~ctx.umask, ctx)
+        return self._entry(self._txn_node(txn, sino))
+
+    def _make(self, parent: Node, name: str, kind: str, mode: int, ctx, **kw) -> tuple[OpenTxn, int]:
+        """A new entry in a transaction directory (mkdir, create, mknod): EROFS/EPERM outside
+        one, EEXIST when the name is taken."""
         if parent.kind != "txn":
             raise self._readonly_error(parent)
         txn = self._live(parent)
         if txn.staging.lookup(parent.sino, name) is not None:
             raise fail(errno.EEXIST)
-        sino = txn.staging.make(parent.sino, name, "d", mode & ~ctx.umask, ctx.uid, ctx.gid)
-        return self._entry(self._txn_node(txn, sino))
+        return txn, txn.staging.make(parent.sino, name, kind, mode, ctx.uid, ctx.gid, **kw)
 
     async def _open_transaction(self, rid: str, ctx) -> Node:
         if not is_rid(rid):
@@ -518,11 +523,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EPERM, "tinyfs archives regular files, directories and symbolic links only")
         # A regular file made by mknod(2): GNU tar --xattrs creates files this way (then sets their
         # xattrs, then opens them), and so does the kernel for a create when the daemon has no create.
-        name = decode_name(bytes(name))
-        txn = self._live(parent)
-        if txn.staging.lookup(parent.sino, name) is not None:
-            raise fail(errno.EEXIST)
-        sino = txn.staging.make(parent.sino, name, "f", stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid)
+        txn, sino = self._make(parent, decode_name(bytes(name)), "f", stat.S_IMODE(mode) & ~ctx.umask, ctx)
         return self._entry(self._txn_node(txn, sino))
 
     @handler
@@ -737,18 +738,11 @@ class Operations(pyfuse3.Operations):
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         parent = self._node(parent_inode)
-        name = decode_name(bytes(name))
-        if parent.kind != "txn":
-            raise self._readonly_error(parent)
-        txn = self._live(parent)
-        if txn.staging.lookup(parent.sino, name) is not None:
-            raise fail(errno.EEXIST)
-        sino = txn.staging.make(parent.sino, name, "f", stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid,
-                                create_blob=False)    # txn.open below creates it (one open instead of two)
+        txn, sino = self._make(parent, decode_name(bytes(name)), "f", stat.S_IMODE(mode) & ~ctx.umask, ctx,
+                               create_blob=False)    # txn.open below creates it (one open instead of two)
         node = self._txn_node(txn, sino)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY
-        of = txn.open(sino, write, truncate=False)
-        txn.start_hashing(of)
+        of = txn.open(sino, write, truncate=False)   # (an empty file opened for writing: hashed as it arrives)
         info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
         info.keep_cache = True
         info.direct_io = _write_only(flags)
