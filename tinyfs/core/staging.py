@@ -480,15 +480,19 @@ class Staging:
         """A new entry. A file's blob is created here unless the caller opens it with O_CREAT at once."""
         self._own(parent)
         now = time.time_ns()
+        size, blob = (len(os.fsencode(target)) if target else 0), (1 if kind == "f" else 0)
         with self.db:
             self.db.execute("BEGIN")
             cur = self.db.execute("INSERT INTO inodes (kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, target) "
                                   "VALUES (?,?,?,?,?,?,?,?,?)",
-                                  (kind, mode & 0o7777, uid, gid, len(os.fsencode(target)) if target else 0,
-                                   now, now, 1 if kind == "f" else 0, target))
+                                  (kind, mode & 0o7777, uid, gid, size, now, now, blob, target))
             ino = cur.lastrowid
             self._set_name(parent, name, ino)
             self._touch(parent, now)
+        # the row as SELECT would read it, and its one name: the create's reply and the open, getattr and
+        # release that follow ask for both (two queries a file saved in a `cp -a` of small files)
+        self._nodes[ino] = Node(ino, kind, mode & 0o7777, uid, gid, size, now, now, blob, None, None, 0, target)
+        self._nlinks[ino] = 2 if kind == "d" else 1
         if kind == "d":
             self._names_changed(parent)
         if kind == "f" and create_blob:
