@@ -49,6 +49,21 @@ def test_opening_a_transaction_writes_nothing_of_the_base(tmp_path):
     assert {p for p, _ino, _row in staging.walk()} == set(BASE.entries())
 
 
+def test_what_make_keeps_in_memory_is_what_the_database_holds(tmp_path):
+    """make() caches the new row and its link count instead of reading them back: a restarted
+    daemon (a fresh Staging on the same database) must see exactly the same."""
+    staging = Staging.create(tmp_path / "r", "r", "base-iid", lambda iid: BASE, 0, 0)
+    d1 = staging.lookup(ROOT, "d1")
+    made = [staging.make(ROOT, "new.txt", "f", 0o100640, 5, 6),
+            staging.make(d1, "newdir", "d", 0o40750, 5, 6),
+            staging.make(ROOT, "new-link", "l", 0o777, 5, 6, target="d1/a")]
+    cached = [(staging.node(i), staging.nlink(i, staging.node(i).kind)) for i in made]
+    reopened = open_staging(tmp_path / "r")
+    assert cached == [(reopened.node(i), reopened.nlink(i, reopened.node(i).kind)) for i in made]
+    assert [n.mode for n, _ in cached] == [0o640, 0o750, 0o777] and [k for _, k in cached] == [1, 2, 1]
+    assert staging.nlink(d1, "d") == reopened.nlink(d1, "d") == 4     # d1/sub and d1/newdir
+
+
 def test_a_transaction_staged_before_the_overlay_still_opens(tmp_path):
     """Rows for every base entry and no `overlay` key (the format before): read as before, no base needed."""
     staging = Staging.create(tmp_path / "r", "r", None, None, 0, 0)
