@@ -290,7 +290,9 @@ class OpenTxn:
 
     # -- commit -------------------------------------------------------------------
     def commit_request(self) -> CommitRequest:
-        """The changes since the base, from the staging (call on the trio thread: it reads SQLite).
+        """The changes since the base, from the staging. Runs in a worker thread while the transaction
+        is committing: every change of it fails with EBUSY until the commit ends, so the walk reads one
+        state (the connection is shared with the loop's readers; sqlite3.threadsafety is 3 here).
         An inode untouched since the base and still at its base path is no change; a base path no
         longer in the tree is a removal. A transaction staged before the overlay has every entry as a
         row and no base tree to tell removals: it hands over its whole tree (`full`), as it used to."""
