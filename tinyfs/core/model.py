@@ -169,12 +169,14 @@ class InstanceDoc:
 def _encoded(entries: dict, encode, before: dict | None) -> dict:
     """key -> (entry, its line in the JSON object), reusing the lines of `before` whose entry is the
     same object (an identity test per entry instead of two encodings)."""
+    def line(k, v) -> tuple:
+        return v, f"  {_STRING(k)}: {encode(v)}"
     if not before:
-        return {k: (v, f"  {_STRING(k)}: {encode(v)}") for k, v in entries.items()}
+        return {k: line(k, v) for k, v in entries.items()}
     out = {}
     for k, v in entries.items():
         old = before.get(k)
-        out[k] = old if old is not None and old[0] is v else (v, f"  {_STRING(k)}: {encode(v)}")
+        out[k] = old if old is not None and old[0] is v else line(k, v)
     return out
 
 

@@ -378,18 +378,19 @@ class Operations(pyfuse3.Operations):
         name = decode_name(bytes(name))
         if parent.kind == "top" and parent.path == "transactions":
             return self._entry(await self._open_transaction(name, ctx))
-        txn, sino = self._make(parent, name, "d", mode & ~ctx.umask, ctx)
+        txn, sino = self._make(parent, name, "d", mode, ctx)
         return self._entry(self._txn_node(txn, sino))
 
     def _make(self, parent: Node, name: str, kind: str, mode: int, ctx, **kw) -> tuple[OpenTxn, int]:
-        """A new entry in a transaction directory (mkdir, create, mknod): EROFS/EPERM outside
-        one, EEXIST when the name is taken."""
+        """A new entry in a transaction directory (mkdir, create, mknod), with the caller's umask
+        applied to `mode`: EROFS/EPERM outside one, EEXIST when the name is taken."""
         if parent.kind != "txn":
             raise self._readonly_error(parent)
         txn = self._live(parent)
         if txn.staging.lookup(parent.sino, name) is not None:
             raise fail(errno.EEXIST)
-        return txn, txn.staging.make(parent.sino, name, kind, mode, ctx.uid, ctx.gid, **kw)
+        return txn, txn.staging.make(parent.sino, name, kind, stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid,
+                                     **kw)
 
     async def _open_transaction(self, rid: str, ctx) -> Node:
         if not is_rid(rid):
@@ -523,7 +524,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EPERM, "tinyfs archives regular files, directories and symbolic links only")
         # A regular file made by mknod(2): GNU tar --xattrs creates files this way (then sets their
         # xattrs, then opens them), and so does the kernel for a create when the daemon has no create.
-        txn, sino = self._make(parent, decode_name(bytes(name)), "f", stat.S_IMODE(mode) & ~ctx.umask, ctx)
+        txn, sino = self._make(parent, decode_name(bytes(name)), "f", mode, ctx)
         return self._entry(self._txn_node(txn, sino))
 
     @handler
@@ -740,7 +741,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         parent = self._node(parent_inode)
-        txn, sino = self._make(parent, decode_name(bytes(name)), "f", stat.S_IMODE(mode) & ~ctx.umask, ctx,
+        txn, sino = self._make(parent, decode_name(bytes(name)), "f", mode, ctx,
                                create_blob=False)    # txn.open below creates it (one open instead of two)
         node = self._txn_node(txn, sino)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY
