@@ -19,7 +19,7 @@ from mounting import tinyfs_argv
 from tinyfs import Archive
 from tinyfs.core.layout import ArchiveRoot
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "bagit-conformance"
+CONFORMANCE = Path(__file__).parent / "fixtures" / "bagit-conformance"
 OLD_NS = 1_500_000_000_987_654_321
 
 
