@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import shlex
 import shutil
@@ -281,3 +282,46 @@ def test_missing_stored_file(shared, tmp_path):
     assert caught.value.found is None and caught.value.missing
     assert [e["detail"]["found"] for e in shared.events()] == [None] * 4
 
+
+# -- fsck ----------------------------------------------------------------------------------------------
+
+def test_fsck_names_every_path_using_a_missing_stored_file(shared):
+    shared.path.unlink()
+    r = run_tinyfs("fsck", shared.root, check=False)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 1
+    assert f"walrus {shared.stored}: missing-file: listed in the manifest but absent from the bag" in lines
+    assert [x for x in lines if x.startswith("  ")] == [f"  {iid} {path}" for iid, path in shared.affected]
+    fast = run_tinyfs("fsck", shared.root, "--fast", check=False).stdout.splitlines()
+    assert [x for x in fast if x.startswith("  ")] == [f"  {iid} {path}" for iid, path in shared.affected]
+    doc = json.loads(run_tinyfs("fsck", shared.root, "--json", check=False).stdout)
+    [group] = doc["stored_files"]
+    assert group["status"] == "missing" and "missing-file" in group["codes"]
+
+
+def test_fsck_names_every_path_using_a_damaged_stored_file(damaged):
+    r = run_tinyfs("fsck", damaged.root, check=False)
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    at = lines.index(next(x for x in lines if x.startswith(f"walrus {damaged.stored}: checksum-mismatch: sha512")))
+    assert lines[at + 1:at + 1 + len(damaged.affected)] == [f"  {iid} {p}" for iid, p in damaged.affected]
+    assert lines[-1].endswith("1 stored file damaged or missing, used by 7 paths")
+
+    j = run_tinyfs("fsck", damaged.root, "--json", check=False)
+    assert j.returncode == 1 and j.stderr == ""
+    doc = json.loads(j.stdout)
+    assert doc["clean"] is False and doc["instances"] == 3 and doc["interrupted_commits"] == 0
+    assert doc["stored_files"] == [{
+        "resource": "walrus", "stored": damaged.stored, "status": "damaged",
+        "codes": ["checksum-mismatch", "stored-damaged"],
+        "affected": [{"instance": iid, "path": p} for iid, p in damaged.affected]}]
+    assert {(f["instance"], f["code"]) for f in doc["findings"]} == {
+        (damaged.iids[0], "checksum-mismatch"), (damaged.iids[1], "stored-damaged"),
+        (damaged.iids[2], "stored-damaged")}
+    assert all(f["stored"] == damaged.stored for f in doc["findings"])
+
+
+def test_fsck_json_of_a_clean_archive(shared):
+    doc = json.loads(run_tinyfs("fsck", shared.root, "--json").stdout)
+    assert doc["clean"] is True and doc["findings"] == [] and doc["stored_files"] == []
+    assert doc["summary"].endswith(": clean") and doc["files"] == 3

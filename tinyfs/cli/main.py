@@ -194,10 +194,14 @@ def cmd_fsck(args) -> int:
     archive = ArchiveRoot(args.root)
     with _progress() as progress:
         report = fsck(archive, args.rids or None, fast=args.fast, progress=progress)
-    for finding in report.findings:
-        print(_one_line(str(finding)))
-    print(report.summary())
     leftovers = [n for n in _listdir(archive.transactions) if n.startswith(".commit-")]
+    if args.json:
+        print(json.dumps({**report.to_json(), "interrupted_commits": len(leftovers)}, indent=1,
+                         ensure_ascii=False, sort_keys=True))
+    else:
+        for line in report.lines():
+            print(_one_line(line))
+        print(report.summary())
     if leftovers:
         _say(f"note: {len(leftovers)} interrupted commit(s) in {archive.transactions}; "
              "`tinyfs recover` removes them")
@@ -314,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rids", metavar="RID", nargs="*")
     p.add_argument("--fast", action="store_true", help="structure and sizes only; hash nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON document (findings, damaged stored "
+                   "files with every path using them) instead of text")
 
     p = command("export", cmd_export, "write one complete, standalone bag of a state")
     p.add_argument("root", metavar="ROOT")
