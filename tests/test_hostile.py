@@ -613,7 +613,9 @@ def test_fsck_names_the_exact_path_and_problem(root, tmp_path):
         p = inst / "data" / "src" / "sub" / "x.txt"
         p.write_bytes(b"jello\n")
     lines = damage(flip_payload)
-    assert f"r {iid} data/src/sub/x.txt: checksum-mismatch: sha512" in "\n".join(lines), lines
+    stored_x = f"r instances/{iid}/data/src/sub/x.txt"                # a damaged stored file, then its users
+    assert len(lines) == 2 and lines[0].startswith(f"{stored_x}: checksum-mismatch: sha512 expected "), lines
+    assert lines[1] == f"  {iid} src/sub/x.txt", lines
 
     def break_json():
         (inst / "instance.json").write_text("{")
@@ -630,26 +632,28 @@ def test_fsck_names_the_exact_path_and_problem(root, tmp_path):
         (inst / "instance.json").write_text(json.dumps(doc, sort_keys=True))
         _retag_all(inst)
     lines = damage(lie_in_json)
-    assert any(x.startswith(f"r {iid} src/y.txt: stored-digest-mismatch") for x in lines), lines
+    assert any(x.startswith(f"r instances/{iid}/data/src/y.txt: stored-digest-mismatch") for x in lines), lines
+    assert f"  {iid} src/y.txt" in lines
 
     def drop_manifest_line():
         m = inst / "manifest-sha512.txt"
         m.write_text("".join(x for x in m.read_text().splitlines(True) if "y.txt" not in x))
         _retag_all(inst)
     lines = damage(drop_manifest_line)
-    assert any(x.startswith(f"r {iid} data/src/y.txt: extra-file") for x in lines), lines
+    assert any(x.startswith(f"r instances/{iid}/data/src/y.txt: extra-file") for x in lines), lines
 
     def wrong_manifest_digest():
         m = inst / "manifest-sha512.txt"
         m.write_text("".join(("f" * 128 + x[128:]) if "x.txt" in x else x for x in m.read_text().splitlines(True)))
     lines = damage(wrong_manifest_digest)
-    assert any(x.startswith(f"r {iid} data/src/sub/x.txt: checksum-mismatch") for x in lines), lines
+    assert any(x.startswith(f"{stored_x}: checksum-mismatch") for x in lines), lines
     assert any(x.startswith(f"r {iid} manifest-sha512.txt: checksum-mismatch") for x in lines), lines
 
     def remove_stored():
         (inst / "data" / "src" / "y.txt").unlink()
     lines = damage(remove_stored)
-    assert any("data/src/y.txt" in x and ("missing" in x or "FileMissing" in x) for x in lines), lines
+    assert f"r instances/{iid}/data/src/y.txt: missing-file: listed in the manifest but absent from the bag" in lines
+    assert f"  {iid} src/y.txt" in lines
 
 
 def _retag_all(inst: Path) -> None:

@@ -2,6 +2,7 @@
 
 from .core.api import Archive, Resource, Transaction
 from .core.errors import TinyfsError
+from .core.fixity import FixityError
 
 __version__ = "0.1.0"
-__all__ = ["Archive", "Resource", "Transaction", "TinyfsError", "__version__"]
+__all__ = ["Archive", "FixityError", "Resource", "Transaction", "TinyfsError", "__version__"]

@@ -2,7 +2,7 @@
 
 Exit codes (docs/format.md):
   0    success (fsck: clean)
-  1    fsck found damage
+  1    damage found: by fsck, or stored bytes that cat or export would hand out are damaged or missing
   2    usage error, or the operation was refused or failed (one line on stderr)
   3    unexpected internal error (a bug: run with -v for the traceback)
   130  interrupted (Ctrl-C)
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -113,15 +114,61 @@ def cmd_ls(args) -> int:
 
 
 def cmd_cat(args) -> int:
-    from ..core.api import Archive
+    from ..core.fixity import FixityError, open_verified
+    from ..core.layout import ArchiveRoot
 
-    resource = Archive(args.root).get(args.rid)
-    with resource.open(args.path, args.instance) as f:
-        out = sys.stdout.buffer
-        while chunk := f.read(1 << 20):
-            out.write(chunk)
-        out.flush()
+    archive = ArchiveRoot(args.root)
+    doc = archive.instance(args.rid, archive.resolve_instance(args.rid, args.instance))
+    sys.stdout.flush()
+    out = sys.stdout.fileno()
+    before = _regular_file_place(out)
+    try:
+        with open_verified(archive, args.rid, doc, args.path, "cat") as f:
+            _stream(f, out)
+    except FixityError as e:
+        _cut_back(out, before)
+        _say(str(e))
+        return EXIT_DAMAGE
+    except BaseException:
+        _cut_back(out, before)
+        raise
     return EXIT_OK
+
+
+def _stream(f, out: int) -> None:
+    """Copy a verified reader to a descriptor, unbuffered (nothing is left to flush after a failure);
+    the read that reaches the end raises when the bytes are damaged, so their last piece is not written."""
+    from ..core.digests import CHUNK
+
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        chunk = view[:n]
+        while chunk:
+            chunk = chunk[os.write(out, chunk):]
+
+
+def _regular_file_place(fd: int) -> tuple[int, int] | None:
+    """(size, offset) of a descriptor that is a regular file (`tinyfs cat ... > f`), else None."""
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size, os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        pass
+    return None
+
+
+def _cut_back(fd: int, before: tuple[int, int] | None) -> None:
+    """After a failed cat, give a regular file back the size and offset it had (no partial output);
+    a pipe or a terminal has already had the bytes, and only the exit status can tell."""
+    if before is None:
+        return
+    try:
+        os.ftruncate(fd, before[0])
+        os.lseek(fd, before[1], os.SEEK_SET)
+    except OSError as e:
+        log.warning("could not remove the partial output: %s", e.strerror or e)
 
 
 def cmd_events(args) -> int:
@@ -147,10 +194,14 @@ def cmd_fsck(args) -> int:
     archive = ArchiveRoot(args.root)
     with _progress() as progress:
         report = fsck(archive, args.rids or None, fast=args.fast, progress=progress)
-    for finding in report.findings:
-        print(_one_line(str(finding)))
-    print(report.summary())
     leftovers = [n for n in _listdir(archive.transactions) if n.startswith(".commit-")]
+    if args.json:
+        print(json.dumps({**report.to_json(), "interrupted_commits": len(leftovers)}, indent=1,
+                         ensure_ascii=False, sort_keys=True))
+    else:
+        for line in report.lines():
+            print(_one_line(line))
+        print(report.summary())
     if leftovers:
         _say(f"note: {len(leftovers)} interrupted commit(s) in {archive.transactions}; "
              "`tinyfs recover` removes them")
@@ -159,11 +210,16 @@ def cmd_fsck(args) -> int:
 
 def cmd_export(args) -> int:
     from ..core.export import export
+    from ..core.fixity import FixityError
     from ..core.layout import ArchiveRoot
 
-    with _progress() as progress:
-        result = export(ArchiveRoot(args.root), args.rid, args.dest, instance=args.instance, tar=args.tar,
-                        progress=progress)
+    try:
+        with _progress() as progress:
+            result = export(ArchiveRoot(args.root), args.rid, args.dest, instance=args.instance, tar=args.tar,
+                            progress=progress)
+    except FixityError as e:        # nothing was left at DEST
+        _say(str(e))
+        return EXIT_DAMAGE
     log.info("exported %s instance %s: %d files, %d bytes -> %s", args.rid, result.instance, result.files,
              result.bytes, result.dest)
     return EXIT_OK
@@ -209,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log what happens (INFO) on stderr")
     parser = _Parser(prog="tinyfs", parents=[common],
                      description="A small OAIS-style archive whose everyday client is the file system.",
-                     epilog="Exit codes: 0 ok, 1 fsck found damage, 2 error (one line on stderr), "
+                     epilog="Exit codes: 0 ok, 1 damage found (fsck, cat, export), 2 error (one line on stderr), "
                             "3 internal error, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"tinyfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
@@ -262,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rids", metavar="RID", nargs="*")
     p.add_argument("--fast", action="store_true", help="structure and sizes only; hash nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON document (findings, damaged stored "
+                   "files with every path using them) instead of text")
 
     p = command("export", cmd_export, "write one complete, standalone bag of a state")
     p.add_argument("root", metavar="ROOT")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -10,10 +11,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .commit import CommitRequest, CommitResult, NewFile, commit
+from .digests import CHUNK
 from .errors import Forbidden, InvalidName, NotFound, TinyfsError
+from .fixity import FixityError, open_verified
 from .ids import check_label, check_logical_path, check_rid, parent_of
 from .layout import ArchiveRoot, init_archive
 from .model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State
+
+InstanceRef = InstanceDoc | str | None     # an instance as Resource takes it: itself, its id or label, or the head
 
 
 class Archive:
@@ -80,20 +85,27 @@ class Resource:
     def instances(self) -> list[InstanceDoc]:
         return [self._root.instance(self.id, iid) for iid in self._root.instance_ids(self.id)]
 
-    def state(self, instance: str | None = None) -> State:
-        return self._root.state(self.id, self._root.resolve_instance(self.id, instance))
+    def state(self, instance: InstanceRef = None) -> State:
+        return self._doc(instance).state
 
-    def open(self, path: str, instance: str | None = None) -> BinaryIO:
-        iid = self._root.resolve_instance(self.id, instance)
-        doc = self._root.instance(self.id, iid)
-        entry = doc.state.files.get(path)
-        if entry is None:
-            raise NotFound(f"{self.id}: no file {path!r} in instance {iid}")
-        return open(self._root.stored_path(self.id, doc.stored[entry.digest]), "rb")
+    def open(self, path: str, instance: InstanceRef = None) -> BinaryIO:
+        """The file's bytes, verified against their recorded digest when read in order to the end: the
+        read that reaches the end raises FixityError (an OSError, EIO) if they do not match, and so does
+        every later read. Reads after a seek elsewhere than 0 are served as stored, unverified."""
+        return io.BufferedReader(open_verified(self._root, self.id, self._doc(instance), path, "api"), CHUNK)
 
-    def read(self, path: str, instance: str | None = None) -> bytes:
+    def read(self, path: str, instance: InstanceRef = None) -> bytes:
+        """The whole file, verified (FixityError when the stored bytes are damaged or missing)."""
         with self.open(path, instance) as f:
             return f.read()
+
+    def _doc(self, instance: InstanceRef) -> InstanceDoc:
+        """The instance named by an InstanceDoc (of this resource), an id, a label, or None (the head)."""
+        if isinstance(instance, InstanceDoc):
+            if instance.resource != self.id:
+                raise NotFound(f"instance {instance.id} belongs to {instance.resource!r}, not {self.id!r}")
+            instance = instance.id
+        return self._root.instance(self.id, self._root.resolve_instance(self.id, instance))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.state().files)
@@ -285,4 +297,4 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-__all__ = ["Archive", "Resource", "Transaction", "FileEntry"]
+__all__ = ["Archive", "Resource", "Transaction", "FileEntry", "FixityError"]

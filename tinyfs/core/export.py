@@ -15,8 +15,12 @@ ends so) of the same bag under a top directory named after DEST's stem, with
 symbolic links in data/ as real symlink entries, modes, nanosecond mtimes and
 user xattrs (SCHILY.xattr) as recorded. Written to DEST.tmp, fsynced, renamed.
 
-Digests come from the manifests of the bags that store the bytes; a file is
-hashed only when such a manifest lacks one of the configured algorithms.
+Every file's bytes are hashed while they are copied (one read pass) and compared
+with the digest instance.json records: damaged or missing stored bytes fail the
+export with FixityError (and a fixity.failed event), and nothing is left at DEST.
+The other configured digests come from the manifests of the bags that store the
+bytes (a file is hashed only when such a manifest lacks one); the verified first
+digest shows that the bytes are the ones those manifests describe.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bagwrite
-from .digests import hash_file
-from .durable import fsync_dir
+from .digests import CHUNK, WRITEBACK_CHUNK, hash_file
+from .durable import fsync_dir, start_writeback
 from .errors import AlreadyExists, NotFound
+from .fixity import FixityError, VerifiedReader, open_verified, record_failure
 from .fsck import ProgressFactory
 from .ids import check_logical_path
 from .layout import ArchiveRoot
@@ -42,7 +47,6 @@ from .model import InstanceDoc
 
 TAR_SUFFIXES = {".tar": "", ".tar.gz": "gz", ".tgz": "gz", ".tar.bz2": "bz2", ".tbz2": "bz2",
                 ".tar.xz": "xz", ".txz": "xz"}
-CHUNK = 1 << 24
 
 
 @dataclass
@@ -87,14 +91,15 @@ class _Plan:
         digests_of: dict[str, dict[str, str]] = {}
         for path, f in sorted(doc.state.files.items()):
             if f.digest not in digests_of:
-                digests_of[f.digest] = self._digests(f.digest)
+                digests_of[f.digest] = self._digests(path, f.digest)
             self.payload[f"data/{path}"] = digests_of[f.digest]
             self.total += f.size
 
-    def source(self, digest: str) -> Path:
-        return self.archive.stored_path(self.rid, self.doc.stored[digest])
+    def open(self, path: str) -> VerifiedReader:
+        """The stored bytes of `path`, verified as they are read (FixityError when damaged or missing)."""
+        return open_verified(self.archive, self.rid, self.doc, path, "export")
 
-    def _digests(self, digest: str) -> dict[str, str]:
+    def _digests(self, path: str, digest: str) -> dict[str, str]:
         """Every configured digest of the bytes, from the manifests of the bag that stores them."""
         rel = self.doc.stored.get(digest)
         if rel is None:
@@ -115,7 +120,13 @@ class _Plan:
             else:
                 out[alg] = found
         if missing:
-            out.update(hash_file(self.archive.stored_path(self.rid, rel), missing))
+            try:
+                out.update(hash_file(self.archive.stored_path(self.rid, rel), missing))
+            except FileNotFoundError:
+                error = FixityError(resource=self.rid, instance=self.doc.id, path=path, algorithm=self.doc.digest,
+                                    expected=digest, found=None, stored=rel)
+                record_failure(self.archive, error, "export")
+                raise error from None
         return {alg: out[alg] for alg in self.algorithms}
 
     def bag_info(self) -> bytes:
@@ -162,8 +173,8 @@ def _fill_data(plan: _Plan, data_fd: int, advance) -> None:
     for path, f in sorted(state.files.items()):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=data_fd)
         try:
-            with open(plan.source(f.digest), "rb") as src:
-                _copy(src.fileno(), fd, f.size, advance)
+            with plan.open(path) as src:
+                _copy(src, fd, advance)
             for name, value in f.xattrs.items():
                 _set_xattr(fd, name, base64.b64decode(value))
             os.chmod(fd, f.mode | stat.S_IRUSR)
@@ -176,22 +187,20 @@ def _fill_data(plan: _Plan, data_fd: int, advance) -> None:
         os.utime(path, ns=(d.mtime_ns, d.mtime_ns), dir_fd=data_fd)
 
 
-def _copy(src: int, dst: int, size: int, advance) -> None:
-    """In-kernel copy (copy_file_range: a reflink where the file system can), else sendfile."""
+def _copy(src: VerifiedReader, dst: int, advance) -> None:
+    """Copy through one buffer, so that the bytes are hashed as they pass (the read that reaches the end
+    raises FixityError when they do not match). An in-kernel copy (copy_file_range, a reflink where the
+    file system can) would spare the read, but then nothing would check what was copied."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
     done = 0
-    use_range = hasattr(os, "copy_file_range")
-    while done < size:
-        try:
-            n = (os.copy_file_range(src, dst, min(CHUNK, size - done)) if use_range
-                 else os.sendfile(dst, src, None, min(CHUNK, size - done)))
-        except OSError as e:
-            if use_range and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                use_range = False
-                continue
-            raise
-        if n == 0:
-            raise OSError(errno.EIO, f"stored file ended after {done} of {size} bytes")
+    while n := src.readinto(buf):
+        chunk = view[:n]
+        while chunk:
+            chunk = chunk[os.write(dst, chunk):]
         done += n
+        if done % WRITEBACK_CHUNK < n:      # crossed a chunk boundary: start that chunk's writeback
+            start_writeback(dst, done - done % WRITEBACK_CHUNK - WRITEBACK_CHUNK, WRITEBACK_CHUNK)
         if advance:
             advance(n)
 
@@ -265,8 +274,9 @@ def _fill_tar(plan: _Plan, tf: tarfile.TarFile, top: str, advance) -> None:
             info.size = f.size
             for key, value in f.xattrs.items():
                 info.pax_headers[f"SCHILY.xattr.{key}"] = base64.b64decode(value).decode("utf-8", "surrogateescape")
-            with open(plan.source(f.digest), "rb") as src:
+            with plan.open(path) as src:
                 tf.addfile(info, _Counting(src, advance) if advance else src)
+                src.finish()        # tar took the recorded size: a longer stored file is damaged too
 
 
 def _info(name: str, kind: bytes, mode: int, mtime_ns: int) -> tarfile.TarInfo:

@@ -14,7 +14,10 @@ For every instance of the resources checked:
     an earlier bag gets a `stored-damaged` finding of its own.
 
 Each finding has a stable code (the validator's codes for bag problems, and
-the codes below); docs/format.md lists them all.
+the codes below); docs/format.md lists them all. A stored file that is damaged
+or missing is named once, with every logical path of every instance whose
+bytes come from it (`StoredDamage`), found in the same single pass over each
+state that checks the stored files.
 
   bad-resource-json     resource.json missing, unreadable or naming another id
   misplaced-resource    a resource directory not under the XX/YY its id hashes to
@@ -66,12 +69,45 @@ class Finding:
     path: str
     code: str
     message: str
+    stored: str | None = None   # the stored file (relative to the resource directory) this finding is about
 
     def __str__(self) -> str:
         return f"{self.resource} {self.instance or '-'} {self.path or '-'}: {self.code}: {self.message}"
 
     def to_json(self) -> dict:
         return {"path": self.path, "code": self.code, "message": self.message}
+
+    def to_report_json(self) -> dict:
+        return {"resource": self.resource, "instance": self.instance, **self.to_json(), "stored": self.stored}
+
+
+@dataclass
+class StoredDamage:
+    """A damaged or missing stored file, its findings, and every (instance, logical path) using it."""
+
+    resource: str
+    stored: str                         # relative to the resource directory: instances/<iid>/data/...
+    findings: list[Finding]
+    affected: list[tuple[str, str]]     # (instance, logical path), in chain order, sorted within each
+
+    @property
+    def missing(self) -> bool:
+        return any(f.code in MISSING_CODES for f in self.findings)
+
+    def lines(self) -> list[str]:
+        """The stored file's line for each distinct problem, then one indented `<iid> <path>` per user."""
+        shown = [f for f in self.findings if f.code != "stored-damaged"] or self.findings[:1]
+        problems = dict.fromkeys((f.code, f.message) for f in shown)
+        return ([f"{self.resource} {self.stored}: {code}: {message}" for code, message in problems]
+                + [f"  {iid} {path}" for iid, path in self.affected])
+
+    def to_json(self) -> dict:
+        return {"resource": self.resource, "stored": self.stored, "status": "missing" if self.missing else "damaged",
+                "codes": sorted({f.code for f in self.findings}),
+                "affected": [{"instance": iid, "path": path} for iid, path in self.affected]}
+
+
+MISSING_CODES = frozenset({"missing-file", "missing-stored-file"})
 
 
 @dataclass
@@ -82,10 +118,32 @@ class FsckReport:
     files: int = 0
     bytes: int = 0
     fast: bool = False
+    stored: list[StoredDamage] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         return not self.findings
+
+    def lines(self) -> list[str]:
+        """The text report: one line per finding, except that the findings about a damaged or missing
+        stored file are shown together, where the first of them was found, with every path using it."""
+        groups = {(g.resource, g.stored): g for g in self.stored}
+        shown: set[tuple[str, str]] = set()
+        out: list[str] = []
+        for f in self.findings:
+            key = (f.resource, f.stored)
+            if key not in groups:
+                out.append(str(f))
+            elif key not in shown:
+                shown.add(key)
+                out += groups[key].lines()
+        return out
+
+    def to_json(self) -> dict:
+        return {"clean": self.clean, "fast": self.fast, "resources": self.resources, "instances": self.instances,
+                "files": self.files, "bytes": self.bytes, "summary": self.summary(),
+                "findings": [f.to_report_json() for f in self.findings],
+                "stored_files": [g.to_json() for g in self.stored]}
 
     def damaged(self) -> dict[tuple[str, str | None], list[Finding]]:
         """(resource, instance) -> its findings, in the order found."""
@@ -100,7 +158,12 @@ class FsckReport:
         if self.clean:
             return f"fsck: {what}: clean"
         n = len(self.findings)
-        return f"fsck: {what}: {n} problem{'s' if n != 1 else ''} in {len(self.damaged())} instances"
+        out = f"fsck: {what}: {n} problem{'s' if n != 1 else ''} in {len(self.damaged())} instances"
+        if self.stored:
+            paths = sum(len(g.affected) for g in self.stored)
+            out += (f"; {len(self.stored)} stored file{'s' if len(self.stored) != 1 else ''} damaged or missing, "
+                    f"used by {paths} path{'s' if paths != 1 else ''}")
+        return out
 
 
 def fsck(archive: ArchiveRoot, rids: list[str] | None = None, fast: bool = False,
@@ -167,14 +230,16 @@ class _Resource:
         self.dir = archive.resource_dir(rid)
         self.dynamic = archive.config.mode == "dynamic"
         self._bad: dict[str, set[str]] = {}
+        self._affected: dict[str, list[tuple[str, str]]] = {}   # damaged or missing stored file -> its users
 
-    def find(self, iid: str | None, path: str, code: str, message: str) -> None:
-        self.report.findings.append(Finding(self.rid, iid, path, code, message))
+    def find(self, iid: str | None, path: str, code: str, message: str, stored: str | None = None) -> None:
+        self.report.findings.append(Finding(self.rid, iid, path, code, message, stored))
 
     def check(self) -> None:
         if self.dynamic and not self.dir.exists():
             return                      # purged while we looked
         self.report.resources += 1
+        first = len(self.report.findings)
         self._check_resource_dir()
         labels: dict[str, str] = {}
         previous = None
@@ -184,13 +249,23 @@ class _Resource:
             self.report.instances += 1
             bag = self.bags[(self.rid, iid)]
             for p in bag.problems:
-                self.find(iid, p.path, p.code, p.message)
+                self.find(iid, p.path, p.code, p.message, f"instances/{iid}/{p.path}" if p.path.startswith("data/") else None)
             doc = self._load(iid)
             if doc is not None:
                 self._check_doc(iid, doc, previous, labels)
                 self._check_stored(iid, doc, bag)
             self._check_bag_info(iid, bag)
             previous = iid
+        self._group_stored(self.report.findings[first:])
+
+    def _group_stored(self, findings: list[Finding]) -> None:
+        """One StoredDamage per damaged or missing stored file that some path uses, with its findings."""
+        about: dict[str, list[Finding]] = {}
+        for f in findings:
+            if f.stored in self._affected:
+                about.setdefault(f.stored, []).append(f)
+        for rel in sorted(self._affected, key=lambda rel: self._affected[rel][0]):
+            self.report.stored.append(StoredDamage(self.rid, rel, about.get(rel, []), self._affected[rel]))
 
     # -- the resource directory ---------------------------------------------
     def _check_resource_dir(self) -> None:
@@ -248,57 +323,69 @@ class _Resource:
 
     # -- stored bytes ----------------------------------------------------------
     def _check_stored(self, iid: str, doc: InstanceDoc, bag: BagReport) -> None:
-        first_path: dict[str, str] = {}
-        for path, f in sorted(doc.state.files.items()):
-            first_path.setdefault(f.digest, path)
+        """One pass over the state: the stored file of each digest is checked at its first path, and
+        every path whose stored file is damaged or missing is noted under that file."""
+        bad: dict[str, str | None] = {}     # digest -> its stored path when damaged or missing, else None
         own: set[str] = set()
-        for digest, path in first_path.items():
-            size = doc.state.files[path].size
-            rel = doc.stored.get(digest)
-            if rel is None:
-                self.find(iid, path, "missing-stored", f"no stored entry for digest {digest[:16]}…")
-                continue
-            m = _STORED.match(rel)
-            if m is None:
-                self.find(iid, path, "bad-stored-path", f"stored path {rel!r} is not instances/<iid>/data/...")
-                continue
-            holder, inner = m.groups()
-            if holder == iid:
-                own.add(inner)
-            self._check_one(iid, path, digest, size, rel, holder, inner)
+        for path, f in sorted(doc.state.files.items()):
+            if f.digest not in bad:
+                bad[f.digest] = self._check_digest(iid, doc, path, own)
+            rel = bad[f.digest]
+            if rel is not None:
+                self._affected.setdefault(rel, []).append((iid, path))
         self.report.files += len(own)
         for inner in sorted(set(bag.payload) - own):
             self.find(iid, inner, "unreferenced-file", "payload file that instance.json does not store")
 
-    def _check_one(self, iid: str, path: str, digest: str, size: int, rel: str, holder: str, inner: str) -> None:
+    def _check_digest(self, iid: str, doc: InstanceDoc, path: str, own: set[str]) -> str | None:
+        """Check the stored file of `path`'s bytes; its stored path when it is damaged or missing."""
+        digest, size = doc.state.files[path].digest, doc.state.files[path].size
+        rel = doc.stored.get(digest)
+        if rel is None:
+            self.find(iid, path, "missing-stored", f"no stored entry for digest {digest[:16]}…")
+            return None
+        m = _STORED.match(rel)
+        if m is None:
+            self.find(iid, path, "bad-stored-path", f"stored path {rel!r} is not instances/<iid>/data/...")
+            return None
+        holder, inner = m.groups()
+        if holder == iid:
+            own.add(inner)
+        return rel if self._check_one(iid, path, digest, size, rel, holder, inner) else None
+
+    def _check_one(self, iid: str, path: str, digest: str, size: int, rel: str, holder: str, inner: str) -> bool:
+        """Findings about one stored file as instance `iid` uses it; True when it is damaged or missing."""
         holder_bag = self.bags.get((self.rid, holder))
         if holder_bag is None or holder > iid:
             self.find(iid, path, "missing-stored-file", f"stored in {rel}, but instance {holder} "
-                      f"{'does not exist' if holder_bag is None else 'is later than this one'}")
-            return
+                      f"{'does not exist' if holder_bag is None else 'is later than this one'}", rel)
+            return True
         if inner in self._problem_paths(holder):
             if holder != iid:   # the holder's own findings already name the file
-                self.find(iid, path, "stored-damaged", f"its bytes, stored in {rel}, failed their check")
-            return
+                self.find(iid, path, "stored-damaged", f"its bytes, stored in {rel}, failed their check", rel)
+            return True
         found = holder_bag.sizes.get(inner)      # what the bag's validation saw a moment ago
         if found is None:
             found = self._size(rel)
         if found is None:
-            self.find(iid, path, "missing-stored-file", f"{rel} does not exist")
-            return
+            self.find(iid, path, "missing-stored-file", f"{rel} does not exist", rel)
+            return True
         if holder == iid:
             self.report.bytes += found
-        if found != size:
-            self.find(iid, path, "stored-size-mismatch", f"{rel} has {found} bytes, recorded {size}")
+        damaged = found != size
+        if damaged:
+            self.find(iid, path, "stored-size-mismatch", f"{rel} has {found} bytes, recorded {size}", rel)
         listed = holder_bag.payload.get(inner)
         if listed is None:
-            self.find(iid, path, "not-in-manifest", f"{rel} is not a payload file of its bag")
-            return
+            self.find(iid, path, "not-in-manifest", f"{rel} is not a payload file of its bag", rel)
+            return True
         primary = self.archive.config.primary
         if listed.get(primary) != digest:
             self.find(iid, path, "stored-digest-mismatch",
                       f"the manifest of {holder} gives {primary} {str(listed.get(primary))[:16]}…, "
-                      f"instance.json {digest[:16]}…")
+                      f"instance.json {digest[:16]}…", rel)
+            return True
+        return damaged
 
     def _problem_paths(self, iid: str) -> set[str]:
         if iid not in self._bad:
