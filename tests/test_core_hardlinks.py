@@ -1,5 +1,6 @@
 """Hard links in the core: link groups in instance.json, from ingest and the API, kept consistent by a
-commit merged over another one, checked by fsck."""
+commit merged over another one, checked by fsck; a tinyfs export whose instance.json does not describe
+its payload is refused."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 
 from tinyfs import Archive
 from tinyfs.core.commit import CommitRequest, commit
-from tinyfs.core.errors import Stale
+from tinyfs.core.errors import InvalidBag, Stale
+from tinyfs.core.export import export
 from tinyfs.core.fsck import fsck
-from tinyfs.core.ingest import ingest_paths
+from tinyfs.core.ingest import ingest_bag, ingest_paths
 from tinyfs.core.model import InstanceDoc
 
 NS = 1_500_000_000_000_000_001
@@ -177,3 +179,59 @@ def rewrite_tag_file(bag: Path, name: str, raw: bytes) -> None:
         lines = [f"{digest}  {name}" if line.endswith(f"  {name}") else line
                  for line in manifest.read_text().splitlines()]
         manifest.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def exported(archive, tmp_path):
+    src = linked_tree(tmp_path / "src")
+    os.symlink("a", src / "to-a")
+    ingest_paths(archive, "r", sorted(src.iterdir()))
+    bag = tmp_path / "bag"
+    export(archive.root, "r", bag)
+    return bag
+
+
+def edit_record(bag: Path, change) -> None:
+    doc = json.loads((bag / "instance.json").read_bytes())
+    change(doc)
+    rewrite_tag_file(bag, "instance.json", json.dumps(doc, sort_keys=True).encode())
+
+
+@pytest.mark.parametrize("change, code, where", [
+    (lambda d: d["state"].pop("d"), "payload-mismatch", "data/d"),                       # a file not recorded
+    (lambda d: d["state"].update({"e": d["state"]["d"]}), "payload-mismatch", "data/e"),  # recorded, absent
+    (lambda d: d["state"]["d"].update({"digest": "0" * 128}), "payload-mismatch", "data/d"),
+    (lambda d: d["state"]["d"].update({"size": 99}), "payload-mismatch", "data/d"),
+    (lambda d: d.update({"hardlinks": [["a", "nowhere"]]}), "bad-instance-json", "instance.json"),
+    (lambda d: d["links"].update({"no/dir/link": {"target": "x", "mtime_ns": 1}}), "bad-instance-json",
+     "instance.json"),
+])
+def test_a_tinyfs_bag_whose_record_does_not_match_its_payload_is_refused(archive, exported, change, code, where):
+    edit_record(exported, change)
+    with pytest.raises(InvalidBag, match="instance.json does not describe its payload") as e:
+        ingest_bag(archive, "copy", exported)
+    assert (code, where) in {(p.code, p.path) for p in e.value.problems}
+    assert "copy" not in archive
+
+
+def test_an_instance_json_no_tag_manifest_vouches_for_is_a_plain_bag(archive, exported, archive_ok):
+    for manifest in exported.glob("tagmanifest-*.txt"):
+        manifest.write_text("".join(line + "\n" for line in manifest.read_text().splitlines()
+                                    if not line.endswith("  instance.json")))
+    ingest_bag(archive, "plain", exported)
+    state = archive.root.state("plain")
+    assert state.links == {} and sorted(state.files) == ["a", "b", "d", "sub/c"]
+    assert state.hardlinks == (("a", "b", "sub/c"),)     # the payload's own hard links
+    archive_ok(archive.root.root)
+
+
+def test_a_tinyfs_bag_goes_on_top_of_the_current_state(archive, exported, tmp_path, archive_ok):
+    (tmp_path / "keep").write_text("kept\n")
+    (tmp_path / "a").write_text("replaced\n")
+    ingest_paths(archive, "r2", [tmp_path / "keep", tmp_path / "a"])
+    ingest_bag(archive, "r2", exported)
+    state, exported_state = archive.root.state("r2"), archive.root.state("r")
+    assert state.files["keep"].size == 5
+    assert {p: state.get(p) for p in exported_state.entries()} == exported_state.entries()
+    assert state.hardlinks == exported_state.hardlinks
+    archive_ok(archive.root.root)

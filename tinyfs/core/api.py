@@ -186,6 +186,26 @@ class Transaction:
         else:
             raise Forbidden(f"{source}: only regular files, directories and symbolic links can be archived")
 
+    def add_recorded(self, state: State, payload: str | os.PathLike) -> None:
+        """Put a recorded state in place as it was recorded (a tinyfs export's instance.json, checked
+        against its payload by the caller): each of its top-level names replaces whatever the transaction
+        has there; directories, symbolic links, modes, mtimes, user xattrs and link groups are the
+        record's, and each file's bytes are read from `payload/<its path>` at commit."""
+        self._check_open()
+        payload = Path(payload)
+        entries = state.entries()
+        for top in sorted({path.split("/", 1)[0] for path in entries}):
+            self._remove_tree(check_logical_path(top))
+        for path in sorted(entries, key=lambda p: p.split("/")):      # parents first
+            entry = entries[path]
+            check_logical_path(path)
+            if isinstance(entry, FileEntry):
+                self._changes[path] = NewFile(payload / path, entry.size, entry.mode, entry.mtime_ns,
+                                              dict(entry.xattrs), linkable=False)
+            else:
+                self._changes[path] = entry
+        self._linked += [[(path, self._changes[path]) for path in group] for group in state.hardlinks]
+
     def _link_groups(self) -> tuple[tuple[str, ...], ...]:
         """The link groups of the state this transaction makes: the base's, less the paths it changed,
         and the groups it added, less the paths changed again since."""
