@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,29 @@ def test_a_browsed_tree_shows_a_changed_link_group_at_once(mnt, root, tmp_path, 
     assert (view / "b").read_text() == "b on its own\n" and st(view / "b")[1] == 1
     assert st(view / "a") == st(view / "c") and st(view / "a")[1] == 2
     assert st(view / "b")[0] != st(view / "a")[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_the_owner_of_an_export_validates_it_without_root(tmp_path, root, tinyfs):
+    """A file or directory its owner may not read would make bagit.py, run by the bag's owner, call the
+    bag invalid: the export adds the owner's read (and search) bits; instance.json keeps the exact mode."""
+    src = tmp_path / "src"
+    (src / "shut").mkdir(parents=True)
+    (src / "shut" / "locked.txt").write_text("locked\n")
+    os.chmod(src / "shut" / "locked.txt", 0o000)
+    os.chmod(src / "shut", 0o000)
+    tinyfs("ingest", root, "r", src / "shut")
+    public = Path(tempfile.mkdtemp(prefix="tinyfs-export-"))     # a place user nobody can reach
+    try:
+        os.chmod(public, 0o755)
+        bag = public / "bag"
+        tinyfs("export", root, "r", bag)
+        subprocess.run(["chown", "-R", "65534:65534", str(bag)], check=True)
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            str(BAGIT), "--validate", str(bag)], capture_output=True, text=True)
+        assert r.returncode == 0 and "is valid" in r.stderr, r.stderr[-2000:]
+        assert stat.S_IMODE(os.stat(bag / "data" / "shut" / "locked.txt").st_mode) == 0o400
+        assert recorded(root, "r")["state"]["shut/locked.txt"]["mode"] == 0
+        assert recorded(root, "r")["dirs"]["shut"]["mode"] == 0
+    finally:
+        shutil.rmtree(public)
