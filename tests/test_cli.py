@@ -116,8 +116,7 @@ def test_every_command_in_every_mode(tmp_path, mode, archive_ok):
         with tarfile.open(tar_dest) as t:
             names = t.getnames()
             assert "book-v1/bagit.txt" in names and "book-v1/instance.json" in names
-            link = t.getmember("book-v1/data/src/sub/link")
-            assert link.issym() and link.linkname == "deep/leaf.txt"
+            assert "book-v1/data/src/sub/link" not in names      # recorded in instance.json
             assert t.getmember("book-v1/data/src/a.txt").pax_headers["mtime"] == "1500000000.987654321"
             assert t.extractfile("book-v1/data/src/a.txt").read() == b"alpha\n"
             assert "book-v1/data/extra.txt" not in names

@@ -298,8 +298,8 @@ def _stored_files(root: Path, rid: str) -> list[Path]:
 
 
 @needs_fuse
-def test_hard_links_are_flattened_and_stored_once(mnt, root, tmp_path):
-    """A hard link is two entries with one digest, stored once (mount and ingest alike)."""
+def test_hard_links_are_one_inode_recorded_and_stored_once(mnt, root, tmp_path):
+    """A hard link is two entries with one digest, stored once, and a link group (mount and ingest alike)."""
     t = mnt / "transactions" / "hard"
     os.mkdir(t)
     os.mkdir(t / "d")
@@ -322,7 +322,9 @@ def test_hard_links_are_flattened_and_stored_once(mnt, root, tmp_path):
     assert len(_stored_files(root, "hard")) == 1
     view = mnt / "resources" / "hard"
     assert (view / "a.bin").read_bytes() == (view / "d" / "b.bin").read_bytes() == payload
-    assert os.stat(view / "a.bin").st_nlink == 1                                       # flattened
+    assert os.stat(view / "a.bin").st_nlink == 2                                       # one inode
+    assert os.stat(view / "a.bin").st_ino == os.stat(view / "d" / "b.bin").st_ino
+    assert state.hardlinks == (("a.bin", "d/b.bin"),)
     assert errno_of(os.link, view / "a.bin", view / "c.bin") == errno.EROFS
 
     src = tmp_path / "src"
@@ -335,6 +337,7 @@ def test_hard_links_are_flattened_and_stored_once(mnt, root, tmp_path):
     assert {state.files[p].digest for p in ("src/one.txt", "src/sub/two.txt", "src/three.txt")} == \
         {hashlib.sha512(payload).hexdigest()}
     assert len(_stored_files(root, "hard-cli")) == 1
+    assert state.hardlinks == (("src/one.txt", "src/sub/two.txt", "src/three.txt"),)
 
 
 @needs_fuse

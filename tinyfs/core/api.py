@@ -16,7 +16,7 @@ from .errors import Forbidden, InvalidName, NotFound, TinyfsError
 from .fixity import FixityError, open_verified
 from .ids import check_label, check_logical_path, check_rid, parent_of
 from .layout import ArchiveRoot, init_archive
-from .model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State
+from .model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State, link_groups
 
 InstanceRef = InstanceDoc | str | None     # an instance as Resource takes it: itself, its id or label, or the head
 
@@ -124,6 +124,10 @@ class Transaction:
         self.label = check_label(label) if label is not None else None
         self._base_state = root.state(rid, base) if base else State()
         self._changes: dict[str, object] = {}
+        # Link groups added: the (path, NewFile) pairs that were one inode, whether in the sources
+        # (found by st_dev/st_ino) or in a recorded state; a pair counts while its path still holds it.
+        self._linked: list[list[tuple[str, NewFile]]] = []
+        self._inodes: dict[tuple[int, int], list[tuple[str, NewFile]]] = {}
         self.result: CommitResult | None = None
         self._done = False
         root.events.append("transaction.opened", rid, base, via="api")
@@ -179,14 +183,47 @@ class Transaction:
 
     def _add_one(self, source: Path, path: str, st: os.stat_result) -> None:
         if stat.S_ISREG(st.st_mode):
-            self._changes[path] = NewFile(source, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns,
-                                          _user_xattrs(source), linkable=False)
+            new = self._changes[path] = NewFile(source, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns,
+                                                _user_xattrs(source), linkable=False)
+            if st.st_nlink > 1:      # hard-linked: other paths of this transaction may be the same inode
+                group = self._inodes.get((st.st_dev, st.st_ino))
+                if group is None:
+                    group = self._inodes[(st.st_dev, st.st_ino)] = []
+                    self._linked.append(group)
+                group.append((path, new))
         elif stat.S_ISDIR(st.st_mode):
             self._changes[path] = DirEntry(stat.S_IMODE(st.st_mode), st.st_mtime_ns)
         elif stat.S_ISLNK(st.st_mode):
             self._changes[path] = LinkEntry(os.readlink(source), st.st_mtime_ns)
         else:
             raise Forbidden(f"{source}: only regular files, directories and symbolic links can be archived")
+
+    def add_recorded(self, state: State, payload: str | os.PathLike) -> None:
+        """Put a recorded state in place as it was recorded (a tinyfs export's instance.json, checked
+        against its payload by the caller): each of its top-level names replaces whatever the transaction
+        has there; directories, symbolic links, modes, mtimes, user xattrs and link groups are the
+        record's, and each file's bytes are read from `payload/<its path>` at commit."""
+        self._check_open()
+        payload = Path(payload)
+        entries = state.entries()
+        for top in sorted({path.split("/", 1)[0] for path in entries}):
+            self._remove_tree(check_logical_path(top))
+        for path in sorted(entries, key=lambda p: p.split("/")):      # parents first
+            entry = entries[path]
+            check_logical_path(path)
+            if isinstance(entry, FileEntry):
+                self._changes[path] = NewFile(payload / path, entry.size, entry.mode, entry.mtime_ns,
+                                              dict(entry.xattrs), linkable=False)
+            else:
+                self._changes[path] = entry
+        self._linked += [[(path, self._changes[path]) for path in group] for group in state.hardlinks]
+
+    def _link_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The link groups of the state this transaction makes: the base's, less the paths it changed,
+        and the groups it added, less the paths changed again since."""
+        kept = [[p for p in group if p not in self._changes] for group in self._base_state.hardlinks]
+        added = [[p for p, new in group if self._changes.get(p) is new] for group in self._linked]
+        return link_groups(kept + added)
 
     def add_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Add a file from memory (written to a temporary file read again at commit)."""
@@ -236,7 +273,8 @@ class Transaction:
         new_files = {p: c for p, c in self._changes.items() if isinstance(c, NewFile)}
         req = CommitRequest(self.rid, self.base, dict(self._changes), message=self.message,
                             creator=self.creator, label=self.label,
-                            marker=(lambda _iid: verify(new_files)) if verify else None)
+                            marker=(lambda _iid: verify(new_files)) if verify else None,
+                            hardlinks=self._link_groups())
         try:
             self.result = commit(self._root, req, progress)
         finally:

@@ -145,6 +145,7 @@ class BagReport:
     info: list[tuple[str, str]] = field(default_factory=list)
     payload: dict[str, dict[str, str]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)   # regular files found under data/, as lstat saw them
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)   # tag file -> {alg: digest}, from tag manifests
 
     @property
     def valid(self) -> bool:
@@ -772,6 +773,8 @@ class _Checker:
         for path, by_alg in sorted(self._listing().items()):
             if path not in self.excused:
                 self.report.payload[path] = {alg: digests[0] for alg, digests in by_alg.items()}
+        for path, by_alg in sorted(self._tag_listing().items()):
+            self.report.tags[path] = {alg: digests[0] for alg, digests in by_alg.items()}
 
     # -- hashing
 

@@ -29,7 +29,19 @@ from .durable import fsync_dir, write_new
 from .errors import Forbidden, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
 from .ids import PATH_MAX, check_label, check_rid, new_instance_id, parent_of
 from .layout import ArchiveRoot
-from .model import DirEntry, Entry, FileEntry, InstanceDoc, LinkEntry, State, utc_now
+from .model import (
+    DirEntry,
+    Entry,
+    FileEntry,
+    Group,
+    InstanceDoc,
+    LinkEntry,
+    State,
+    group_index,
+    group_problems,
+    link_groups,
+    utc_now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +84,9 @@ class CommitRequest:
     creator: str = ""
     label: str | None = None
     marker: Callable[[str], None] | None = None   # told the new iid just before the final rename
+    # The link groups of the whole target state (what was one inode in the transaction), made against
+    # `base`; None: the base's groups, less the paths the changes touch.
+    hardlinks: tuple[Group, ...] | None = None
 
 
 @dataclass
@@ -122,9 +137,11 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     new_files = _resolve_digests(req.changes, cfg.digests, pending, progress)
     changes = {p: (c.entry(cfg.primary) if isinstance(c, NewFile) else c) for p, c in req.changes.items()}
     delta = state_changes(base_state, changes) if req.full else _drop_noops(base_state, changes)
-    merged = _merge(base_state, head_state, delta, req.rid, head_is_base=head == req.base)
+    groups = link_groups(req.hardlinks) if req.hardlinks is not None else _surviving(base_state.hardlinks, delta)
+    merged = _merge(base_state, head_state, delta, req.rid, head_is_base=head == req.base, groups=groups)
     if not (req.walked and head == req.base):   # else merged is the caller's walked tree itself
         _check_tree(merged)
+    _check_groups(merged)
     _check_lengths(delta)
 
     if req.label is not None and req.label in archive.labels(req.rid):
@@ -309,15 +326,24 @@ def _same(a: Entry | None, b: Entry | None) -> bool:
     return a is b or a == b
 
 
-def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str, head_is_base: bool = False) -> State:
-    """Apply `delta` (made against `base`) on top of `head`; ESTALE when a path changed on both sides."""
-    theirs = {} if head_is_base else state_changes(base, head.entries())   # nobody committed meanwhile: no clash
-    clash = sorted(p for p in delta if p in theirs and not _same(theirs[p], delta[p]))
-    if clash:
-        raise Stale(f"resource {rid!r} changed meanwhile and {clash[0]!r} changed on both sides",
-                    path=clash[0])
+def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str, head_is_base: bool = False,
+           groups: tuple[Group, ...] | None = None) -> State:
+    """Apply `delta` (made against `base`, whose link groups become `groups`: default, the base's less
+    the delta's paths) on top of `head`; ESTALE when a path changed on both sides, its link group
+    (which paths share its inode) included."""
+    if groups is None:
+        groups = _surviving(base.hardlinks, delta)
+    if head_is_base:          # nobody committed meanwhile: no clash
+        result_groups = groups
+    else:
+        theirs = state_changes(base, head.entries())
+        clash = sorted(p for p in delta if p in theirs and not _same(theirs[p], delta[p]))
+        result_groups = _merge_groups(base, head, delta, theirs, groups, clash)
+        if clash:
+            raise Stale(f"resource {rid!r} changed meanwhile and {clash[0]!r} changed on both sides",
+                        path=clash[0])
     # copies of the head's three maps (C speed), then the delta; unsorted: whatever is written sorts its keys
-    result = State(dict(head.files), dict(head.links), dict(head.dirs))
+    result = State(dict(head.files), dict(head.links), dict(head.dirs), result_groups)
     for path, entry in delta.items():
         result.files.pop(path, None)
         result.links.pop(path, None)
@@ -331,8 +357,74 @@ def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str, h
     return result
 
 
+def _surviving(groups: tuple[Group, ...], delta: dict) -> tuple[Group, ...]:
+    """The link groups left when the paths of `delta` leave theirs (a changed path is its own inode)."""
+    if not groups or not delta:
+        return groups
+    return link_groups([p for p in group if p not in delta] for group in groups)
+
+
+def _left(group: Group | None, changed) -> Group | None:
+    """What is left of a link group when its changed paths leave it (a changed path is its own inode)."""
+    if group is None:
+        return None
+    left = tuple(p for p in group if p not in changed)
+    return left if len(left) >= 2 else None
+
+
+def _regrouped(before: dict[str, Group], after: dict[str, Group], changed) -> set[str]:
+    """The paths, not in `changed`, whose link group (path -> group maps) is not what is left of their
+    group before: linked to another path, unlinked from one that stays, regrouped. A path whose partner
+    was removed or rewritten has not changed by that itself."""
+    return {p for p in before.keys() | after.keys() if p not in changed and after.get(p) != _left(before.get(p), changed)}
+
+
+def _merge_groups(base: State, head: State, delta: dict, theirs: dict, ours: tuple[Group, ...],
+                  clash: list[str]) -> tuple[Group, ...]:
+    """The link groups of `delta` (made against `base`, giving `ours`) applied on top of `head`. A path
+    is touched by a side when that side changed its entry or regrouped it; a side touches whole groups
+    of its own grouping. A path takes its group from the side that touched it; a path neither touched
+    keeps what is left of its base group. A path both touched must end alike on both sides (entry and
+    group), else it is a clash (added to `clash`). So every group names paths that exist with one entry."""
+    before, mine, other = group_index(base.hardlinks), group_index(ours), group_index(head.hardlinks)
+    ours_touched = set(delta) | _regrouped(before, mine, delta)
+    theirs_touched = set(theirs) | _regrouped(before, other, theirs)
+    base_entries = None
+    for path in sorted(ours_touched & theirs_touched):
+        if path in clash:
+            continue
+        base_entries = base_entries if base_entries is not None else base.entries()
+        our_entry = delta[path] if path in delta else base_entries.get(path)
+        their_entry = theirs[path] if path in theirs else base_entries.get(path)
+        if not _same(our_entry, their_entry) or mine.get(path) != other.get(path):
+            clash.append(path)
+    clash.sort()
+    changed = delta.keys() | theirs.keys()
+    groups = set()
+    for path in before.keys() | mine.keys() | other.keys():
+        if path in ours_touched:
+            group = mine.get(path)
+        elif path in theirs_touched:
+            group = other.get(path)
+        else:
+            group = _left(before.get(path), changed)
+        if group is not None:
+            groups.add(group)
+    return link_groups(groups)
+
+
+def _check_groups(state: State) -> None:
+    """Link groups whose paths are not one file (bytes that changed while they were read, for one)."""
+    problems = group_problems(state)
+    if problems:
+        path, why = problems[0]
+        raise TinyfsError(f"{path}: {why} (hard links must show one file: did it change during the commit?)",
+                          path=path)
+
+
 def _same_state(a: State, b: State) -> bool:
-    return a.files == b.files and a.links == b.links and a.dirs == b.dirs   # dict == compares identity first
+    return a.files == b.files and a.links == b.links and a.dirs == b.dirs and \
+        link_groups(a.hardlinks) == link_groups(b.hardlinks)    # dict == compares identity first
 
 
 def _check_tree(state: State) -> None:
@@ -358,6 +450,10 @@ def _counts(before: State, after: State, delta: dict) -> tuple[int, int, int]:
     added = sum(1 for p in delta if p in new and p not in old)
     changed = sum(1 for p in delta if p in new and p in old and not _same(old[p], new[p]))
     removed = sum(1 for p in delta if p in old and p not in new)
+    # a file linked to another, or unlinked from one, is changed too (its group is part of its record)
+    if before.hardlinks or after.hardlinks:
+        regrouped = _regrouped(group_index(before.hardlinks), group_index(after.hardlinks), delta)
+        changed += sum(1 for p in regrouped if p in old and p in new)
     return added, changed, removed
 
 

@@ -4,16 +4,20 @@ Directory form (default): DEST/ with data/<real logical path> for every file,
 one manifest and tagmanifest per configured digest (paths percent-encoded as
 RFC 8493 §2.1.3 says: CR, LF and %), bag-info.txt, and the exported instance's
 instance.json as a tag file. A manifest cannot carry symbolic links, so they
-are not placed in data/ (a validator would count them as unlisted payload);
-they, and every directory's mode and mtime, are in instance.json. Empty
-directories are created; files get their recorded mode (always owner-readable)
+are not placed in data/ (bagit-python counts them as payload, and fails on a
+dangling one); they, and every directory's and file's exact mode, are in
+instance.json, from which `ingest --bag` restores them. Empty directories are
+created; the paths of a link group are hard links of one file; files get their
+recorded mode (the owner may always read them, directories may always be read
+and searched by the owner: else the bag could not be validated by its owner),
 mtime and user xattrs. The bag is built in a temporary directory beside DEST,
 flushed to disk (syncfs) and renamed to DEST in one step.
 
 Tar form (`tar=True`): DEST is a tar file (PAX format; gzip/bzip2/xz when DEST
-ends so) of the same bag under a top directory named after DEST's stem, with
-symbolic links in data/ as real symlink entries, modes, nanosecond mtimes and
-user xattrs (SCHILY.xattr) as recorded. Written to DEST.tmp, fsynced, renamed.
+ends so) of the same bag under a top directory named after DEST's stem: no
+symbolic links in data/, link groups as hard-link entries, modes as in the
+directory form, nanosecond mtimes and user xattrs (SCHILY.xattr) as recorded.
+Written to DEST.tmp, fsynced, renamed.
 
 Every file's bytes are hashed while they are copied (one read pass) and compared
 with the digest instance.json records: damaged or missing stored bytes fail the
@@ -165,25 +169,40 @@ def _write_dir(plan: _Plan, dest: Path, advance) -> None:
         raise
 
 
+def file_mode(mode: int) -> int:
+    """A payload file's mode in an export: as recorded, readable by its owner (a bag its owner cannot
+    read cannot be validated; instance.json keeps the exact mode)."""
+    return mode | stat.S_IRUSR
+
+
+def dir_mode(mode: int) -> int:
+    """A directory's mode in an export: as recorded, readable and searchable by its owner."""
+    return mode | stat.S_IRUSR | stat.S_IXUSR
+
+
 def _fill_data(plan: _Plan, data_fd: int, advance) -> None:
     """Everything under data/, relative to its descriptor (so a 4,095-byte logical path still fits)."""
     state = plan.doc.state
     for path in sorted(state.dirs, key=lambda p: p.split("/")):
         os.mkdir(path, 0o700, dir_fd=data_fd)
     for path, f in sorted(state.files.items()):
+        group = state.group_of(path)
+        if group is not None and group[0] != path:     # sorted: the group's first path is written already
+            os.link(group[0], path, src_dir_fd=data_fd, dst_dir_fd=data_fd, follow_symlinks=False)
+            continue
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=data_fd)
         try:
             with plan.open(path) as src:
                 _copy(src, fd, advance)
             for name, value in f.xattrs.items():
                 _set_xattr(fd, name, base64.b64decode(value))
-            os.chmod(fd, f.mode | stat.S_IRUSR)
+            os.chmod(fd, file_mode(f.mode))      # after the bytes: a write would clear setuid/setgid
             os.utime(fd, ns=(f.mtime_ns, f.mtime_ns))
         finally:
             os.close(fd)
     for path in sorted(state.dirs, key=lambda p: p.split("/"), reverse=True):   # children first
         d = state.dirs[path]
-        os.chmod(path, d.mode | stat.S_IRWXU, dir_fd=data_fd)
+        os.chmod(path, dir_mode(d.mode), dir_fd=data_fd)
         os.utime(path, ns=(d.mtime_ns, d.mtime_ns), dir_fd=data_fd)
 
 
@@ -257,20 +276,23 @@ def _fill_tar(plan: _Plan, tf: tarfile.TarFile, top: str, advance) -> None:
                 info.size = os.fstat(f.fileno()).st_size
                 tf.addfile(info, f)
     tf.addfile(_info(f"{top}/data", tarfile.DIRTYPE, 0o755, now_ns))
-    entries = state.entries()
-    for path in sorted(entries, key=lambda p: p.split("/")):
+    written: dict[tuple[str, ...], str] = {}     # link group -> the member name holding its bytes
+    for path in sorted([*state.dirs, *state.files], key=lambda p: p.split("/")):   # no symlinks: see above
         name = f"{top}/data/{path}"
         if path in state.dirs:
             d = state.dirs[path]
-            tf.addfile(_info(name, tarfile.DIRTYPE, d.mode, d.mtime_ns))
-        elif path in state.links:
-            link = state.links[path]
-            info = _info(name, tarfile.SYMTYPE, 0o777, link.mtime_ns)
-            info.linkname = link.target
-            tf.addfile(info)
+            tf.addfile(_info(name, tarfile.DIRTYPE, dir_mode(d.mode), d.mtime_ns))
         else:
             f = state.files[path]
-            info = _info(name, tarfile.REGTYPE, f.mode, f.mtime_ns)
+            group = state.group_of(path)
+            if group is not None and group in written:
+                info = _info(name, tarfile.LNKTYPE, file_mode(f.mode), f.mtime_ns)
+                info.linkname = written[group]
+                tf.addfile(info)
+                continue
+            if group is not None:
+                written[group] = name
+            info = _info(name, tarfile.REGTYPE, file_mode(f.mode), f.mtime_ns)
             info.size = f.size
             for key, value in f.xattrs.items():
                 info.pax_headers[f"SCHILY.xattr.{key}"] = base64.b64decode(value).decode("utf-8", "surrogateescape")

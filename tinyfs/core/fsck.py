@@ -29,6 +29,8 @@ state that checks the stored files.
   duplicate-label       two instances of a resource carry the same label
   bad-path              a logical path breaks the rules (relative, no ./.., UTF-8, lengths)
   orphan-entry          an entry whose parent directory is not in `dirs`
+  bad-hardlinks         a link group of one path, naming a path that is not a file of the state,
+                        or files that are recorded differently, or a path in two groups
   missing-stored        a state digest with no `stored` entry
   bad-stored-path       a `stored` path not of the form instances/<iid>/data/...
   missing-stored-file   a `stored` path that does not exist
@@ -53,7 +55,7 @@ from .bagcheck import BagReport, Problem, validate_bag
 from .errors import InvalidName, NotFound, TinyfsError
 from .ids import check_label, check_logical_path, is_instance_id, is_rid, parent_of
 from .layout import ArchiveRoot
-from .model import InstanceDoc
+from .model import InstanceDoc, group_problems
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +322,8 @@ class _Resource:
             parent = parent_of(path)
             if parent and parent not in doc.state.dirs:
                 self.find(iid, path, "orphan-entry", f"parent directory {parent!r} is not in the state")
+        for path, why in group_problems(doc.state):
+            self.find(iid, path, "bad-hardlinks", why)
 
     # -- stored bytes ----------------------------------------------------------
     def _check_stored(self, iid: str, doc: InstanceDoc, bag: BagReport) -> None:

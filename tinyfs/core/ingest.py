@@ -4,7 +4,10 @@ Both commit through the Python API (`Archive` / `Transaction.add`), on top of
 the resource's current state, creating the resource when it does not exist.
 
 A bag is validated in full first (every problem is listed before anything is
-copied). Its payload is then copied into the new instance by the commit,
+copied). A bag that carries a tinyfs `instance.json` tag file (a tinyfs export)
+is restored as that record says, once the record is found to describe exactly
+the bag's payload: symbolic links, directories, modes, mtimes, user xattrs and
+hard links come back with the files. Its payload is then copied into the new instance by the commit,
 which hashes each file while copying it; those digests are compared with the
 bag's manifests (for the algorithms both have) before the instance is
 published, so a bag that changes while it is being ingested is refused too.
@@ -15,6 +18,8 @@ starts one phase and returns a callable told of each chunk of bytes read.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import stat
@@ -24,9 +29,10 @@ from pathlib import Path
 from .api import Archive, Transaction
 from .bagcheck import Problem, validate_bag
 from .commit import CommitResult, NewFile
-from .errors import AlreadyExists, BadEncoding, Forbidden, InvalidBag, InvalidName, NotFound
+from .errors import AlreadyExists, BadEncoding, Forbidden, InvalidBag, InvalidName, NotFound, TinyfsError
 from .fsck import ProgressFactory
-from .ids import check_rid
+from .ids import check_logical_path, check_rid, parent_of
+from .model import InstanceDoc, State, group_problems
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +89,16 @@ def ingest_bag(archive: Archive, rid: str, bag: str | os.PathLike, *, message: s
         creator = next((info[k] for k in CREATOR_ELEMENTS if info.get(k)), "")
 
     data = bag / "data"
+    recorded = recorded_state(bag, report)
     tops = sorted(os.listdir(data))
     total = sum(scan(data / name) for name in tops)
     txn = open_transaction(archive, rid, message=message, creator=creator, label=label)
     try:
-        for name in tops:
-            txn.add(data / name, path=name)
+        if recorded is not None:
+            txn.add_recorded(recorded, data)
+        else:
+            for name in tops:
+                txn.add(data / name, path=name)
     except BaseException:
         txn.rollback()
         raise
@@ -110,6 +120,85 @@ def ingest_bag(archive: Archive, rid: str, bag: str | os.PathLike, *, message: s
             raise InvalidBag(_invalid(bag, problems), problems)
 
     return txn.commit(progress=progress("ingesting", total) if progress else None, verify=verify)
+
+
+RECORD = "instance.json"     # the tag file of a tinyfs export that records the exported state
+
+
+def recorded_state(bag: Path, report) -> State | None:
+    """The state a tinyfs export records (its `instance.json` tag file, type tinyfs-instance, listed in
+    a tag manifest), once it is found to describe exactly the bag's payload; None for any other bag.
+    A record that does not match its payload refuses the bag (InvalidBag, every mismatch listed)."""
+    vouched = report.tags.get(RECORD)
+    if vouched is None:
+        if os.path.isfile(bag / RECORD):
+            log.warning("bag %s: %s is in no tag manifest; the bag is ingested as a plain bag", bag, RECORD)
+        return None
+    try:
+        raw = (bag / RECORD).read_bytes()
+        doc = json.loads(raw)
+    except (OSError, ValueError):
+        return None      # validation read and hashed it; a tag file of another kind that is not JSON
+    if not isinstance(doc, dict) or doc.get("type") != "tinyfs-instance":
+        return None
+    problems = _record_problems(raw, vouched)
+    if not problems:
+        try:
+            state = InstanceDoc.from_json_bytes(raw).state
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            problems = [Problem("bad-instance-json", RECORD, f"not a valid tinyfs instance document: {e!r}")]
+        else:
+            problems = _state_problems(state) or _payload_problems(state, doc.get("digest"), report)
+    if problems:
+        n = len(problems)
+        raise InvalidBag(f"bag {bag}: its {RECORD} does not describe its payload: {n} problem{'s' if n != 1 else ''}"
+                         " (nothing was committed)", problems)
+    return state
+
+
+def _record_problems(raw: bytes, vouched: dict[str, str]) -> list[Problem]:
+    """The bytes read must be those the tag manifest vouches for (they could change after validation)."""
+    for alg, expected in sorted(vouched.items()):
+        if hashlib.new(alg, raw).hexdigest() != expected:
+            return [Problem("checksum-mismatch", RECORD, f"changed after the bag was validated ({alg})")]
+    return []
+
+
+def _state_problems(state: State) -> list[Problem]:
+    """A record tinyfs could not have written: bad paths, entries without their directory, bad link groups."""
+    problems = []
+    for path in sorted(state.entries()):
+        try:
+            check_logical_path(path)
+        except TinyfsError as e:
+            problems.append(Problem("bad-instance-json", RECORD, f"{path!r}: {e}"))
+            continue
+        parent = parent_of(path)
+        if parent and parent not in state.dirs:
+            problems.append(Problem("bad-instance-json", RECORD, f"{path!r}: its directory {parent!r} is not recorded"))
+    problems += [Problem("bad-instance-json", RECORD, f"{path!r}: {why}") for path, why in group_problems(state)]
+    return problems
+
+
+def _payload_problems(state: State, alg: str, report) -> list[Problem]:
+    """Every recorded file is a payload file with the recorded digest and size, and nothing more is."""
+    problems = []
+    for path, entry in sorted(state.files.items()):
+        key = f"data/{path}"
+        listed = report.payload.get(key)
+        if listed is None:
+            problems.append(Problem("payload-mismatch", key, f"recorded in {RECORD} but not in the payload"))
+        elif alg not in listed:
+            problems.append(Problem("payload-mismatch", key, f"no {alg} manifest entry to compare with {RECORD}"))
+        elif listed[alg] != entry.digest:
+            problems.append(Problem("payload-mismatch", key, f"{RECORD} records {alg} {entry.digest[:16]}…, "
+                                    f"the manifest says {listed[alg][:16]}…"))
+        elif report.sizes.get(key) != entry.size:
+            problems.append(Problem("payload-mismatch", key, f"{RECORD} records {entry.size} bytes, "
+                                    f"the payload file has {report.sizes.get(key)}"))
+    problems += [Problem("payload-mismatch", key, f"in the payload but not recorded in {RECORD}")
+                 for key in sorted(report.payload) if key[len("data/"):] not in state.files]
+    return problems
 
 
 def open_transaction(archive: Archive, rid: str, *, message: str = "", creator: str = "",

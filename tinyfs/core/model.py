@@ -2,11 +2,14 @@
 
 Entries are small frozen dataclasses so that two states compare path by path
 with `==`: a change is any difference in digest, size, mode, mtime or xattrs.
+Hard links are recorded beside the entries, as link groups: the file paths that
+were one inode (each path keeps its own, identical, entry).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -65,6 +68,39 @@ class DirEntry:
 
 
 Entry = FileEntry | LinkEntry | DirEntry
+Group = tuple[str, ...]          # the file paths of one inode (a link group), sorted
+
+
+def link_groups(groups: Iterable[Iterable[str]]) -> tuple[Group, ...]:
+    """Link groups in their one written form: each sorted, the list sorted, groups of one path dropped."""
+    out = (tuple(sorted(set(group))) for group in groups)
+    return tuple(sorted(group for group in out if len(group) >= 2))
+
+
+def group_index(groups: Iterable[Group]) -> dict[str, Group]:
+    """path -> its link group, for the paths that have one."""
+    return {path: group for group in groups for path in group}
+
+
+def group_problems(state: State) -> list[tuple[str, str]]:
+    """(path, why) for every way the state's link groups break the rules of format.md: each group holds
+    two paths or more, every one a file of the state with the same entry as the others, in no other group."""
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for group in state.hardlinks:
+        if len(set(group)) < 2:
+            problems.append((group[0] if group else "-", "a link group of fewer than two paths"))
+        first = state.files.get(group[0]) if group else None
+        for path in group:
+            entry = state.files.get(path)
+            if entry is None:
+                problems.append((path, "in a link group but not a file of the state"))
+            elif entry != first:
+                problems.append((path, f"in a link group with {group[0]!r} but recorded differently"))
+            if path in seen:
+                problems.append((path, "in more than one link group"))
+            seen.add(path)
+    return problems
 
 
 @dataclass
@@ -74,6 +110,16 @@ class State:
     files: dict[str, FileEntry] = field(default_factory=dict)
     links: dict[str, LinkEntry] = field(default_factory=dict)
     dirs: dict[str, DirEntry] = field(default_factory=dict)
+    hardlinks: tuple[Group, ...] = ()      # link groups (`link_groups` form when written by tinyfs)
+    _groups: dict[str, Group] | None = field(default=None, compare=False, repr=False)
+
+    def group_of(self, path: str) -> Group | None:
+        """The link group of a path, if it has one (the index is built at the first question)."""
+        if not self.hardlinks:
+            return None
+        if self._groups is None:
+            self._groups = group_index(self.hardlinks)
+        return self._groups.get(path)
 
     def entries(self) -> dict[str, Entry]:
         return {**self.dirs, **self.links, **self.files}
@@ -141,6 +187,8 @@ class InstanceDoc:
             "stored": _encoded(self.stored, _STRING, before.get("stored")),
         }
         sections = {key: _lines(lines) for key, lines in encoded.items()}
+        if self.state.hardlinks:        # left out when there are none (older readers never saw the key)
+            sections["hardlinks"] = _group_lines(self.state.hardlinks)
         self.encoded = encoded
         out = ["{\n"]
         for n, key in enumerate(sorted([*top, *sections])):
@@ -161,6 +209,7 @@ class InstanceDoc:
             files={p: FileEntry.from_json(e) for p, e in doc["state"].items()},
             links={p: LinkEntry.from_json(e) for p, e in doc.get("links", {}).items()},
             dirs={p: DirEntry.from_json(e) for p, e in doc.get("dirs", {}).items()},
+            hardlinks=_read_groups(doc.get("hardlinks", [])),
         )
         return cls(doc["id"], doc["resource"], doc["previous"], doc["created"], doc.get("message", ""),
                    doc.get("creator", ""), doc.get("label"), doc["digest"], state, dict(doc["stored"]))
@@ -186,6 +235,19 @@ def _lines(encoded: dict) -> list[str]:
     if not encoded:
         return ["{}"]
     return ["{\n", _NEXT.join([encoded[k][1] for k in sorted(encoded)]), "\n }"]
+
+
+def _group_lines(groups: tuple[Group, ...]) -> list[str]:
+    """The link groups as a JSON array, one group per line."""
+    return ["[\n", _NEXT.join(f"  {_ENCODE(list(group))}" for group in groups), "\n ]"]
+
+
+def _read_groups(doc) -> tuple[Group, ...]:
+    """The `hardlinks` array as written (fsck judges its content); its shape must be lists of strings."""
+    if not isinstance(doc, list) or not all(isinstance(g, list) and all(isinstance(p, str) for p in g)
+                                            for g in doc):
+        raise ValueError("hardlinks is not a list of lists of paths")
+    return tuple(tuple(group) for group in doc)
 
 
 def _link_json(e: LinkEntry) -> str:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AlreadyExists, NotFound
-from .model import DirEntry, FileEntry, LinkEntry, State
+from .model import DirEntry, FileEntry, LinkEntry, State, group_index
 
 ROOT = 1
 SCHEMA = """
@@ -129,21 +129,33 @@ class BaseTree:
     """The base state as the staging sees it: fixed inode numbers, names and listings, in memory.
 
     Base inode numbers are -1, -2, ... in sorted path order (a parent sorts before its children), so
-    the same base state always gets the same numbers. The root is ROOT, as in the database."""
+    the same base state always gets the same numbers. The root is ROOT, as in the database. The paths
+    of a link group are one inode, the number of the group's first path (the others' numbers are
+    skipped): its home is that first path, and `group` lists all of them."""
 
     def __init__(self, state: State):
         self.entry: dict[int, FileEntry | LinkEntry | DirEntry] = {}
-        self.path: dict[int, str] = {}                       # inode -> its path in the base
+        self.path: dict[int, str] = {}                       # inode -> its path in the base (a group: the first)
+        self.group: dict[int, tuple[str, ...]] = {}          # inode -> every base path of a link group
         self.kids: dict[int, dict[str, int]] = {ROOT: {}}     # directory -> {name: inode}, names sorted
         self.dirs: dict[str, int] = {"": ROOT}               # directory path -> inode
         self.subdirs: dict[int, int] = {}                    # directory -> how many directories it holds
         dirs, subdirs = self.dirs, self.subdirs
         entries = state.entries()
+        linked = group_index(g for g in state.hardlinks if all(p in state.files for p in g))
+        firsts: dict[str, int] = {}
         for n, path in enumerate(sorted(entries), 1):
             ino = -n
             entry = entries[path]
             parent, _, name = path.rpartition("/")
             pino = dirs[parent]
+            group = linked.get(path) if linked else None
+            if group is not None:
+                ino = firsts.setdefault(group[0], ino)    # sorted: the group's first path comes first
+                self.group[ino] = group
+                if ino != -n:             # a further path of the group: one more name of that inode
+                    self.kids[pino][name] = ino
+                    continue
             self.entry[ino] = entry
             self.path[ino] = path
             self.kids[pino][name] = ino
@@ -163,6 +175,14 @@ class BaseTree:
             return None
         parent, _, name = path.rpartition("/")
         return self.dirs[parent], name
+
+    def places(self, ino: int) -> list[tuple[int, str]]:
+        """(parent inode, name) of every base name of a base inode: one, or each path of its link group."""
+        group = self.group.get(ino)
+        if group is None:
+            where = self.where(ino)
+            return [where] if where is not None else []
+        return [(self.dirs[parent], name) for parent, _, name in (p.rpartition("/") for p in group)]
 
 
 def _base_tree(staging: Staging, load_base: Callable[[str], State] | None) -> BaseTree:
@@ -410,10 +430,12 @@ class Staging:
         return bool(self.children(ino))
 
     def _names_of(self, ino: int) -> int:
-        """How many names an inode has: rows naming it, plus its base name if no row overrides that."""
+        """How many names an inode has: rows naming it, plus its base names that no row overrides."""
         n = 0
         if ino > 0 or ino in self._base_named:
             n = self.db.execute("SELECT count(*) FROM entries WHERE inode=?", (ino,)).fetchone()[0]
+        if ino < 0 and ino in self.tree.group:
+            return n + sum(1 for place in self.tree.places(ino) if self._row_at(*place) is None)
         if self._home(ino) is not None:
             n += 1
         return n
@@ -715,7 +737,7 @@ class Staging:
                 continue
             if ino > 0 and ino in counts:      # a new inode has names in rows only
                 self._nlinks.setdefault(ino, counts[ino])
-            elif ino < 0 and ino not in self._base_named and name not in decided:
+            elif ino < 0 and ino not in self._base_named and name not in decided and ino not in self.tree.group:
                 self._nlinks.setdefault(ino, 1)    # a base inode at home, named by no row
             out.append((name, node, self.nlink(ino, node.kind)))
         return out

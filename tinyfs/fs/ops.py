@@ -656,9 +656,13 @@ class Operations(pyfuse3.Operations):
         except NotFound:     # dynamic mode dropped the previous instance, and its document is not cached
             del self.view.heads[rid]
             return whole
+        changes = state_changes(before, after.entries())
+        if _touches_link_groups(before, after, changes):   # one node stands for several paths: start anew
+            del self.view.heads[rid]
+            return whole
         stale: list[tuple[int, str | None]] = [(root_ino, None)]
         gone: dict[str, int] = {}
-        for path, new in state_changes(before, after.entries()).items():
+        for path, new in changes.items():
             ino = self.by_key.get(state_key(rid, head, path))
             if ino is None:          # not cached, or added by the commit (FUSE caches no failed lookup)
                 continue
@@ -982,6 +986,14 @@ def _feed_hasher(of: OpenFile) -> None:
         hasher, buf = of.pending[0]
         hasher.update(buf)
         of.pending.popleft()
+
+
+def _touches_link_groups(before, after, changes: dict) -> bool:
+    """Whether a commit changed a link group, or a path of one: the node of a linked file is keyed by
+    its group's first path, so moving the tree path by path would miss the others."""
+    if not (before.hardlinks or after.hardlinks):
+        return False
+    return before.hardlinks != after.hardlinks or any(before.group_of(p) for p in changes)
 
 
 def _same_bytes(a, b) -> bool:

@@ -22,7 +22,7 @@ from ..core.digests import MultiHash, hash_file
 from ..core.durable import start_writeback
 from ..core.errors import Incomplete
 from ..core.layout import ArchiveRoot
-from ..core.model import DirEntry, LinkEntry
+from ..core.model import DirEntry, LinkEntry, link_groups
 from ..core.staging import ROOT, Node, Staging, node_entry
 
 log = logging.getLogger(__name__)
@@ -295,16 +295,26 @@ class OpenTxn:
         state (the connection is shared with the loop's readers; sqlite3.threadsafety is 3 here).
         An inode untouched since the base and still at its base path is no change; a base path no
         longer in the tree is a removal. A transaction staged before the overlay has every entry as a
-        row and no base tree to tell removals: it hands over its whole tree (`full`), as it used to."""
+        row and no base tree to tell removals: it hands over its whole tree (`full`), as it used to.
+        The paths that are one inode form the link groups of the new state."""
         tree = self.staging.tree
         blobs = os.fspath(self.staging.blobs)
         xattrs = self.staging.all_xattrs()
         changes: dict = {}
         at_home: set[int] = set()
+        grouped_at_home: set[str] = set()    # base paths of a base link group still at home
+        first_path: dict[int, str] = {}
+        linked: dict[int, list[str]] = {}    # inode -> its paths, for inodes met more than once
         for path, sino, node in self.staging.walk():
+            first = first_path.setdefault(sino, path)
+            if first is not path:
+                linked.setdefault(sino, [first]).append(path)
             if node is None:                 # untouched since the base (its directory may have moved)
-                if tree.path[sino] == path:
+                group = tree.group.get(sino)
+                if group is None and tree.path[sino] == path:
                     at_home.add(sino)
+                elif group is not None and path in group:
+                    grouped_at_home.add(path)
                 else:
                     changes[path] = tree.entry[sino]
                 continue
@@ -320,12 +330,15 @@ class OpenTxn:
             else:
                 changes[path] = entry
         for sino in tree.entry.keys() - at_home:
-            changes.setdefault(tree.path[sino], None)
+            for path in tree.group.get(sino, (tree.path[sino],)):
+                if path not in grouped_at_home:
+                    changes.setdefault(path, None)
         meta = {k: self.staging.get_meta(k) for k in ("message", "creator", "label")}
         return CommitRequest(self.rid, self.base, changes, full=not self.staging.overlay, walked=True,
                              message=meta["message"],
                              creator=meta["creator"], label=meta["label"] or None,
-                             marker=lambda iid: Staging.mark_committing(self.staging.path, iid))
+                             marker=lambda iid: Staging.mark_committing(self.staging.path, iid),
+                             hardlinks=link_groups(linked.values()))
 
     def close(self) -> None:
         for of in self.files.values():

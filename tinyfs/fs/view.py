@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ..core.errors import NotFound
 from ..core.ids import is_rid
 from ..core.layout import ArchiveRoot
-from ..core.model import DirEntry, FileEntry, LinkEntry
+from ..core.model import DirEntry, FileEntry, LinkEntry, State
 
 BLKSIZE = 1 << 20          # coreutils sizes its buffers from st_blksize: 1 MiB writes, fewer requests
 LONG = 3600.0              # committed trees never change
@@ -85,7 +85,12 @@ def created_ns(iid: str) -> int:
     return (uuid.UUID(iid).int >> 80) * 1_000_000
 
 
-def _state_child(parent: Node, path: str, entry) -> Node:
+def _state_child(parent: Node, path: str, entry, state: State) -> Node:
+    """The node of `path`; every path of a link group gets the node of the group's first path, so the
+    group is one inode."""
+    group = state.group_of(path)
+    if group is not None:
+        path = group[0]
     return Node("state", state_key(parent.rid, parent.head or parent.iid, path), rid=parent.rid,
                 iid=parent.iid, head=parent.head, path=path, entry=entry)
 
@@ -119,7 +124,7 @@ class View:
             return Attr(stat.S_IFREG | 0o444, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
                         uid=self.uid, gid=self.gid, entry_timeout=LONG, attr_timeout=0)
         if k == "state":
-            return self._state_attr(node)
+            return self._linked(node, self._state_attr(node))
         if k == "instances_of":
             return Attr(stat.S_IFDIR | 0o555, mtime_ns=self.root_mtime, uid=self.uid, gid=self.gid, nlink=2,
                         entry_timeout=SHORT, attr_timeout=SHORT)
@@ -149,6 +154,14 @@ class View:
                         uid=self.uid, gid=self.gid, nlink=2)
         return Attr(stat.S_IFLNK | 0o777, size=len(os.fsencode(e.target)), mtime_ns=e.mtime_ns,
                     ctime_ns=e.mtime_ns, uid=self.uid, gid=self.gid)
+
+    def _linked(self, node: Node, attr: Attr) -> Attr:
+        """A file's link count is the size of its link group in the state shown (else 1)."""
+        if isinstance(node.entry, FileEntry):
+            group = self.archive.state(node.rid, shown_iid(node)).group_of(node.path)
+            if group is not None:
+                attr.nlink = len(group)
+        return attr
 
     # -- names -------------------------------------------------------------
     def lookup(self, parent: Node, name: str) -> Node:
@@ -200,10 +213,11 @@ class View:
 
     def _lookup_state(self, parent: Node, name: str) -> Node:
         path = f"{parent.path}/{name}" if parent.path else name
-        entry = self.archive.state(parent.rid, shown_iid(parent)).get(path)
+        state = self.archive.state(parent.rid, shown_iid(parent))
+        entry = state.get(path)
         if entry is None:
             raise NotFound(name)
-        return _state_child(parent, path, entry)
+        return _state_child(parent, path, entry, state)
 
     def _lookup_instance(self, rid: str, name: str) -> Node:
         ids = self.archive.instance_ids(rid)
@@ -244,9 +258,10 @@ class View:
     def _state_children(self, node: Node) -> list[tuple[str, Node]]:
         """Children of a directory of a state; the per-directory index is cached per instance."""
         index = self._index(node.rid, shown_iid(node))
+        state = self.archive.state(node.rid, shown_iid(node))
         out = []
         for name, path, entry in index.get(node.path, ()):
-            out.append((name, _state_child(node, path, entry)))
+            out.append((name, _state_child(node, path, entry, state)))
         return out
 
     def _index(self, rid: str, iid: str) -> dict[str, list]:
