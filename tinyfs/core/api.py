@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from . import tree
 from .commit import CommitRequest, CommitResult, NewFile, commit
 from .errors import Forbidden, InvalidName, NotFound, TinyfsError
 from .ids import check_label, check_logical_path, check_rid, parent_of
@@ -136,16 +137,20 @@ class Transaction:
         return live | {p for p, c in self._changes.items() if c is not None}
 
     def _ensure_parents(self, path: str) -> None:
+        """Make the missing directories above `path`, the highest first (a loop: a path may have
+        2,000 components)."""
+        missing = []
         parent = parent_of(path)
-        if not parent:
-            return
-        existing = self._current(parent)
-        if isinstance(existing, DirEntry):
-            return
-        if existing is not None:
-            raise InvalidName(f"{parent!r} exists and is not a directory")
-        self._ensure_parents(parent)
-        self._changes[parent] = DirEntry(0o755, _now_ns())
+        while parent:
+            existing = self._current(parent)
+            if isinstance(existing, DirEntry):
+                break
+            if existing is not None:
+                raise InvalidName(f"{parent!r} exists and is not a directory")
+            missing.append(parent)
+            parent = parent_of(parent)
+        for directory in reversed(missing):
+            self._changes[directory] = DirEntry(0o755, _now_ns())
 
     # -- changes ---------------------------------------------------------
     def add(self, source: str | os.PathLike, path: str | None = None) -> None:
@@ -158,7 +163,7 @@ class Transaction:
         self._ensure_parents(path)
         self._add_one(source, path, st)
         if stat.S_ISDIR(st.st_mode):
-            for dirpath, dirs, files in os.walk(source):
+            for dirpath, dirs, files in tree.walk(source):
                 rel_dir = os.path.relpath(dirpath, source)
                 for name in sorted(dirs + files):
                     full = Path(dirpath, name)

@@ -24,14 +24,13 @@ from __future__ import annotations
 import base64
 import errno
 import os
-import shutil
 import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bagwrite
+from . import bagwrite, tree
 from .digests import hash_file
 from .durable import fsync_dir
 from .errors import AlreadyExists, NotFound
@@ -150,7 +149,7 @@ def _write_dir(plan: _Plan, dest: Path, advance) -> None:
         os.rename(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tree.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -21,6 +21,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import tree
 from .api import Archive, Transaction
 from .bagcheck import Problem, validate_bag
 from .commit import CommitResult, NewFile
@@ -136,10 +137,7 @@ def scan(source: Path) -> int:
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
     total = 0
 
-    def fail(e: OSError) -> None:
-        raise e
-
-    for dirpath, dirs, files in os.walk(source, onerror=fail):
+    for dirpath, dirs, files in tree.walk(source):
         for name in dirs + files:
             full = Path(dirpath, name)
             _decoded(name, full)
@@ -180,7 +178,7 @@ def _show(path: Path) -> str:
 
 def _tree_bytes(top: Path) -> int:
     total = 0
-    for dirpath, _dirs, files in os.walk(top):
+    for dirpath, _dirs, files in tree.walk(top, onerror=lambda e: None):
         for name in files:
             try:
                 st = os.lstat(os.path.join(dirpath, name))

@@ -26,6 +26,7 @@ from ..core.commit import commit, state_changes
 from ..core.errors import NotFound, TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
+from ..core.limits import EVENT_TEXT_MAX
 from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
@@ -576,6 +577,11 @@ class Operations(pyfuse3.Operations):
         self.commits_running += 1
         try:
             await self._commit_txn(txn)
+        except BaseException as e:
+            # whatever went wrong (a bug included), the transaction must not stay `committing`
+            if not txn.closed and txn.staging.get_meta("state") == "committing":
+                self._failed(txn, f"internal error: {type(e).__name__}: {e}"[:EVENT_TEXT_MAX])
+            raise
         finally:
             txn.committing = False
             self.commits_running -= 1

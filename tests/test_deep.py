@@ -1,0 +1,161 @@
+"""Deep and long input: trees as deep as the path limit allows commit everywhere; a path past the limit is
+refused when it is made; what people write about a deposit has limits (tinyfs.core.limits)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import check_archive_ok, mounted, run_tinyfs
+
+from tinyfs import Archive
+from tinyfs.core.ids import new_instance_id
+from tinyfs.core.layout import ArchiveRoot
+
+needs_fuse = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
+                                reason="needs FUSE")
+# 1,000 levels: a 2,000-byte path; 1,990: 3,981 bytes, as deep as 1-byte names go with room for the
+# absolute path of a source tree under a short /tmp directory
+DEPTHS = [1000, 1990]
+
+
+def deep_chain(top: str | os.PathLike | int, depth: int, data: bytes = b"at the bottom\n") -> str:
+    """mkdir a/a/.../a (`depth` levels) under `top` (a path, or a directory descriptor) through directory
+    descriptors, with a file f at the bottom and g at the first level; returns f's relative path."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY) if not isinstance(top, int) else os.dup(top)
+    try:
+        for level in range(depth):
+            os.mkdir("a", dir_fd=fd)
+            child = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            if level == 0:
+                _write_at(fd, "g", b"near the top\n")
+        _write_at(fd, "f", data)
+    finally:
+        os.close(fd)
+    return "a/" * depth + "f"
+
+
+def _write_at(dir_fd: int, name: str, data: bytes) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_at(top: str | os.PathLike, rel: str) -> bytes:
+    """The bytes of `rel` under `top`, opened one directory at a time (any length)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        *dirs, leaf = rel.split("/")
+        for name in dirs:
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        f = os.open(leaf, os.O_RDONLY, dir_fd=fd)
+        try:
+            return os.read(f, 1 << 16)
+        finally:
+            os.close(f)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def short_tmp():
+    """A directory with a short absolute path: a 3,981-byte source path still fits under PATH_MAX."""
+    path = Path(tempfile.mkdtemp(prefix="td", dir="/tmp"))
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+# -- deep trees ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_a_deep_tree_through_ingest_api_fsck_export_bag_and_recover(root, short_tmp, depth):
+    src = short_tmp / "src"
+    src.mkdir()
+    deep = deep_chain(src, depth)
+    run_tinyfs("ingest", root, "deep", src / "a", "-m", "deep")
+    archive = ArchiveRoot(root)
+    state = archive.state("deep")
+    assert deep in state.files and len(state.dirs) == depth
+    assert Archive(root).get("deep").read(deep) == b"at the bottom\n"
+
+    # the API makes every missing parent of a deep new path
+    with Archive(root).get("deep", "a") as txn:
+        txn.add_bytes("b/" * depth + "x", b"made by the API\n")
+    assert Archive(root).get("deep").read("b/" * depth + "x") == b"made by the API\n"
+
+    assert run_tinyfs("fsck", root).returncode == 0
+    check_archive_ok(root)          # bagit-python too: a deep file is stored under a short name
+
+    # export, both forms; the directory form goes back in with ingest --bag
+    bag, tar = short_tmp / "bag", short_tmp / "deep.tar"
+    run_tinyfs("export", root, "deep", bag)
+    run_tinyfs("export", root, "deep", tar, "--tar")
+    assert read_at(bag / "data", deep) == b"at the bottom\n"
+    with tarfile.open(tar) as tf:
+        assert f"deep/data/{deep}" in tf.getnames()
+    run_tinyfs("ingest", root, "again", "--bag", bag)
+    assert set(archive.state("again").files) == set(archive.state("deep").files)
+    assert Archive(root).get("again").read(deep) == b"at the bottom\n"
+
+    # an interrupted commit of a deep tree is removed by recover
+    stage = root / "transactions" / f".commit-deep-{new_instance_id()}"
+    stage.mkdir()
+    deep_chain(stage, depth)
+    r = run_tinyfs("recover", root)
+    assert "removed interrupted commit staging" in r.stdout and not stage.exists()
+    assert run_tinyfs("fsck", root).returncode == 0
+
+
+@needs_fuse
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_a_deep_tree_commits_through_the_mount(mnt, root, depth):
+    t = mnt / "transactions" / "deep"
+    os.mkdir(t)
+    deep = deep_chain(t, depth)
+    mnt.commit("deep")
+    assert not t.exists()
+    state = ArchiveRoot(root).state("deep")
+    assert deep in state.files and len(state.dirs) == depth
+    assert read_at(mnt / "resources" / "deep", deep) == b"at the bottom\n"
+
+
+@needs_fuse
+def test_a_commit_failing_unexpectedly_never_stays_committing(root, tmp_path):
+    """A commit that fails with an error nobody planned for (here: the head another process committed
+    meanwhile has a damaged instance.json) leaves the transaction `failed`, saying why, and writable;
+    it commits once the cause is gone."""
+    with mounted(root, tmp_path) as m:
+        t = m.mnt / "transactions" / "res"
+        os.mkdir(t)
+        (t / "f").write_bytes(b"x")
+        src = tmp_path / "other.txt"
+        src.write_bytes(b"cli")
+        head = run_tinyfs("ingest", root, "res", src).stdout.strip()
+        doc = ArchiveRoot(root).instance_dir("res", head) / "instance.json"
+        good = doc.read_bytes()
+        doc.write_bytes(b"{damaged")
+        try:
+            with pytest.raises(OSError) as e:
+                m.commit("res")
+            assert e.value.errno == errno.EIO
+            assert os.getxattr(t, "user.tinyfs.state") == b"failed"
+            assert os.getxattr(t, "user.tinyfs.error").startswith(b"internal error: JSONDecodeError")
+        finally:
+            doc.write_bytes(good)
+        (t / "g").write_bytes(b"writable again")
+        m.commit("res")
+        assert not t.exists()
+    assert sorted(ArchiveRoot(root).state("res").files) == ["f", "g", "other.txt"]
+    check_archive_ok(root)
