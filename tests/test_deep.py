@@ -4,6 +4,7 @@ refused when it is made; what people write about a deposit has limits (tinyfs.co
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -15,8 +16,10 @@ import pytest
 from conftest import check_archive_ok, mounted, run_tinyfs
 
 from tinyfs import Archive
+from tinyfs.core.errors import TooLarge
 from tinyfs.core.ids import new_instance_id
 from tinyfs.core.layout import ArchiveRoot
+from tinyfs.core.limits import BAG_INFO_MAX, CREATOR_MAX, EVENT_TEXT_MAX, MESSAGE_MAX
 
 needs_fuse = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
                                 reason="needs FUSE")
@@ -159,3 +162,82 @@ def test_a_commit_failing_unexpectedly_never_stays_committing(root, tmp_path):
         assert not t.exists()
     assert sorted(ArchiveRoot(root).state("res").files) == ["f", "g", "other.txt"]
     check_archive_ok(root)
+
+
+# -- limits of what people write about a deposit ---------------------------------------------------
+
+def _one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2 and r.stderr.startswith("tinyfs: ") and r.stderr.count("\n") == 1, r.stderr
+    for word in words:
+        assert word in r.stderr, r.stderr
+
+
+def test_message_creator_and_label_limits_in_the_api_and_the_cli(root, tmp_path):
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"x")
+    archive = Archive(root)
+    with pytest.raises(TooLarge):
+        archive.new("r", message="m" * (MESSAGE_MAX + 1))
+    with pytest.raises(TooLarge):
+        archive.new("r", creator="é" * (CREATOR_MAX // 2 + 1))        # bytes of UTF-8 count, not characters
+    _one_line_error(run_tinyfs("ingest", root, "r", src, "-m", "m" * (MESSAGE_MAX + 1), check=False),
+                    "message of 65,537 bytes is too long", "at most 65,536 bytes")
+    _one_line_error(run_tinyfs("ingest", root, "r", src, "-c", "c" * (CREATOR_MAX + 1), check=False), "creator")
+    _one_line_error(run_tinyfs("ingest", root, "r", src, "-l", "v" * 201, check=False), "invalid label")
+    assert "r" not in archive
+    run_tinyfs("ingest", root, "r", src, "-m", "m" * MESSAGE_MAX, "-c", "c" * CREATOR_MAX)
+    doc = ArchiveRoot(root).instance("r", ArchiveRoot(root).head("r"))
+    assert len(doc.message) == MESSAGE_MAX and len(doc.creator) == CREATOR_MAX
+    # the event log holds a bounded copy; instance.json the whole message
+    last = (root / "events.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last)["event"] == "transaction.committed" and len(last) < EVENT_TEXT_MAX + 1000
+    check_archive_ok(root)
+
+
+def _bag(where: Path, info: dict[str, str]) -> Path:
+    import bagit
+
+    where.mkdir()
+    (where / "payload.txt").write_bytes(b"payload\n")
+    bagit.make_bag(str(where), info, checksums=["sha256"])
+    return where
+
+
+def test_bag_info_limits_in_ingest_bag(root, tmp_path):
+    big = _bag(tmp_path / "big", {"External-Description": "d" * 100})
+    with open(big / "bag-info.txt", "a") as f:     # (refused on its size, before it is read or validated)
+        f.write("External-Description: " + "d" * BAG_INFO_MAX + "\n")
+    _one_line_error(run_tinyfs("ingest", root, "r", "--bag", big, check=False),
+                    "bag-info.txt of 1,048,", "at most 1,048,576 bytes")
+    long = _bag(tmp_path / "long", {"External-Description": "d" * (MESSAGE_MAX + 1)})
+    _one_line_error(run_tinyfs("ingest", root, "r", "--bag", long, check=False),
+                    "External-Description", "give --message")
+    named = _bag(tmp_path / "named", {"Contact-Name": "n" * (CREATOR_MAX + 1)})
+    _one_line_error(run_tinyfs("ingest", root, "r", "--bag", named, check=False), "Contact-Name", "--creator")
+    assert "r" not in Archive(root)
+    assert max(len(line) for line in (root / "events.jsonl").read_text().splitlines()) < EVENT_TEXT_MAX + 1000
+    run_tinyfs("ingest", root, "r", "--bag", long, "--message", "described elsewhere")
+    assert ArchiveRoot(root).instance("r", ArchiveRoot(root).head("r")).message == "described elsewhere"
+    check_archive_ok(root)
+
+
+def test_event_values_are_bounded(root):
+    archive = ArchiveRoot(root)
+    record = archive.events.append("commit.failed", "r", None, error="e" * 100_000, paths=["p" * 50_000])
+    assert len(record["detail"]["error"]) < EVENT_TEXT_MAX + 100 and "100,000 characters" in record["detail"]["error"]
+    assert len((root / "events.jsonl").read_text().splitlines()[-1]) < 2 * EVENT_TEXT_MAX + 1000
+
+
+@needs_fuse
+def test_transaction_metadata_limits_in_the_mount(mnt, root):
+    t = mnt / "transactions" / "r"
+    os.mkdir(t)
+    (t / "f").write_bytes(b"x")
+    for name, limit in (("message", MESSAGE_MAX), ("creator", CREATOR_MAX)):
+        with pytest.raises(OSError) as e:
+            os.setxattr(t, f"user.tinyfs.{name}", b"x" * (limit + 1))
+        assert e.value.errno == errno.E2BIG
+        os.setxattr(t, f"user.tinyfs.{name}", b"x" * limit)
+    mnt.commit("r")
+    doc = ArchiveRoot(root).instance("r", ArchiveRoot(root).head("r"))
+    assert len(doc.message) == MESSAGE_MAX and len(doc.creator) == CREATOR_MAX

@@ -12,8 +12,9 @@ from typing import BinaryIO
 from . import tree
 from .commit import CommitRequest, CommitResult, NewFile, commit
 from .errors import Forbidden, InvalidName, NotFound, TinyfsError
-from .ids import check_label, check_logical_path, check_rid, parent_of
+from .ids import check_logical_path, check_rid, parent_of
 from .layout import ArchiveRoot, init_archive
+from .limits import check_metadata
 from .model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State
 
 
@@ -110,7 +111,8 @@ class Transaction:
                  creator: str = "", label: str | None = None):
         self._root, self.rid, self.base = root, rid, base
         self.message, self.creator = message, creator
-        self.label = check_label(label) if label is not None else None
+        check_metadata(message, creator, label)
+        self.label = label
         self._base_state = root.state(rid, base) if base else State()
         self._changes: dict[str, object] = {}
         self.result: CommitResult | None = None

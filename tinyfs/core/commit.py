@@ -27,8 +27,9 @@ from . import bagwrite, tree
 from .digests import copy_and_hash, hash_file, parallel
 from .durable import fsync_dir, write_new
 from .errors import Forbidden, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
-from .ids import PATH_MAX, check_label, check_rid, new_instance_id, parent_of
+from .ids import PATH_MAX, check_rid, new_instance_id, parent_of
 from .layout import ArchiveRoot
+from .limits import check_metadata
 from .model import DirEntry, Entry, FileEntry, InstanceDoc, LinkEntry, State, utc_now
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ class CommitResult:
 
 def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], None] | None = None) -> CommitResult:
     check_rid(req.rid)
-    if req.label is not None:
-        check_label(req.label)
+    check_metadata(req.message, req.creator, req.label)
     with archive.resource_lock(req.rid):
         head = archive.head(req.rid)
         iid = new_instance_id(after=head)

@@ -26,7 +26,7 @@ from ..core.commit import commit, state_changes
 from ..core.errors import NotFound, TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
-from ..core.limits import EVENT_TEXT_MAX
+from ..core.limits import EVENT_TEXT_MAX, check_text
 from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
@@ -947,6 +947,8 @@ class Operations(pyfuse3.Operations):
             text = value.decode("utf-8")
         except UnicodeDecodeError:
             raise fail(errno.EILSEQ) from None
+        if key in ("message", "creator"):
+            check_text(key, text, "user.tinyfs.")     # E2BIG past its limit, as for a too-large xattr
         if key == "label" and text:
             check_label(text)
             if text in self.archive.labels(txn.rid):
