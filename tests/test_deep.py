@@ -241,3 +241,54 @@ def test_transaction_metadata_limits_in_the_mount(mnt, root):
     mnt.commit("r")
     doc = ArchiveRoot(root).instance("r", ArchiveRoot(root).head("r"))
     assert len(doc.message) == MESSAGE_MAX and len(doc.creator) == CREATOR_MAX
+
+
+# -- paths past PATH_MAX ------------------------------------------------------------------------
+
+def _errno_of(fn, *args, **kw) -> int:
+    try:
+        result = fn(*args, **kw)
+    except OSError as e:
+        return e.errno
+    if fn is os.open:
+        os.close(result)
+    return 0
+
+
+@needs_fuse
+def test_a_path_past_4095_bytes_is_refused_when_it_is_made(mnt, root):
+    t = mnt / "transactions" / "long"
+    os.mkdir(t)
+    top = os.open(t, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.dup(top)
+    names = [f"{i:02d}" + "d" * 198 for i in range(20)]          # 20 x 201 bytes: 4,020 bytes of directories
+    for name in names:
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    fits, past = "f" * 75, "p" * 76                              # paths of 4,095 and 4,096 bytes
+    try:
+        os.close(os.open(fits, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        for fn, args, kw in ((os.open, (past, os.O_WRONLY | os.O_CREAT, 0o644), {"dir_fd": fd}),
+                             (os.mkdir, (past,), {"dir_fd": fd}),
+                             (os.mknod, (past, 0o644 | 0o100000), {"dir_fd": fd}),
+                             (os.symlink, ("target", past), {"dir_fd": fd}),
+                             (os.link, (fits, past), {"src_dir_fd": fd, "dst_dir_fd": fd}),
+                             (os.rename, (fits, past), {"src_dir_fd": fd, "dst_dir_fd": fd})):
+            assert _errno_of(fn, *args, **kw) == errno.ENAMETOOLONG, fn.__name__
+        # renaming a directory so that a path below it gets too long; a shorter name is fine
+        longer, shorter = names[0] + "x", names[0][:-1]
+        assert _errno_of(os.rename, names[0], longer, src_dir_fd=top, dst_dir_fd=top) == errno.ENAMETOOLONG
+        os.rename(names[0], shorter, src_dir_fd=top, dst_dir_fd=top)
+        os.rename(shorter, names[0], src_dir_fd=top, dst_dir_fd=top)
+        fresh = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)     # (a listing is taken at opendir)
+        try:
+            assert os.listdir(fresh) == [fits]
+        finally:
+            os.close(fresh)
+    finally:
+        os.close(fd)
+        os.close(top)
+    mnt.commit("long")
+    assert [len(p.encode()) for p in ArchiveRoot(root).state("long").files] == [4095]

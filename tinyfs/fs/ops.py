@@ -390,6 +390,7 @@ class Operations(pyfuse3.Operations):
         txn = self._live(parent)
         if txn.staging.lookup(parent.sino, name) is not None:
             raise fail(errno.EEXIST)
+        txn.staging.check_room(parent.sino, name)
         return txn, txn.staging.make(parent.sino, name, kind, stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid,
                                      **kw)
 
@@ -497,6 +498,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EILSEQ) from None
         if txn.staging.lookup(parent.sino, name) is not None:
             raise fail(errno.EEXIST)
+        txn.staging.check_room(parent.sino, name)
         sino = txn.staging.make(parent.sino, name, "l", 0o777, ctx.uid, ctx.gid, target=target)
         return self._entry(self._txn_node(txn, sino))
 
@@ -513,6 +515,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EPERM)
         if txn.staging.lookup(parent.sino, new_name) is not None:
             raise fail(errno.EEXIST)
+        txn.staging.check_room(parent.sino, new_name)
         txn.staging.link(node.sino, parent.sino, new_name)
         return self._entry(node)
 
@@ -564,6 +567,7 @@ class Operations(pyfuse3.Operations):
                 raise fail(errno.ENOTEMPTY)
         if st.node(sino).kind == "d" and st.is_ancestor(sino, new_parent.sino):
             raise fail(errno.EINVAL)
+        st.check_room(new_parent.sino, name_new, moving=sino)
         replaced = st.rename(old_parent.sino, name_old, new_parent.sino, name_new)
         if replaced is not None:
             self._drop_if_unused(txn, replaced)
