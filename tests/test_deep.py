@@ -292,3 +292,30 @@ def test_a_path_past_4095_bytes_is_refused_when_it_is_made(mnt, root):
         os.close(top)
     mnt.commit("long")
     assert [len(p.encode()) for p in ArchiveRoot(root).state("long").files] == [4095]
+
+
+# -- the daemon's log -----------------------------------------------------------------------------
+
+@needs_fuse
+def test_the_log_keeps_what_an_operator_needs(mnt, root, tmp_path):
+    """Requests a client gets an error for (names not there, taken, too long) are not logged above DEBUG;
+    a commit that `mv` fails (and tries twice) is logged once, as a warning."""
+    for n in range(50):
+        assert not (mnt / "resources" / f"missing{n}").exists()
+    t = mnt / "transactions" / "r"
+    os.mkdir(t)
+    for n in range(50):
+        assert not (t / f"missing{n}").exists()
+    assert _errno_of(os.mkdir, t) == errno.EEXIST
+    (t / "f").write_bytes(b"x")
+    os.setxattr(t, "user.tinyfs.label", b"v1")
+    src = tmp_path / "other.txt"
+    src.write_bytes(b"cli")
+    run_tinyfs("ingest", root, "r", src, "-l", "v1")
+    r = subprocess.run(["mv", str(t), str(mnt / "commit") + "/"], capture_output=True, text=True)
+    assert r.returncode != 0 and os.getxattr(t, "user.tinyfs.state") == b"failed"
+    log = mnt.log.read_text()
+    assert "missing" not in log and "lookup" not in log and "mkdir" not in log, log
+    assert log.count("commit of r failed") == 1, log
+    os.removexattr(t, "user.tinyfs.label")
+    mnt.commit("r")

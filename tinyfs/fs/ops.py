@@ -72,8 +72,8 @@ def handler(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except TinyfsError as e:
-            log.info("%s: %s", fn.__name__, e)
+        except TinyfsError as e:      # the client's business (a name not there, taken, too long...)
+            log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except OSError as e:
             if e.errno is None:
@@ -633,9 +633,13 @@ class Operations(pyfuse3.Operations):
             self._invalidate_later(self.top["commit"], rid, old_root)
 
     def _failed(self, txn: OpenTxn, message: str) -> None:
+        # `mv` tries a failed rename a second time without RENAME_NOREPLACE: the same failure again is
+        # not news for the operator's log (the event log has every attempt)
+        again = txn.staging.get_meta("error") == message
         txn.staging.set_meta("state", "failed")
         txn.staging.set_meta("error", message)
-        log.warning("commit of %s failed: %s", txn.rid, message)
+        log.log(logging.DEBUG if again else logging.WARNING, "commit of %s failed%s: %s", txn.rid,
+                " again" if again else "", message)
 
     def _move_current_tree(self, rid: str, iid: str) -> list[tuple[int, str | None]]:
         """Move the tree of resources/<rid> to the new head `iid`, and return what the kernel must forget
