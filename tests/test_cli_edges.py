@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 from conftest import run_tinyfs
@@ -40,9 +41,12 @@ def test_umount_returns_once_the_daemon_has_exited(root, tmp_path):
     link.symlink_to(point)
     for given in (point, link):
         m = Mounted(root, point, tmp_path / "mount.log").start()
-        run_tinyfs("umount", given)
-        assert m.proc.poll() == 0, f"tinyfs umount {given} returned while the daemon was still running"
-        assert not os.path.ismount(point)
+        try:
+            run_tinyfs("umount", given)
+            assert m.proc.poll() == 0, f"tinyfs umount {given} returned while the daemon was still running"
+            assert not os.path.ismount(point)
+        finally:
+            m.stop()
 
 
 @needs_fuse
@@ -50,6 +54,15 @@ def test_a_mount_over_a_non_empty_directory_is_refused_without_nonempty(root, tm
     point = tmp_path / "mnt"
     point.mkdir()
     (point / "mine.txt").write_text("hidden by a mount\n")
+    try:
+        _refused_then_mounted(root, point, tmp_path)
+    finally:
+        if os.path.ismount(point):           # (left mounted by a failure: never leave a mount behind)
+            subprocess.run(["fusermount3", "-u", str(point)], check=False)
+    assert (point / "mine.txt").read_text() == "hidden by a mount\n"
+
+
+def _refused_then_mounted(root, point, tmp_path) -> None:
     r = run_tinyfs("mount", root, point, check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "is not empty" in r.stderr and "-o nonempty" in r.stderr
@@ -64,4 +77,3 @@ def test_a_mount_over_a_non_empty_directory_is_refused_without_nonempty(root, tm
                                              "transactions"]
     finally:
         run_tinyfs("umount", point)
-    assert (point / "mine.txt").read_text() == "hidden by a mount\n"
