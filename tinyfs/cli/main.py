@@ -44,10 +44,25 @@ class _Parser(argparse.ArgumentParser):
 def cmd_init(args) -> int:
     from ..core.layout import init_archive
 
-    root = init_archive(args.root, args.mode, args.digest, args.immutable)
+    root, digests = _root_and_digests(args.root, args.digest)
+    root = init_archive(root, args.mode, digests, args.immutable)
     if args.immutable:
         _report_immutable(root)
     return EXIT_OK
+
+
+def _root_and_digests(root: str | None, given: list[str] | None) -> tuple[str, list[str] | None]:
+    """`--digest` takes one or more algorithms, each word possibly a comma list, and may be repeated.
+    Given before ROOT (`init --digest sha256 arc`), it takes ROOT too: the last word that names no
+    algorithm is the root."""
+    from ..core.layout import DIGESTS
+
+    digests = [alg.strip() for word in (given or []) for alg in word.split(",") if alg.strip()]
+    if root is None:
+        if not digests or digests[-1] in DIGESTS:
+            raise UsageError("init: the following arguments are required: ROOT (see --help)")
+        root = digests.pop()
+    return root, digests or None
 
 
 def _report_immutable(root) -> None:
@@ -276,10 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("init", cmd_init, "create an archive")
-    p.add_argument("root", metavar="ROOT")
+    p.usage = "tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable]"
+    p.add_argument("root", metavar="ROOT", nargs="?")     # (may come after --digest: see _root_and_digests)
     p.add_argument("--mode", choices=("preservation", "worm", "dynamic"), default="preservation")
     p.add_argument("--digest", action="extend", nargs="+", metavar="ALG",
-                   help="digest algorithms, the first sha512 (default) or sha256")
+                   help="digest algorithms, the first sha512 (default) or sha256; repeat the option or "
+                        "give a comma list (--digest sha256,sha512)")
     p.add_argument("--immutable", action="store_true", help="worm mode: also chattr +i committed instances")
 
     p = command("mount", cmd_mount, "mount an archive")

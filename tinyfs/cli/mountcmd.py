@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import select
 import socket
 import subprocess
@@ -28,11 +29,13 @@ def default_log(mountpoint: Path) -> Path:
 
 def mount_command(root: str, mountpoint: str, options=None, foreground: bool = False,
                   log_file: str | None = None) -> int:
-    from ..fs.mount import parse_options
+    from ..fs.mount import check_empty, parse_options
 
     opts = parse_options(options)
     ArchiveRoot(root)                              # fail early with one line when it is not an archive
     mnt = Path(mountpoint).absolute()
+    if not os.path.ismount(mnt):
+        check_empty(mnt, opts)                     # (the daemon checks again; this fails before it starts)
     if foreground:
         from ..fs.mount import serve
 
@@ -84,15 +87,50 @@ def _last_line(path: Path) -> str:
 
 
 def umount_command(mountpoint: str, timeout: float = 600.0) -> int:
-    """Unmount and wait until the daemon has finished (its archive lock is released)."""
-    mnt = Path(mountpoint).absolute()
+    """Unmount and wait until the daemon has exited: its archive lock released (running commits
+    finished), then the process gone (it took about a second more to end)."""
+    mnt = Path(os.path.realpath(mountpoint))      # /proc/mounts names the real path (not a symlink to it)
     root = _archive_of(mnt)
-    r = subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise TinyfsError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"cannot unmount {mnt}")
-    if root is not None:
-        _wait_for_daemon(root, timeout)
+    daemon = _daemon_pidfd(root) if root is not None else None
+    try:
+        r = subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise TinyfsError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"cannot unmount {mnt}")
+        deadline = time.monotonic() + timeout
+        if root is not None:
+            _wait_for_daemon(root, timeout)
+        if daemon is not None and not select.select([daemon], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise TinyfsError(f"the daemon of {root} did not exit within {timeout:.0f} s")
+    finally:
+        if daemon is not None:
+            os.close(daemon)
     return 0
+
+
+def _daemon_pidfd(root: Path) -> int | None:
+    """A pidfd of the daemon serving `root` (the process holding its mount lock, whose pid the lock file
+    holds), taken before the unmount so that it names that very process; None when there is none."""
+    import fcntl
+
+    from ..core.layout import LOCKS
+    from ..fs.mount import MOUNT_LOCK
+
+    try:
+        fd = os.open(root / "transactions" / LOCKS / MOUNT_LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None                    # nobody holds it
+        except BlockingIOError:
+            pass
+        pid = int(os.pread(fd, 32, 0).split()[0])
+        return os.pidfd_open(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def _archive_of(mnt: Path) -> Path | None:
@@ -101,12 +139,17 @@ def _archive_of(mnt: Path) -> Path | None:
         with open("/proc/self/mounts") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) > 2 and fields[1] == str(mnt).replace(" ", "\\040") and "tinyfs" in fields[2]:
-                    src = fields[0].replace("\\040", " ")
+                if len(fields) > 2 and _unescape(fields[1]) == str(mnt) and "tinyfs" in fields[2]:
+                    src = _unescape(fields[0])
                     return Path(src) if os.path.isdir(src) else None
     except OSError:
         pass
     return None
+
+
+def _unescape(field: str) -> str:
+    """A path of /proc/mounts: space, tab, newline and backslash are written as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _wait_for_daemon(root: Path, timeout: float) -> None:

@@ -10,12 +10,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from . import tree
 from .commit import CommitRequest, CommitResult, NewFile, commit
 from .digests import CHUNK
 from .errors import Forbidden, InvalidName, NotFound, TinyfsError
 from .fixity import FixityError, open_verified
-from .ids import check_label, check_logical_path, check_rid, parent_of
+from .ids import check_logical_path, check_rid, parent_of
 from .layout import ArchiveRoot, init_archive
+from .limits import check_metadata
 from .model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State, link_groups
 
 InstanceRef = InstanceDoc | str | None     # an instance as Resource takes it: itself, its id or label, or the head
@@ -121,7 +123,8 @@ class Transaction:
                  creator: str = "", label: str | None = None):
         self._root, self.rid, self.base = root, rid, base
         self.message, self.creator = message, creator
-        self.label = check_label(label) if label is not None else None
+        check_metadata(message, creator, label)
+        self.label = label
         self._base_state = root.state(rid, base) if base else State()
         self._changes: dict[str, object] = {}
         # Link groups added: the (path, NewFile) pairs that were one inode, whether in the sources
@@ -152,16 +155,20 @@ class Transaction:
         return live | {p for p, c in self._changes.items() if c is not None}
 
     def _ensure_parents(self, path: str) -> None:
+        """Make the missing directories above `path`, the highest first (a loop: a path may have
+        2,000 components)."""
+        missing = []
         parent = parent_of(path)
-        if not parent:
-            return
-        existing = self._current(parent)
-        if isinstance(existing, DirEntry):
-            return
-        if existing is not None:
-            raise InvalidName(f"{parent!r} exists and is not a directory")
-        self._ensure_parents(parent)
-        self._changes[parent] = DirEntry(0o755, _now_ns())
+        while parent:
+            existing = self._current(parent)
+            if isinstance(existing, DirEntry):
+                break
+            if existing is not None:
+                raise InvalidName(f"{parent!r} exists and is not a directory")
+            missing.append(parent)
+            parent = parent_of(parent)
+        for directory in reversed(missing):
+            self._changes[directory] = DirEntry(0o755, _now_ns())
 
     # -- changes ---------------------------------------------------------
     def add(self, source: str | os.PathLike, path: str | None = None) -> None:
@@ -174,7 +181,7 @@ class Transaction:
         self._ensure_parents(path)
         self._add_one(source, path, st)
         if stat.S_ISDIR(st.st_mode):
-            for dirpath, dirs, files in os.walk(source):
+            for dirpath, dirs, files in tree.walk(source):
                 rel_dir = os.path.relpath(dirpath, source)
                 for name in sorted(dirs + files):
                     full = Path(dirpath, name)

@@ -555,12 +555,15 @@ class _Checker:
         self._walk(data, "data")
 
     def _walk(self, directory: Path, rel: str) -> None:
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError as e:
-            self.report.problem("unreadable-file", rel, f"cannot list directory: {e.strerror or e}")
-            return
-        for entry in entries:
+        """Every file under `directory`, depth first in name order; a stack of listings, not recursion
+        (a payload may be 2,000 directories deep)."""
+        stack = [(rel, self._entries(directory, rel))]
+        while stack:
+            rel, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
             child = f"{rel}/{entry.name}"
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -568,13 +571,20 @@ class _Checker:
                 self.report.problem("unreadable-file", child, f"cannot stat: {e.strerror or e}")
                 continue
             if stat.S_ISDIR(st.st_mode):
-                self._walk(Path(entry.path), child)
+                stack.append((child, self._entries(Path(entry.path), child)))
             elif stat.S_ISREG(st.st_mode):
                 self.disk[child] = st.st_size
             else:
                 kind = "symbolic link" if stat.S_ISLNK(st.st_mode) else "special file"
                 self.report.problem("not-regular-file", child, f"{kind} in the payload (only regular files "
                                     "and directories are allowed)")
+
+    def _entries(self, directory: Path, rel: str) -> Iterator[os.DirEntry]:
+        try:
+            return iter(sorted(os.scandir(directory), key=lambda e: e.name))
+        except OSError as e:
+            self.report.problem("unreadable-file", rel, f"cannot list directory: {e.strerror or e}")
+            return iter(())
 
     # -- bag-info.txt
 

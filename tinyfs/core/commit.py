@@ -23,12 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bagwrite
+from . import bagwrite, tree
 from .digests import copy_and_hash, hash_file, parallel
 from .durable import fsync_dir, write_new
 from .errors import Forbidden, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
-from .ids import PATH_MAX, check_label, check_rid, new_instance_id, parent_of
+from .ids import PATH_MAX, check_rid, new_instance_id, parent_of
 from .layout import ArchiveRoot
+from .limits import check_metadata
 from .model import (
     DirEntry,
     Entry,
@@ -50,6 +51,9 @@ TRASH_PREFIX = ".trash-"
 ALT_DIR = ".tinyfs"
 # Longest absolute path we let a stored file reach (PATH_MAX is 4096 with the NUL).
 MAX_STORED_ABSPATH = 4000
+# Deepest directory level of a stored file under data/: bagit-python walks a bag with os.walk, which
+# recurses once per level on Python 3.11 and fails past about 990 (a deeper file gets a chosen name).
+MAX_STORED_DEPTH = 256
 
 
 @dataclass
@@ -101,8 +105,7 @@ class CommitResult:
 
 def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], None] | None = None) -> CommitResult:
     check_rid(req.rid)
-    if req.label is not None:
-        check_label(req.label)
+    check_metadata(req.message, req.creator, req.label)
     with archive.resource_lock(req.rid):
         head = archive.head(req.rid)
         iid = new_instance_id(after=head)
@@ -111,10 +114,10 @@ def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], N
         try:
             return _commit_locked(archive, req, head, iid, stage, progress)
         except BaseException as e:
-            shutil.rmtree(stage, ignore_errors=True, onerror=_force_remove)
+            tree.rmtree(stage, ignore_errors=True, force=True)
             if archive.config.mode == "worm":
                 owner_writable(c.source for c in req.changes.values() if isinstance(c, NewFile) and c.linkable)
-            if isinstance(e, TinyfsError) or isinstance(e, OSError):
+            if isinstance(e, Exception):      # (a bug too: the log says the commit failed)
                 archive.events.append("commit.failed", req.rid, None, error=str(e))
             raise
 
@@ -183,7 +186,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
         dest = f"{inst_str}/{rel}"
         parent = dest.rpartition("/")[0]
         if parent not in made_dirs:
-            os.makedirs(parent, exist_ok=True)
+            tree.makedirs(parent)
             made_dirs.add(parent)
         if digest in sources:
             src = sources[digest]
@@ -466,7 +469,8 @@ def _stored_names(wanted: dict[str, str], archive: ArchiveRoot, rid: str, iid: s
     other: list[str] = []
     for digest, path in wanted.items():
         # bagit-python strips trailing whitespace (str.strip) off manifest paths: such names are chosen too
-        if any(c in path for c in "%\r\n") or path != path.rstrip() or len(path.encode()) > room:
+        if any(c in path for c in "%\r\n") or path != path.rstrip() or len(path.encode()) > room \
+                or path.count("/") >= MAX_STORED_DEPTH:
             other.append(digest)
         else:
             own[digest] = path
@@ -577,7 +581,7 @@ def owner_writable(paths) -> None:
 
 
 def _make_read_only(top: Path) -> None:
-    for dirpath, _dirs, files in os.walk(top, topdown=False):
+    for dirpath, _dirs, files in tree.walk(top, topdown=False):
         for name in files:
             os.chmod(os.path.join(dirpath, name), 0o444)
         os.chmod(dirpath, 0o555)
@@ -610,7 +614,7 @@ def set_immutable(path: Path, on: bool = True) -> bool:
 
 def set_immutable_tree(top: Path) -> bool:
     ok = True
-    for dirpath, _dirs, files in os.walk(top, topdown=False):
+    for dirpath, _dirs, files in tree.walk(top, topdown=False):
         for name in files:
             ok = set_immutable(Path(dirpath, name)) and ok
         ok = set_immutable(Path(dirpath)) and ok
@@ -624,19 +628,7 @@ def drop_older_instances(archive: ArchiveRoot, rid: str, keep: str) -> None:
             trash = archive.transactions / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
             os.rename(archive.instance_dir(rid, old), trash)
             fsync_dir(archive.resource_dir(rid) / "instances")
-            shutil.rmtree(trash, onerror=_force_remove)
-
-
-def _force_remove(func, path, exc_info) -> None:
-    """rmtree helper for read-only trees: make the parent writable and retry."""
-    parent = os.path.dirname(path)
-    try:
-        os.chmod(parent, stat.S_IRWXU)
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, stat.S_IRWXU)
-        func(path)
-    except FileNotFoundError:
-        pass
+            tree.rmtree(trash, force=True)
 
 
 def purge(archive: ArchiveRoot, rid: str) -> None:
@@ -648,5 +640,5 @@ def purge(archive: ArchiveRoot, rid: str) -> None:
         trash = archive.transactions / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
         os.rename(archive.resource_dir(rid), trash)
         fsync_dir(archive.resource_dir(rid).parent)
-        shutil.rmtree(trash, onerror=_force_remove)
+        tree.rmtree(trash, force=True)
     archive.events.append("resource.purged", rid, None)

@@ -81,3 +81,9 @@ class InvalidBag(TinyfsError):
     def __init__(self, message: str, problems: list):
         super().__init__(message)
         self.problems = problems
+
+
+class TooLarge(TinyfsError):
+    """A value past one of the limits of tinyfs.core.limits (a message, a creator, a bag-info.txt)."""
+
+    errno = _errno.E2BIG

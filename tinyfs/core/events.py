@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .durable import append_line
+from .limits import bounded
 from .model import parse_time, utc_now
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ class EventLog:
     def append(self, event: str, resource: str | None = None, instance: str | None = None,
                **detail) -> dict:
         record = {"time": utc_now(), "event": event, "resource": resource, "instance": instance,
-                  "detail": detail}
+                  "detail": bounded(detail)}
         append_line(self.path, (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
         log.info("event %s %s %s", event, resource or "", instance or "")
         return record

@@ -32,14 +32,13 @@ from __future__ import annotations
 import base64
 import errno
 import os
-import shutil
 import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bagwrite
+from . import bagwrite, tree
 from .digests import CHUNK, WRITEBACK_CHUNK, hash_file
 from .durable import fsync_dir, start_writeback
 from .errors import AlreadyExists, NotFound
@@ -165,7 +164,7 @@ def _write_dir(plan: _Plan, dest: Path, advance) -> None:
         os.rename(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tree.rmtree(tmp, ignore_errors=True)
         raise
 
 

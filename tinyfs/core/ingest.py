@@ -26,12 +26,23 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import tree
 from .api import Archive, Transaction
 from .bagcheck import Problem, validate_bag
 from .commit import CommitResult, NewFile
-from .errors import AlreadyExists, BadEncoding, Forbidden, InvalidBag, InvalidName, NotFound, TinyfsError
+from .errors import (
+    AlreadyExists,
+    BadEncoding,
+    Forbidden,
+    InvalidBag,
+    InvalidName,
+    NotFound,
+    TinyfsError,
+    TooLarge,
+)
 from .fsck import ProgressFactory
 from .ids import check_logical_path, check_rid, parent_of
+from .limits import check_bag_info_size, check_text
 from .model import InstanceDoc, State, group_problems
 
 log = logging.getLogger(__name__)
@@ -76,6 +87,7 @@ def ingest_bag(archive: Archive, rid: str, bag: str | os.PathLike, *, message: s
     bag = Path(bag)
     if not bag.is_dir():
         raise NotFound(f"{bag}: not a directory (a bag is a directory)")
+    _check_bag_info_size(bag)
     advance = progress("validating", _tree_bytes(bag)) if progress else None
     report = validate_bag(bag, progress=advance)
     for warning in report.warnings:
@@ -84,9 +96,9 @@ def ingest_bag(archive: Archive, rid: str, bag: str | os.PathLike, *, message: s
         raise InvalidBag(_invalid(bag, report.problems), report.problems)
     info = dict(report.info)
     if message is None:
-        message = next((info[k] for k in MESSAGE_ELEMENTS if info.get(k)), "")
+        message = _from_bag_info(info, MESSAGE_ELEMENTS, "message", "--message")
     if creator is None:
-        creator = next((info[k] for k in CREATOR_ELEMENTS if info.get(k)), "")
+        creator = _from_bag_info(info, CREATOR_ELEMENTS, "creator", "--creator")
 
     data = bag / "data"
     recorded = recorded_state(bag, report)
@@ -201,6 +213,30 @@ def _payload_problems(state: State, alg: str, report) -> list[Problem]:
     return problems
 
 
+def _check_bag_info_size(bag: Path) -> None:
+    """A bag-info.txt past BAG_INFO_MAX is refused before it is read (a 50 MiB description was read
+    whole, then copied into the message, instance.json and a line of the event log)."""
+    for name in ("bag-info.txt", "package-info.txt"):
+        try:
+            size = os.stat(bag / name).st_size
+        except OSError:
+            continue            # missing or unreadable: validation says so
+        check_bag_info_size(size, str(bag / name))
+
+
+def _from_bag_info(info: dict[str, str], elements: tuple[str, ...], what: str, option: str) -> str:
+    """The first of `elements` that bag-info.txt gives, as the instance's `what`, within its limit."""
+    for element in elements:
+        value = info.get(element)
+        if value:
+            try:
+                return check_text(what, value)
+            except TooLarge as e:
+                raise TooLarge(f"bag-info.txt: {element}: {e}; give {option} to use another "
+                               "(nothing was committed)") from None
+    return ""
+
+
 def open_transaction(archive: Archive, rid: str, *, message: str = "", creator: str = "",
                      label: str | None = None) -> Transaction:
     """A transaction on top of the resource's current state, or creating it."""
@@ -225,10 +261,7 @@ def scan(source: Path) -> int:
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
     total = 0
 
-    def fail(e: OSError) -> None:
-        raise e
-
-    for dirpath, dirs, files in os.walk(source, onerror=fail):
+    for dirpath, dirs, files in tree.walk(source):
         for name in dirs + files:
             full = Path(dirpath, name)
             _decoded(name, full)
@@ -269,7 +302,7 @@ def _show(path: Path) -> str:
 
 def _tree_bytes(top: Path) -> int:
     total = 0
-    for dirpath, _dirs, files in os.walk(top):
+    for dirpath, _dirs, files in tree.walk(top, onerror=lambda e: None):
         for name in files:
             try:
                 st = os.lstat(os.path.join(dirpath, name))

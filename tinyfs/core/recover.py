@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
-from .commit import COMMIT_PREFIX, TRASH_PREFIX, _force_remove, drop_older_instances, owner_writable
+from . import tree
+from .commit import COMMIT_PREFIX, TRASH_PREFIX, drop_older_instances, owner_writable
 from .errors import Busy
 from .ids import is_rid
 from .layout import LOCKS, ArchiveRoot
@@ -39,7 +39,7 @@ def recover(archive: ArchiveRoot) -> list[str]:
             rid = name[len(COMMIT_PREFIX):-37]
             try:
                 with archive.resource_lock(rid, wait=False):
-                    shutil.rmtree(path, onerror=_force_remove)
+                    tree.rmtree(path, force=True)
             except Busy:
                 continue  # a live commit owns it
             actions.append(f"removed interrupted commit staging {name}")
@@ -47,12 +47,12 @@ def recover(archive: ArchiveRoot) -> list[str]:
             if time.time() - path.lstat().st_mtime < IN_USE_SECONDS:
                 continue  # may belong to a live process (no lock covers these)
             if path.is_dir():
-                shutil.rmtree(path, onerror=_force_remove)
+                tree.rmtree(path, force=True)
             else:
                 path.unlink()
             actions.append(f"removed leftover {name}")
         elif name.startswith(TRASH_PREFIX):
-            shutil.rmtree(path, onerror=_force_remove)
+            tree.rmtree(path, force=True)
             actions.append(f"removed leftover {name}")
         elif name != LOCKS and is_rid(name):
             actions.extend(_finish_mount_transaction(archive, name))

@@ -43,7 +43,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AlreadyExists, NotFound
+from .errors import AlreadyExists, NameTooLong, NotFound
+from .ids import PATH_MAX
 from .model import DirEntry, FileEntry, LinkEntry, State, group_index
 
 ROOT = 1
@@ -221,6 +222,7 @@ class Staging:
         # Write-through caches: the database stays the truth, these spare a SELECT per request.
         self._nodes: dict[int, Node] = {}
         self._nlinks: dict[int, int] = {}
+        self._dir_bytes: dict[int, int] = {}     # directory -> bytes of its logical path with a "/" (see room)
 
     # -- life cycle -----------------------------------------------------
     @staticmethod
@@ -567,9 +569,67 @@ class Staging:
             if new_parent != old_parent:
                 self._touch(new_parent, now)
         self._cached(ino, ctime_ns=now)
+        if self._dir_bytes and self._is_dir(ino):
+            self._dir_bytes.clear()       # every directory below it moved too
         parents = (old_parent, new_parent) if self._is_dir(ino, replaced) else ()
         self._names_changed(ino, replaced, *parents)
         return replaced
+
+    # -- path lengths ----------------------------------------------------------
+    def check_room(self, parent: int, name: str, moving: int | None = None) -> None:
+        """NameTooLong (ENAMETOOLONG) when `name` in directory `parent` would have a logical path longer
+        than PATH_MAX, or -- `moving`, a directory renamed there -- would give one of its entries one.
+        Each request of the kernel names one component, so nothing else stops such a path before the
+        commit, which would refuse it (SPEC 4: paths of up to 4,095 bytes)."""
+        length = self._path_bytes(parent) + len(name.encode("utf-8", "surrogateescape"))
+        if moving is not None and self._kind(moving) == "d":
+            now = self._path_bytes(moving) - 1
+            if length > now:                 # its entries' paths grow: the longest must still fit
+                below = self._longest_below(moving)
+                length += 1 + below if below else 0
+        if length > PATH_MAX:
+            raise NameTooLong(f"{name[:40]}...: the path would be {length} bytes long, more than {PATH_MAX}")
+
+    def _path_bytes(self, ino: int) -> int:
+        """Bytes of directory `ino`'s logical path, with a "/" after it (0 for the root). Cached per
+        directory (a create costs no query per level); a rename of a directory clears the cache."""
+        steps: list[tuple[int, int]] = []       # (directory, bytes of its name and a "/"), going up
+        cur, total = ino, 0
+        while cur != ROOT:
+            known = self._dir_bytes.get(cur)
+            if known is not None:
+                total = known
+                break
+            where = self._where_dir(cur)
+            if where is None:                   # (no name: nothing to add)
+                break
+            parent, name = where
+            steps.append((cur, len(name.encode("utf-8", "surrogateescape")) + 1))
+            cur = parent
+        for directory, size in reversed(steps):
+            total += size
+            self._dir_bytes[directory] = total
+        return total
+
+    def _where_dir(self, ino: int) -> tuple[int, str] | None:
+        """(parent, name) of a directory's one name."""
+        row = self.db.execute("SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,)).fetchone()
+        if row:
+            return row[0], row[1]
+        return self._home(ino)
+
+    def _longest_below(self, ino: int) -> int:
+        """Bytes of the longest path below directory `ino`, relative to it (a stack, not recursion)."""
+        longest = 0
+        stack = [(ino, 0)]
+        while stack:
+            directory, prefix = stack.pop()
+            for name, child in self.children(directory):
+                length = prefix + len(name.encode("utf-8", "surrogateescape"))
+                longest = max(longest, length)
+                if self._kind(child) == "d":
+                    stack.append((child, length + 1))
+        return longest
 
     def is_ancestor(self, ino: int, of: int) -> bool:
         """True when directory `ino` is `of` or contains it (a rename into itself is EINVAL)."""
@@ -620,6 +680,7 @@ class Staging:
             self._owned.add(ino)
         self._nodes.pop(ino, None)
         self._nlinks.pop(ino, None)
+        self._dir_bytes.pop(ino, None)     # (a new inode may get its number)
         try:
             os.unlink(self.blob_path(ino))
         except FileNotFoundError:

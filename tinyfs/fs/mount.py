@@ -35,7 +35,8 @@ MOUNT_LOCK = ".mount.lock"
 PASSED = {"allow_other", "allow_root", "default_permissions", "noexec", "nodev", "nosuid"}   # on to FUSE/kernel
 # tinyfs's own: `writeback` turns the kernel's writeback cache on (faster sequential writes; a write()
 # that returned is then only safe once its file is closed or fsynced -- see docs/design.md).
-OWN = {"writeback"}
+# `nonempty` lets a mount hide the files of a non-empty mount point (refused otherwise, as fuse2 did).
+OWN = {"writeback", "nonempty"}
 # Bookkeeping words of fstab, mount(8) and systemd, and kernel flags that mean nothing here (atime
 # flavours, sync: a commit is durable anyway). `dev` and `suid` are dropped on purpose: a tinyfs mount
 # is always nosuid,nodev (FUSE's default), because the read-only views show archived files -- which
@@ -107,11 +108,27 @@ def clear_dead_mount(mountpoint: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True)
 
 
-def check_mountpoint(mountpoint: Path) -> None:
+def check_mountpoint(mountpoint: Path, options: list[str] = ()) -> None:
     if not mountpoint.is_dir():
         raise TinyfsError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise Busy(f"{mountpoint} is already a mount point")
+    check_empty(mountpoint, options)
+
+
+def check_empty(mountpoint: Path, options: list[str] = ()) -> None:
+    """A mount over files hides them without a word (libfuse 3 dropped fuse2's check): refused unless
+    `-o nonempty` says that is meant. A directory that cannot be listed is left to the mount to judge."""
+    if "nonempty" in options:
+        return
+    try:
+        with os.scandir(mountpoint) as entries:
+            busy = next(entries, None) is not None
+    except OSError:
+        return
+    if busy:
+        raise TinyfsError(f"mount point {mountpoint} is not empty: its files would be hidden "
+                          "(give -o nonempty to mount over them)")
 
 
 # Collector thresholds for the daemon (Python's defaults: 700, 10, 10). See tune_gc().
@@ -162,7 +179,7 @@ def _serve(root: str, mountpoint: str, options: list[str], early: _EarlySignals)
     lock_fd = lock_archive(archive)
     try:
         clear_dead_mount(mnt)
-        check_mountpoint(mnt)
+        check_mountpoint(mnt, options)
         for line in recover(archive):
             log.info("recovery: %s", line)
         if early.signum is not None:

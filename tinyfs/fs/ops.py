@@ -26,6 +26,7 @@ from ..core.commit import commit, state_changes
 from ..core.errors import NotFound, TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
+from ..core.limits import EVENT_TEXT_MAX, check_text
 from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
@@ -71,8 +72,8 @@ def handler(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except TinyfsError as e:
-            log.info("%s: %s", fn.__name__, e)
+        except TinyfsError as e:      # the client's business (a name not there, taken, too long...)
+            log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except OSError as e:
             if e.errno is None:
@@ -389,6 +390,7 @@ class Operations(pyfuse3.Operations):
         txn = self._live(parent)
         if txn.staging.lookup(parent.sino, name) is not None:
             raise fail(errno.EEXIST)
+        txn.staging.check_room(parent.sino, name)
         return txn, txn.staging.make(parent.sino, name, kind, stat.S_IMODE(mode) & ~ctx.umask, ctx.uid, ctx.gid,
                                      **kw)
 
@@ -496,6 +498,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EILSEQ) from None
         if txn.staging.lookup(parent.sino, name) is not None:
             raise fail(errno.EEXIST)
+        txn.staging.check_room(parent.sino, name)
         sino = txn.staging.make(parent.sino, name, "l", 0o777, ctx.uid, ctx.gid, target=target)
         return self._entry(self._txn_node(txn, sino))
 
@@ -512,6 +515,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EPERM)
         if txn.staging.lookup(parent.sino, new_name) is not None:
             raise fail(errno.EEXIST)
+        txn.staging.check_room(parent.sino, new_name)
         txn.staging.link(node.sino, parent.sino, new_name)
         return self._entry(node)
 
@@ -563,6 +567,7 @@ class Operations(pyfuse3.Operations):
                 raise fail(errno.ENOTEMPTY)
         if st.node(sino).kind == "d" and st.is_ancestor(sino, new_parent.sino):
             raise fail(errno.EINVAL)
+        st.check_room(new_parent.sino, name_new, moving=sino)
         replaced = st.rename(old_parent.sino, name_old, new_parent.sino, name_new)
         if replaced is not None:
             self._drop_if_unused(txn, replaced)
@@ -576,6 +581,11 @@ class Operations(pyfuse3.Operations):
         self.commits_running += 1
         try:
             await self._commit_txn(txn)
+        except BaseException as e:
+            # whatever went wrong (a bug included), the transaction must not stay `committing`
+            if not txn.closed and txn.staging.get_meta("state") == "committing":
+                self._failed(txn, f"internal error: {type(e).__name__}: {e}"[:EVENT_TEXT_MAX])
+            raise
         finally:
             txn.committing = False
             self.commits_running -= 1
@@ -623,9 +633,13 @@ class Operations(pyfuse3.Operations):
             self._invalidate_later(self.top["commit"], rid, old_root)
 
     def _failed(self, txn: OpenTxn, message: str) -> None:
+        # `mv` tries a failed rename a second time without RENAME_NOREPLACE: the same failure again is
+        # not news for the operator's log (the event log has every attempt)
+        again = txn.staging.get_meta("error") == message
         txn.staging.set_meta("state", "failed")
         txn.staging.set_meta("error", message)
-        log.warning("commit of %s failed: %s", txn.rid, message)
+        log.log(logging.DEBUG if again else logging.WARNING, "commit of %s failed%s: %s", txn.rid,
+                " again" if again else "", message)
 
     def _move_current_tree(self, rid: str, iid: str) -> list[tuple[int, str | None]]:
         """Move the tree of resources/<rid> to the new head `iid`, and return what the kernel must forget
@@ -945,6 +959,8 @@ class Operations(pyfuse3.Operations):
             text = value.decode("utf-8")
         except UnicodeDecodeError:
             raise fail(errno.EILSEQ) from None
+        if key in ("message", "creator"):
+            check_text(key, text, "user.tinyfs.")     # E2BIG past its limit, as for a too-large xattr
         if key == "label" and text:
             check_label(text)
             if text in self.archive.labels(txn.rid):
