@@ -506,7 +506,7 @@ class Operations(pyfuse3.Operations):
         if parent.kind != "txn":
             raise self._readonly_error(parent)
         if node.kind != "txn" or node.txn is not parent.txn:
-            raise fail(errno.EXDEV)
+            raise fail(errno.EROFS if _read_only(node) else errno.EXDEV)   # (a new name changes the inode)
         txn = self._live(parent)
         if txn.staging.node(node.sino).kind == "d":
             raise fail(errno.EPERM)
@@ -538,7 +538,8 @@ class Operations(pyfuse3.Operations):
         if new_parent.kind == "top" and new_parent.path == "commit":
             raise fail(errno.EPERM)
         if old_parent.kind != "txn" or new_parent.kind != "txn":
-            raise fail(errno.EROFS) if "txn" not in (old_parent.kind, new_parent.kind) else fail(errno.EXDEV)
+            # a name leaving or entering a read-only tree would change it: EROFS, as on a read-only mount
+            raise fail(errno.EROFS if _read_only(old_parent) or _read_only(new_parent) else errno.EXDEV)
         if old_parent.txn is not new_parent.txn:
             raise fail(errno.EXDEV)
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -898,17 +899,21 @@ class Operations(pyfuse3.Operations):
             return value
         value = self.view.xattrs(node).get(name)
         if value is None:
+            value = self.view.virtual_xattr(node, name)
+        if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     @handler
     async def listxattr(self, inode, ctx):
+        """Recorded xattrs and the metadata set on a transaction; never the virtual ones (state, error,
+        digest, instance): `rsync -X` removes from its destination what the source does not list."""
         node = self._node(inode)
         if node.kind == "txn":
             txn = node.txn
             names = list(txn.staging.xattrs(node.sino))
             if node.sino == SROOT:
-                names += [f"user.tinyfs.{k}" for k in ("state", "error", *META) if txn.staging.get_meta(k)]
+                names += [f"user.tinyfs.{k}" for k in META if txn.staging.get_meta(k)]
             return [n.encode() for n in names]
         return [n.encode() for n in self.view.xattrs(node)]
 
@@ -952,7 +957,11 @@ class Operations(pyfuse3.Operations):
         node, name, txn = self._xattr_target(inode, name)
         if node.sino == SROOT and name.startswith("user.tinyfs."):
             key = name[len("user.tinyfs."):]
+            if key in ("state", "error"):
+                raise fail(errno.EPERM, f"user.tinyfs.{key} is read-only")
             if key in META:
+                if not txn.staging.get_meta(key):
+                    raise pyfuse3.FUSEError(pyfuse3.ENOATTR)    # as for any attribute that is not set
                 txn.staging.set_meta(key, "")
                 return
         if not txn.staging.remove_xattr(node.sino, name):
@@ -988,6 +997,13 @@ def _same_bytes(a, b) -> bool:
     """Whether entry b differs from a only in attributes: two directories, or two files of one digest."""
     return (isinstance(a, DirEntry) and isinstance(b, DirEntry)) or \
         (isinstance(a, FileEntry) and isinstance(b, FileEntry) and a.digest == b.digest)
+
+
+def _read_only(node: Node) -> bool:
+    """Whether a node belongs to a read-only tree: resources/, instances/, aip/, events.jsonl, the root."""
+    if node.kind == "top":
+        return node.path not in ("transactions", "commit")
+    return node.kind != "txn"
 
 
 def _write_only(flags: int) -> bool:
