@@ -10,9 +10,11 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import check_archive_ok, run_tinyfs
 from mounting import Mounted, listing
 
 from tinyfs.core.layout import ArchiveRoot
@@ -257,3 +259,99 @@ def test_rsync_x_into_a_transaction_with_metadata_set(mnt, tmp_path):
 def _head_doc(mnt: Mounted, rid: str) -> dict:
     iid = sorted(os.listdir(mnt / "instances" / rid))[-1]
     return json.loads((mnt / "aip" / rid / "instances" / iid / "instance.json").read_bytes())
+
+
+# -- the resource root ---------------------------------------------------------------------------------------
+
+def test_the_resource_root_keeps_the_mode_and_mtime_its_client_set(mnt, root, tmp_path):
+    t = mnt / "transactions" / "rt"
+    os.mkdir(t)
+    os.mkdir(t / "sub")
+    (t / "a.txt").write_text("a")
+    os.chmod(t, 0o750)
+    os.utime(t, ns=(OLD_NS, OLD_NS))
+    st = os.stat(t)
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_uid) == (0o750, OLD_NS, 0)
+    os.chmod(t, 0o555)
+    assert stat.S_IMODE(os.stat(t).st_mode) == 0o755       # shown usable by its owner, kept as set
+    mnt.commit("rt")
+    (iid,) = os.listdir(mnt / "instances" / "rt")
+    for view in (mnt / "resources" / "rt", mnt / "instances" / "rt" / iid):
+        st = os.stat(view)
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o555, OLD_NS), view
+    assert _head_doc(mnt, "rt")["dirs"][""] == {"mode": 0o555, "mtime_ns": OLD_NS}
+    listed = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(mnt / "resources")}    # (readdirplus)
+    assert (stat.S_IMODE(listed["rt"].st_mode), listed["rt"].st_mtime_ns) == (0o555, OLD_NS)
+
+    # the next transaction starts from the recorded root; touching nothing there keeps it
+    os.mkdir(t)
+    assert os.stat(t).st_mtime_ns == OLD_NS
+    mnt.commit("rt")
+    assert len(os.listdir(mnt / "instances" / "rt")) == 1                      # unchanged: no instance
+    os.mkdir(t)
+    (t / "sub" / "deeper.txt").write_text("below the root: its time stays")
+    mnt.commit("rt")
+    assert os.stat(mnt / "resources" / "rt").st_mtime_ns == OLD_NS
+    os.mkdir(t)
+    (t / "top.txt").write_text("in the root: its time moves, as on a local disk")
+    mnt.commit("rt")
+    st = os.stat(mnt / "resources" / "rt")
+    assert stat.S_IMODE(st.st_mode) == 0o555 and st.st_mtime_ns > OLD_NS
+    moved = st.st_mtime_ns
+    # a CLI ingest records no root of its own: the head's stays
+    (tmp_path / "cli.txt").write_text("cli")
+    run_tinyfs("ingest", root, "rt", tmp_path / "cli.txt")
+    assert len(os.listdir(mnt / "instances" / "rt")) == 4
+    assert os.stat(mnt / "resources" / "rt").st_mtime_ns == moved
+    # an instance with no root recorded (the CLI's, or one older than the record) shows 0755 and its time
+    run_tinyfs("ingest", root, "cli-only", tmp_path / "cli.txt")
+    (cli_iid,) = os.listdir(mnt / "instances" / "cli-only")
+    st = os.stat(mnt / "resources" / "cli-only")
+    assert stat.S_IMODE(st.st_mode) == 0o755
+    assert st.st_mtime_ns // 1_000_000 == int(cli_iid.replace("-", "")[:12], 16)
+
+
+def test_a_read_only_source_root_does_not_lock_its_depositor_out(tmp_path):
+    """As an ordinary user (nobody), `cp -a` and `rsync -a` of a 0555 source set 0555 on the transaction
+    directory: the owner can still write into it, commit it with mv, and roll back another with rm -rf."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as nobody and to mount with allow_other")
+    base = Path(tempfile.mkdtemp(prefix="tinyfs-attr-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        root, point = base / "archive", base / "mnt"
+        run_tinyfs("init", root)
+        src = base / "src"
+        (src / "d").mkdir(parents=True)
+        (src / "d" / "f.txt").write_text("f")
+        os.utime(src, ns=(OLD_NS, OLD_NS))
+        subprocess.run(["chown", "-R", "65534:65534", str(src)], check=True)
+        os.chmod(src, 0o555)
+        point.mkdir()
+        m = Mounted(root, point, base / "mount.log", options="allow_other").start()
+        try:
+            script = f"""
+                set -e
+                mkdir {point}/transactions/by-cp {point}/transactions/by-rsync {point}/transactions/dropped
+                cp -a {src}/. {point}/transactions/by-cp/
+                rsync -a {src}/ {point}/transactions/by-rsync/
+                rsync -a {src}/ {point}/transactions/dropped/
+                echo later > {point}/transactions/dropped/later.txt
+                mv {point}/transactions/by-cp {point}/commit/
+                mv {point}/transactions/by-rsync {point}/commit/
+                rm -rf {point}/transactions/dropped
+                stat -c '%a %Y' {point}/resources/by-cp {point}/resources/by-rsync
+            """
+            r = subprocess.run(["sh", "-c", script], user=65534, group=65534, extra_groups=[], cwd="/",
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.split("\n")[:2] == [f"555 {OLD_NS // 10**9}"] * 2
+            assert os.listdir(point / "transactions") == []
+        finally:
+            status = m.stop()
+        assert status == 0 and not m.tracebacks(), m.tracebacks()[-3000:]
+        check_archive_ok(root)
+    finally:
+        if os.path.ismount(base / "mnt"):
+            subprocess.run(["fusermount3", "-u", "-z", str(base / "mnt")], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

@@ -72,6 +72,7 @@ class CommitRequest:
     creator: str = ""
     label: str | None = None
     marker: Callable[[str], None] | None = None   # told the new iid just before the final rename
+    root: DirEntry | None = None         # the resource root's mode and mtime; None: as the head has them
 
 
 @dataclass
@@ -123,6 +124,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     changes = {p: (c.entry(cfg.primary) if isinstance(c, NewFile) else c) for p, c in req.changes.items()}
     delta = state_changes(base_state, changes) if req.full else _drop_noops(base_state, changes)
     merged = _merge(base_state, head_state, delta, req.rid, head_is_base=head == req.base)
+    merged.root = _merge_root(base_state, head_state, req.root, req.rid)
     if not (req.walked and head == req.base):   # else merged is the caller's walked tree itself
         _check_tree(merged)
     _check_lengths(delta)
@@ -331,8 +333,18 @@ def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str, h
     return result
 
 
+def _merge_root(base: State, head: State, root: DirEntry | None, rid: str) -> DirEntry | None:
+    """The resource root's mode and mtime after the commit: the request's when it changed them against
+    its base (ESTALE when the head changed them too, otherwise), else the head's. Like any directory's."""
+    if root is None or _same(root, base.root):
+        return head.root
+    if not _same(head.root, base.root) and not _same(head.root, root):
+        raise Stale(f"resource {rid!r} changed meanwhile and the mode or time of its root changed on both sides")
+    return root
+
+
 def _same_state(a: State, b: State) -> bool:
-    return a.files == b.files and a.links == b.links and a.dirs == b.dirs   # dict == compares identity first
+    return a.files == b.files and a.links == b.links and a.dirs == b.dirs and a.root == b.root   # (identity first)
 
 
 def _check_tree(state: State) -> None:

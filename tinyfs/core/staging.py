@@ -47,6 +47,7 @@ from .errors import AlreadyExists, NotFound
 from .model import DirEntry, FileEntry, LinkEntry, State
 
 ROOT = 1
+ROOT_MODE = 0o755     # a transaction root's mode until a client sets one, when the base recorded none
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE inodes (
@@ -135,6 +136,7 @@ class BaseTree:
         self.entry: dict[int, FileEntry | LinkEntry | DirEntry] = {}
         self.path: dict[int, str] = {}                       # inode -> its path in the base
         self.kids: dict[int, dict[str, int]] = {ROOT: {}}     # directory -> {name: inode}, names sorted
+        self.root = state.root                               # the root's recorded mode and mtime, or None
         self.dirs: dict[str, int] = {"": ROOT}               # directory path -> inode
         self.subdirs: dict[int, int] = {}                    # directory -> how many directories it holds
         dirs, subdirs = self.dirs, self.subdirs
@@ -219,9 +221,10 @@ class Staging:
 
     @classmethod
     def create(cls, path: Path, rid: str, base: str | None, load_base: Callable[[str], State] | None,
-               uid: int, gid: int, meta: dict[str, str] | None = None) -> Staging:
+               uid: int, gid: int, meta: dict[str, str] | None = None, root: DirEntry | None = None) -> Staging:
         """Make transactions/<rid> showing the base instance `base`; built aside, then one rename (no torn
-        opens). Nothing of the base state is written: `load_base(base)` gives it when it is first needed."""
+        opens). Nothing of the base state is written: `load_base(base)` gives it when it is first needed,
+        except the mode and mtime of its root (`root`), which the root row starts with."""
         if path.exists():
             raise AlreadyExists(f"a transaction for {rid!r} is already open")
         tmp = path.with_name(f"{OPENING_PREFIX}{rid}-{uuid.uuid4().hex[:8]}")
@@ -237,8 +240,9 @@ class Staging:
                 ("rid", rid), ("base", base or ""), ("uid", str(uid)), ("gid", str(gid)),
                 ("created", str(now)), ("state", "open"), ("error", ""), ("committing", ""),
                 ("message", ""), ("creator", ""), ("label", ""), (OVERLAY, "1"), *(meta or {}).items()])
+            mode, mtime = (root.mode, root.mtime_ns) if root else (ROOT_MODE, now)
             db.execute("INSERT INTO inodes (id, kind, mode, uid, gid, mtime_ns, ctime_ns) VALUES (?,?,?,?,?,?,?)",
-                       (ROOT, "d", 0o755, uid, gid, now, now))
+                       (ROOT, "d", mode, uid, gid, mtime, now))
         db.close()
         try:
             os.rename(tmp, path)
@@ -308,6 +312,16 @@ class Staging:
     def sync(self) -> None:
         """Make every change so far durable (a client's fsync)."""
         self.db.execute("PRAGMA wal_checkpoint(FULL)")
+
+    def root_entry(self) -> DirEntry | None:
+        """The mode and mtime of the transaction's root, to be recorded as the resource root's (the client
+        sets them: `cp -a src/. t/`, `rsync -a src/ t/`, `touch -d`), or None when there is nothing to
+        record: the base recorded none and the root is as the transaction made it (untouched)."""
+        node = self.node(ROOT)
+        entry = DirEntry(node.mode, node.mtime_ns)
+        if self.tree.root is None and entry == DirEntry(ROOT_MODE, self._created):
+            return None
+        return entry
 
     # -- metadata ---------------------------------------------------------
     def get_meta(self, key: str) -> str:

@@ -216,8 +216,10 @@ class Operations(pyfuse3.Operations):
         if s is None:
             raise fail(errno.ENOENT)
         if node.sino == SROOT:
-            return entry_attributes(stat.S_IFDIR | 0o755, 0, txn.staging.nlink(SROOT, "d"), txn.uid, txn.gid,
-                                    s.mtime_ns, None, s.ctime_ns, SHORT, SHORT)
+            # the mode a client set (to be recorded as the resource root's), always usable by its owner:
+            # `cp -a` of a 0555 source sets 0555, and that must not stop the owner's later mv or rm -rf
+            return entry_attributes(stat.S_IFDIR | s.mode | 0o700, 0, txn.staging.nlink(SROOT, "d"), txn.uid,
+                                    txn.gid, s.mtime_ns, s.atime_ns, s.ctime_ns, SHORT, SHORT)
         return staged_attributes(txn, s, txn.staging.nlink(node.sino, s.kind))
 
     def _in_txn(self, node: Node) -> bool:
@@ -272,8 +274,8 @@ class Operations(pyfuse3.Operations):
         if node.kind != "txn":
             raise fail(errno.EROFS)
         txn = node.txn
-        if node.sino == SROOT:      # the transaction directory: chmod/chown/utimens succeed, not recorded
-            return self._attrs(node)
+        if node.sino == SROOT:
+            return self._set_root_attrs(node, attr, fields)
         s = txn.staging.node(node.sino)
         if s is None:
             raise fail(errno.ENOENT)
@@ -295,6 +297,23 @@ class Operations(pyfuse3.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         changes["ctime_ns"] = _now()
         txn.staging.update(node.sino, **changes)
+        return self._attrs(node)
+
+    def _set_root_attrs(self, node: Node, attr, fields) -> pyfuse3.EntryAttributes:
+        """chmod, chown and utimens of the transaction directory succeed (cp -a, rsync -a and tar -x set
+        them); its mode and times are kept as the resource root's, its owner stays the transaction's."""
+        if fields.update_size:
+            raise fail(errno.EISDIR)
+        changes = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if changes:
+            changes["ctime_ns"] = _now()
+            self._live(node).staging.update(SROOT, **changes)
         return self._attrs(node)
 
     @handler
@@ -402,8 +421,9 @@ class Operations(pyfuse3.Operations):
         head = self.archive.head(rid)
 
         def create():
+            root = self.archive.state(rid, head).root if head else None   # the root starts as recorded
             staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
-                                     ctx.uid, ctx.gid)
+                                     ctx.uid, ctx.gid, root=root)
             staging.read_base()       # in this worker thread, not in the first request
             return staging
 

@@ -325,7 +325,8 @@ class OpenTxn:
         return CommitRequest(self.rid, self.base, changes, full=not self.staging.overlay, walked=True,
                              message=meta["message"],
                              creator=meta["creator"], label=meta["label"] or None,
-                             marker=lambda iid: Staging.mark_committing(self.staging.path, iid))
+                             marker=lambda iid: Staging.mark_committing(self.staging.path, iid),
+                             root=self.staging.root_entry())
 
     def close(self) -> None:
         for of in self.files.values():

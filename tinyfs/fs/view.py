@@ -25,6 +25,7 @@ from ..core.errors import NotFound
 from ..core.ids import is_rid
 from ..core.layout import ArchiveRoot
 from ..core.model import DirEntry, FileEntry, LinkEntry
+from ..core.staging import ROOT_MODE
 
 BLKSIZE = 1 << 20          # coreutils sizes its buffers from st_blksize: 1 MiB writes, fewer requests
 LONG = 3600.0              # committed trees never change
@@ -135,9 +136,13 @@ class View:
     def _state_attr(self, node: Node) -> Attr:
         e = node.entry
         if e is None:  # the root of a state: resources/<rid> (short timeouts: it moves) or instances/<rid>/<iid>
-            created = created_ns(shown_iid(node))
+            iid = shown_iid(node)
+            root = self.archive.root_entry(node.rid, iid)
+            # none recorded (an instance of the CLI or the API): the mode a transaction starts with, and
+            # the instance's time
+            mode, mtime = (root.mode, root.mtime_ns) if root else (ROOT_MODE, created_ns(iid))
             timeout = SHORT if node.head is not None else LONG
-            return Attr(stat.S_IFDIR | 0o555, mtime_ns=created, ctime_ns=created, uid=self.uid, gid=self.gid,
+            return Attr(stat.S_IFDIR | mode, mtime_ns=mtime, ctime_ns=mtime, uid=self.uid, gid=self.gid,
                         nlink=2, entry_timeout=timeout, attr_timeout=timeout)
         if isinstance(e, FileEntry):
             return Attr(stat.S_IFREG | e.mode, size=e.size, mtime_ns=e.mtime_ns,
