@@ -355,3 +355,51 @@ def test_a_read_only_source_root_does_not_lock_its_depositor_out(tmp_path):
         if os.path.ismount(base / "mnt"):
             subprocess.run(["fusermount3", "-u", "-z", str(base / "mnt")], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- round trips with rsync -----------------------------------------------------------------------------------
+
+def deposit_and_check(mnt: Mounted, src: Path, rid: str, check: str = "-anciHAX") -> list[str]:
+    """`rsync -aHAX --delete SRC/ transactions/<rid>/` (exit 0), the commit, then what `rsync <check>
+    --delete SRC/ resources/<rid>/` itemizes (nothing, for a faithful deposit)."""
+    t = mnt / "transactions" / rid
+    os.mkdir(t)
+    r = rsync("-aHAX", "--delete", f"{src}/", f"{t}/")
+    assert r.returncode == 0, r.stderr
+    mnt.commit(rid)
+    r = rsync(check, "--delete", f"{src}/", f"{mnt.mnt}/resources/{rid}/")
+    assert r.returncode == 0, r.stderr
+    return itemized(r.stdout)
+
+
+def test_rsync_round_trip_of_usr_share_doc(mnt, tmp_path):
+    src = doc_sample(tmp_path / "doc")
+    assert any(not p.exists() for p in src.iterdir() if p.is_symlink())      # dangling links among them
+    assert deposit_and_check(mnt, src, "doc") == []
+    # a second deposit over the first: changed, removed, added and re-moded files, a new root time
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    with open(files[0], "ab") as f:
+        f.write(b"appended\n")
+    files[1].unlink()
+    (files[2].parent / "added.txt").write_text("added\n")
+    os.chmod(files[3], 0o600)
+    os.utime(src, ns=(OLD_NS + 7, OLD_NS + 7))
+    assert deposit_and_check(mnt, src, "doc") == []
+    assert len(os.listdir(mnt / "instances" / "doc")) == 2
+
+
+def test_rsync_round_trip_of_the_acceptance_tree(mnt, tmp_path):
+    src = acceptance_tree(tmp_path / "tree")
+    os.utime(src, ns=(OLD_NS + 1, OLD_NS + 1))
+    lines = deposit_and_check(mnt, src, "tree", check="-anciAX")     # -H: see the test below
+    # owners are not recorded (SPEC 4): the file make_tree gives to uid 1000 (as root) shows the mounting user
+    assert all(owner_only(line) for line in lines), lines
+    assert [line.split(" ", 1)[1] for line in lines] == (["sub/small-001.txt"] if os.geteuid() == 0 else [])
+
+
+@pytest.mark.xfail(strict=True, reason="views show a hard-link group as one inode only with the `roundtrip` "
+                                       "branch: once it is merged this passes, and the mark must go")
+def test_rsync_round_trip_of_the_acceptance_tree_with_hard_links(mnt, tmp_path):
+    src = acceptance_tree(tmp_path / "tree")
+    lines = deposit_and_check(mnt, src, "tree")
+    assert [line for line in lines if not owner_only(line)] == []
