@@ -16,6 +16,26 @@ pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.e
                                 reason="needs FUSE")
 
 
+def test_open_with_o_trunc_updates_mtime_and_ctime(mnt):
+    """open/00.t 43-44, and a write, which updates both too."""
+    t = mnt / "transactions" / "tr"
+    os.mkdir(t)
+    (t / "n0").write_text("test\n")
+    os.utime(t / "n0", ns=(1_500_000_000_000_000_000,) * 2)
+    before = os.stat(t / "n0")
+    time.sleep(0.01)
+    os.close(os.open(t / "n0", os.O_WRONLY | os.O_TRUNC))
+    after = os.stat(t / "n0")
+    assert after.st_size == 0
+    assert after.st_mtime_ns > before.st_mtime_ns and after.st_ctime_ns > before.st_ctime_ns
+    time.sleep(0.01)
+    fd = os.open(t / "n0", os.O_WRONLY)           # (a write-only handle: direct I/O)
+    os.write(fd, b"x")
+    os.close(fd)
+    written = os.stat(t / "n0")
+    assert written.st_mtime_ns > after.st_mtime_ns and written.st_ctime_ns > after.st_ctime_ns
+
+
 def test_renaming_over_a_multiply_linked_file_updates_the_other_link_s_ctime(mnt):
     """rename/23.t 6-7, for a file made in the transaction and for one of the base state."""
     t = mnt / "transactions" / "rn"

@@ -754,10 +754,18 @@ class Operations(pyfuse3.Operations):
         if truncate:
             await self._ensure_blob(txn, node.sino, keep_bytes=False)
         of = txn.open(node.sino, write, truncate=truncate)
+        if truncate:
+            self._truncated_by_open(txn, node.sino)
         info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
         info.keep_cache = True
         info.direct_io = _write_only(flags)
         return info
+
+    def _truncated_by_open(self, txn: OpenTxn, sino: int) -> None:
+        """What the kernel does for open(O_TRUNC) on a local disk, and leaves to a FUSE daemon that takes
+        O_TRUNC at open (atomic_o_trunc): mtime and ctime updated (even for an empty file)."""
+        now = _now()
+        txn.staging.update(sino, mtime_ns=now, ctime_ns=now)
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -813,7 +821,8 @@ class Operations(pyfuse3.Operations):
             txn.mark_incomplete(of)
             raise
         if not self.enable_writeback_cache:   # else the kernel keeps mtime and sends it with setattr
-            txn.staging.update(of.sino, mtime_ns=_now())
+            now = _now()
+            txn.staging.update(of.sino, mtime_ns=now, ctime_ns=now)
         while len(of.pending) > MAX_PENDING:
             await trio.sleep(0.001)
         return n
