@@ -29,7 +29,7 @@ from ..core.layout import ArchiveRoot
 from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
-from .txn import OpenFile, OpenTxn, fail, kind_bits
+from .txn import Opener, OpenFile, OpenTxn, fail, kind_bits, setid_bits_to_clear
 from .view import BLKSIZE, LONG, SHORT, TOP, Node, View, state_key
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,12 @@ def handler(fn):
 
 
 class Handle:
-    __slots__ = ("node", "fd", "of", "write", "txn")
+    __slots__ = ("node", "fd", "of", "write", "txn", "opener")
 
     def __init__(self, node: Node, fd: int = -1, of: OpenFile | None = None, write: bool = False,
-                 txn: OpenTxn | None = None):
+                 txn: OpenTxn | None = None, opener: Opener | None = None):
         self.node, self.fd, self.of, self.write, self.txn = node, fd, of, write, txn
+        self.opener = opener      # a write-only handle's: its writes clear set-id bits (txn.Opener)
 
 
 class Operations(pyfuse3.Operations):
@@ -754,18 +755,27 @@ class Operations(pyfuse3.Operations):
         if truncate:
             await self._ensure_blob(txn, node.sino, keep_bytes=False)
         of = txn.open(node.sino, write, truncate=truncate)
+        opener = _opener(ctx, s.mode) if write else None
         if truncate:
-            self._truncated_by_open(txn, node.sino)
-        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
+            self._truncated_by_open(txn, node.sino, opener)
+        direct = _write_only(flags)
+        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn,
+                                                   opener=opener if direct else None)))
         info.keep_cache = True
-        info.direct_io = _write_only(flags)
+        info.direct_io = direct
         return info
 
-    def _truncated_by_open(self, txn: OpenTxn, sino: int) -> None:
+    def _truncated_by_open(self, txn: OpenTxn, sino: int, opener: Opener) -> None:
         """What the kernel does for open(O_TRUNC) on a local disk, and leaves to a FUSE daemon that takes
-        O_TRUNC at open (atomic_o_trunc): mtime and ctime updated (even for an empty file)."""
+        O_TRUNC at open (atomic_o_trunc): mtime and ctime updated (even for an empty file), set-id bits
+        cleared for an opener without CAP_FSETID."""
+        s = txn.staging.node(sino)
         now = _now()
-        txn.staging.update(sino, mtime_ns=now, ctime_ns=now)
+        fields = {"mtime_ns": now, "ctime_ns": now}
+        clear = setid_bits_to_clear(s.mode, s.gid, opener)
+        if clear:
+            fields["mode"] = s.mode & ~clear
+        txn.staging.update(sino, **fields)
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -775,9 +785,11 @@ class Operations(pyfuse3.Operations):
         node = self._txn_node(txn, sino)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY
         of = txn.open(sino, write, truncate=False)   # (an empty file opened for writing: hashed as it arrives)
-        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
+        direct = _write_only(flags)
+        opener = _opener(ctx, mode) if direct else None
+        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn, opener=opener)))
         info.keep_cache = True
-        info.direct_io = _write_only(flags)
+        info.direct_io = direct
         return info, self._entry(node)
 
     @handler
@@ -803,6 +815,8 @@ class Operations(pyfuse3.Operations):
         if not of.on_blob:
             await self._ensure_blob(h.txn, of.sino, keep_bytes=True)
         txn = h.txn
+        if h.opener is not None:
+            self._clear_setid_bits(txn, of.sino, h.opener)
         feed = txn.note_write(of, off, len(buf))
         if feed:
             if not of.draining and not of.pending and len(buf) < FEED_INLINE:
@@ -826,6 +840,14 @@ class Operations(pyfuse3.Operations):
         while len(of.pending) > MAX_PENDING:
             await trio.sleep(0.001)
         return n
+
+    @staticmethod
+    def _clear_setid_bits(txn: OpenTxn, sino: int, opener: Opener) -> None:
+        """Before a direct I/O write: what the kernel does before any other (file_remove_privs)."""
+        s = txn.staging.node(sino)
+        clear = setid_bits_to_clear(s.mode, s.gid, opener)
+        if clear:
+            txn.staging.update(sino, mode=s.mode & ~clear, ctime_ns=_now())
 
     async def _ensure_blob(self, txn: OpenTxn, sino: int, keep_bytes: bool) -> None:
         """Copy-on-write of a base file on its first write or truncate (the copy in a worker thread;
@@ -1033,6 +1055,15 @@ def _read_only(node: Node) -> bool:
     if node.kind == "top":
         return node.path not in ("transactions", "commit")
     return node.kind != "txn"
+
+
+def _opener(ctx, mode: int) -> Opener:
+    """Who opens a file for writing; their credentials are read now if the file has set-id bits (while
+    ctx.pid is surely the opener), else only if it gains some before a write (txn.Opener)."""
+    opener = Opener(ctx.uid, ctx.gid, ctx.pid)
+    if mode & (stat.S_ISUID | stat.S_ISGID):
+        opener.read_credentials()
+    return opener
 
 
 def _write_only(flags: int) -> bool:
