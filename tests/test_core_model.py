@@ -71,3 +71,72 @@ def test_a_document_following_another_reuses_its_lines_and_reads_exactly_as_if_e
     third_state = State({}, {}, {})                                      # everything removed
     third = InstanceDoc("i3", "r1", second.id, "c", "", "", None, "sha512", third_state, {})
     assert json.loads(third.to_json_bytes(previous=second))["state"] == {}
+
+
+def test_the_resource_root_is_recorded_as_dirs_empty_name_and_kept_out_of_the_paths() -> None:
+    from tinyfs.core.model import UNKNOWN, peek_root
+
+    doc = sample()
+    doc.state.root = DirEntry(0o750, 1_600_000_000_123_456_789)
+    raw = doc.to_json_bytes()
+    assert json.loads(raw)["dirs"][""] == {"mode": 0o750, "mtime_ns": 1_600_000_000_123_456_789}
+    back = InstanceDoc.from_json_bytes(raw)
+    assert back == doc and back.state.root == doc.state.root
+    assert "" not in back.state.dirs and "" not in back.state.entries()     # walks over paths never meet it
+    # the root read from the first bytes alone, as a listing of resources/ does for every head
+    assert peek_root(raw[:600]) == doc.state.root
+    doc.state.root = None
+    assert peek_root(doc.to_json_bytes()) is None                              # none recorded
+    assert peek_root(InstanceDoc("i", "r", None, "c", "", "", None, "sha512", State(), {}).to_json_bytes()) is None
+    doc.creator = "x" * 10_000                                                # pushed past the bytes read
+    assert peek_root(doc.to_json_bytes()[:8192]) is UNKNOWN
+    assert peek_root(json.dumps(json.loads(raw)).encode()) is UNKNOWN          # laid out by another writer
+
+
+def test_root_entry_reads_a_head_without_parsing_it_and_falls_back_to_the_document(tmp_path) -> None:
+    from tinyfs import Archive
+    from tinyfs.core.commit import CommitRequest, NewFile, commit
+    from tinyfs.core.layout import ArchiveRoot
+
+    Archive.init(tmp_path / "a")
+    (tmp_path / "f").write_text("f")
+    root = DirEntry(0o700, 42)
+    for rid, creator in (("short", "Ann"), ("long", "c" * 20_000)):
+        change = {"f": NewFile(tmp_path / "f", 1, 0o644, 1, linkable=False)}
+        commit(ArchiveRoot(tmp_path / "a"), CommitRequest(rid, None, change, creator=creator, root=root))
+    archive = ArchiveRoot(tmp_path / "a")            # nothing cached
+    assert archive.root_entry("short", archive.head("short")) == root
+    assert not archive._docs                         # read from the first bytes: no document parsed
+    assert archive.root_entry("long", archive.head("long")) == root     # a long creator: read whole
+    assert archive.state("long").root == root
+
+
+def test_a_commit_keeps_the_head_s_root_unless_it_changed_it_and_a_clash_is_estale(tmp_path) -> None:
+    import pytest
+
+    from tinyfs import Archive
+    from tinyfs.core.commit import CommitRequest, NewFile, commit
+    from tinyfs.core.errors import Stale
+    from tinyfs.core.layout import ArchiveRoot
+
+    Archive.init(tmp_path / "a")
+    archive = ArchiveRoot(tmp_path / "a")
+    (tmp_path / "f").write_text("f")
+
+    def file():
+        return NewFile(tmp_path / "f", 1, 0o644, 1, linkable=False)
+
+    first = commit(archive, CommitRequest("r", None, {"a": file()}, root=DirEntry(0o750, 1))).instance
+    # made against `first`: another commit (no root given: the CLI, the API) keeps the head's root
+    second = commit(archive, CommitRequest("r", first, {"b": file()})).instance
+    assert archive.state("r", second).root == DirEntry(0o750, 1)
+    # a change of the root alone is a change; one equal to the base's is none
+    assert commit(archive, CommitRequest("r", second, {}, root=DirEntry(0o750, 1))).instance is None
+    third = commit(archive, CommitRequest("r", second, {}, root=DirEntry(0o700, 2))).instance
+    assert third is not None and archive.state("r").root == DirEntry(0o700, 2)
+    # made against `second` while `third` changed the root: the same change merges, another is ESTALE
+    assert commit(archive, CommitRequest("r", second, {"c": file()}, root=DirEntry(0o700, 2))).instance
+    with pytest.raises(Stale):
+        commit(archive, CommitRequest("r", second, {"d": file()}, root=DirEntry(0o755, 3)))
+    unchanged_root = commit(archive, CommitRequest("r", second, {"e": file()}, root=DirEntry(0o750, 1)))
+    assert archive.state("r", unchanged_root.instance).root == DirEntry(0o700, 2)    # the head's stays

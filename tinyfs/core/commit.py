@@ -91,6 +91,7 @@ class CommitRequest:
     # The link groups of the whole target state (what was one inode in the transaction), made against
     # `base`; None: the base's groups, less the paths the changes touch.
     hardlinks: tuple[Group, ...] | None = None
+    root: DirEntry | None = None         # the resource root's mode and mtime; None: as the head has them
 
 
 @dataclass
@@ -142,6 +143,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     delta = state_changes(base_state, changes) if req.full else _drop_noops(base_state, changes)
     groups = link_groups(req.hardlinks) if req.hardlinks is not None else _surviving(base_state.hardlinks, delta)
     merged = _merge(base_state, head_state, delta, req.rid, head_is_base=head == req.base, groups=groups)
+    merged.root = _merge_root(base_state, head_state, req.root, req.rid)
     if not (req.walked and head == req.base):   # else merged is the caller's walked tree itself
         _check_tree(merged)
     _check_groups(merged)
@@ -425,8 +427,19 @@ def _check_groups(state: State) -> None:
                           path=path)
 
 
+
+def _merge_root(base: State, head: State, root: DirEntry | None, rid: str) -> DirEntry | None:
+    """The resource root's mode and mtime after the commit: the request's when it changed them against
+    its base (ESTALE when the head changed them too, otherwise), else the head's. Like any directory's."""
+    if root is None or _same(root, base.root):
+        return head.root
+    if not _same(head.root, base.root) and not _same(head.root, root):
+        raise Stale(f"resource {rid!r} changed meanwhile and the mode or time of its root changed on both sides")
+    return root
+
+
 def _same_state(a: State, b: State) -> bool:
-    return a.files == b.files and a.links == b.links and a.dirs == b.dirs and \
+    return a.files == b.files and a.links == b.links and a.dirs == b.dirs and a.root == b.root and \
         link_groups(a.hardlinks) == link_groups(b.hardlinks)    # dict == compares identity first
 
 

@@ -21,7 +21,7 @@ from .durable import fsync_dir, write_new
 from .errors import AlreadyExists, Busy, InvalidName, NotAnArchive, NotFound
 from .events import EventLog
 from .ids import check_rid, is_instance_id, is_rid
-from .model import InstanceDoc, State, utc_now
+from .model import UNKNOWN, DirEntry, InstanceDoc, State, peek_root, utc_now
 
 FORMAT = "tinyfs/1"
 MODES = ("preservation", "worm", "dynamic")
@@ -146,6 +146,21 @@ class ArchiveRoot:
         self.remember(rid, iid, doc)
         return doc
 
+    def root_entry(self, rid: str, iid: str) -> DirEntry | None:
+        """The resource root's recorded mode and mtime at an instance (None: none recorded). Listing
+        resources/ asks this of every head: the cached document answers, else the first few KiB of
+        instance.json do (model.peek_root), and only a document laid out otherwise is read whole."""
+        with self._docs_lock:
+            doc = self._docs.get((rid, iid))
+        if doc is not None:
+            return doc.state.root
+        try:
+            with open(self.instance_dir(rid, iid) / "instance.json", "rb") as f:
+                found = peek_root(f.read(PEEK_BYTES))
+        except FileNotFoundError:
+            raise NotFound(f"no instance {iid} of resource {rid!r}") from None
+        return self.instance(rid, iid).state.root if found is UNKNOWN else found
+
     def remember(self, rid: str, iid: str, doc: InstanceDoc) -> None:
         """Cache a document: one just read, or one just committed (the same content as its instance.json;
         the view's first look at a resource after a commit then parses nothing: 25 ms for 10,000 files)."""
@@ -200,6 +215,7 @@ class ArchiveRoot:
             os.close(fd)
 
 
+PEEK_BYTES = 8192            # `created`, `creator` and the root's line of `dirs` (a longer creator: read it all)
 DOC_CACHE_ENTRIES = 50_000   # entries (paths) of all cached documents together ...
 DOC_CACHE_KEEP = 3           # ... except that the 3 most recently used documents are kept whatever their size
 

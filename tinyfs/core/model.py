@@ -103,13 +103,21 @@ def group_problems(state: State) -> list[tuple[str, str]]:
     return problems
 
 
+ROOT_PATH = ""      # the resource root's key in instance.json's `dirs`
+
+
 @dataclass
 class State:
-    """Every logical path of a resource at one instance."""
+    """Every logical path of a resource at one instance.
+
+    The resource root's mode and mtime are recorded in instance.json as `dirs[""]`; here they are `root`
+    (None: not recorded, as in instances made before the root was kept, or by the CLI and the API), so
+    that `dirs` and `entries()` hold logical paths only, and no walk over them meets an empty name."""
 
     files: dict[str, FileEntry] = field(default_factory=dict)
     links: dict[str, LinkEntry] = field(default_factory=dict)
     dirs: dict[str, DirEntry] = field(default_factory=dict)
+    root: DirEntry | None = None
     hardlinks: tuple[Group, ...] = ()      # link groups (`link_groups` form when written by tinyfs)
     _groups: dict[str, Group] | None = field(default=None, compare=False, repr=False)
 
@@ -183,7 +191,8 @@ class InstanceDoc:
         encoded = {
             "state": _encoded(self.state.files, _file_json, before.get("state")),
             "links": _encoded(self.state.links, _link_json, before.get("links")),
-            "dirs": _encoded(self.state.dirs, _dir_json, before.get("dirs")),
+            "dirs": _encoded(self.state.dirs if self.state.root is None else
+                             {ROOT_PATH: self.state.root, **self.state.dirs}, _dir_json, before.get("dirs")),
             "stored": _encoded(self.stored, _STRING, before.get("stored")),
         }
         sections = {key: _lines(lines) for key, lines in encoded.items()}
@@ -205,14 +214,42 @@ class InstanceDoc:
         doc = json.loads(raw)
         if doc.get("type") != "tinyfs-instance" or doc.get("format") != 1:
             raise ValueError("not a tinyfs-instance document of format 1")
+        dirs = {p: DirEntry.from_json(e) for p, e in doc.get("dirs", {}).items()}
         state = State(
             files={p: FileEntry.from_json(e) for p, e in doc["state"].items()},
             links={p: LinkEntry.from_json(e) for p, e in doc.get("links", {}).items()},
-            dirs={p: DirEntry.from_json(e) for p, e in doc.get("dirs", {}).items()},
+            dirs=dirs,
+            root=dirs.pop(ROOT_PATH, None),
             hardlinks=_read_groups(doc.get("hardlinks", [])),
         )
         return cls(doc["id"], doc["resource"], doc["previous"], doc["created"], doc.get("message", ""),
                    doc.get("creator", ""), doc.get("label"), doc["digest"], state, dict(doc["stored"]))
+
+
+UNKNOWN = object()                 # peek_root could not tell
+_DIRS = b'\n "dirs": {'             # the `dirs` key as to_json_bytes writes it (a newline cannot be in a string)
+_ROOT_LINE = b'\n  "": '
+
+
+def peek_root(head: bytes) -> DirEntry | None | object:
+    """The root entry from the first bytes of an instance.json that `to_json_bytes` wrote, without parsing
+    the document: sorted keys put `dirs` third (after `created` and `creator`) and the root's key `""`
+    first in it. None: no root recorded; UNKNOWN: not found in `head` (read the whole document)."""
+    at = head.find(_DIRS)
+    if at < 0:
+        return UNKNOWN
+    rest = head[at + len(_DIRS):]
+    if rest.startswith(b"}"):
+        return None
+    if not rest.startswith(_ROOT_LINE):
+        return None if rest.startswith(b'\n  "') else UNKNOWN
+    end = rest.find(b"\n", 1)
+    if end < 0:
+        return UNKNOWN
+    try:
+        return DirEntry.from_json(json.loads(rest[len(_ROOT_LINE):end].rstrip(b",")))
+    except (ValueError, KeyError, TypeError):
+        return UNKNOWN
 
 
 def _encoded(entries: dict, encode, before: dict | None) -> dict:

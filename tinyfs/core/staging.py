@@ -48,6 +48,7 @@ from .ids import PATH_MAX
 from .model import DirEntry, FileEntry, LinkEntry, State, group_index
 
 ROOT = 1
+ROOT_MODE = 0o755     # a transaction root's mode until a client sets one, when the base recorded none
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE inodes (
@@ -139,6 +140,7 @@ class BaseTree:
         self.path: dict[int, str] = {}                       # inode -> its path in the base (a group: the first)
         self.group: dict[int, tuple[str, ...]] = {}          # inode -> every base path of a link group
         self.kids: dict[int, dict[str, int]] = {ROOT: {}}     # directory -> {name: inode}, names sorted
+        self.root = state.root                               # the root's recorded mode and mtime, or None
         self.dirs: dict[str, int] = {"": ROOT}               # directory path -> inode
         self.subdirs: dict[int, int] = {}                    # directory -> how many directories it holds
         dirs, subdirs = self.dirs, self.subdirs
@@ -241,9 +243,10 @@ class Staging:
 
     @classmethod
     def create(cls, path: Path, rid: str, base: str | None, load_base: Callable[[str], State] | None,
-               uid: int, gid: int, meta: dict[str, str] | None = None) -> Staging:
+               uid: int, gid: int, meta: dict[str, str] | None = None, root: DirEntry | None = None) -> Staging:
         """Make transactions/<rid> showing the base instance `base`; built aside, then one rename (no torn
-        opens). Nothing of the base state is written: `load_base(base)` gives it when it is first needed."""
+        opens). Nothing of the base state is written: `load_base(base)` gives it when it is first needed,
+        except the mode and mtime of its root (`root`), which the root row starts with."""
         if path.exists():
             raise AlreadyExists(f"a transaction for {rid!r} is already open")
         tmp = path.with_name(f"{OPENING_PREFIX}{rid}-{uuid.uuid4().hex[:8]}")
@@ -259,8 +262,9 @@ class Staging:
                 ("rid", rid), ("base", base or ""), ("uid", str(uid)), ("gid", str(gid)),
                 ("created", str(now)), ("state", "open"), ("error", ""), ("committing", ""),
                 ("message", ""), ("creator", ""), ("label", ""), (OVERLAY, "1"), *(meta or {}).items()])
+            mode, mtime = (root.mode, root.mtime_ns) if root else (ROOT_MODE, now)
             db.execute("INSERT INTO inodes (id, kind, mode, uid, gid, mtime_ns, ctime_ns) VALUES (?,?,?,?,?,?,?)",
-                       (ROOT, "d", 0o755, uid, gid, now, now))
+                       (ROOT, "d", mode, uid, gid, mtime, now))
         db.close()
         try:
             os.rename(tmp, path)
@@ -330,6 +334,16 @@ class Staging:
     def sync(self) -> None:
         """Make every change so far durable (a client's fsync)."""
         self.db.execute("PRAGMA wal_checkpoint(FULL)")
+
+    def root_entry(self) -> DirEntry | None:
+        """The mode and mtime of the transaction's root, to be recorded as the resource root's (the client
+        sets them: `cp -a src/. t/`, `rsync -a src/ t/`, `touch -d`), or None when there is nothing to
+        record: the base recorded none and the root is as the transaction made it (untouched)."""
+        node = self.node(ROOT)
+        entry = DirEntry(node.mode, node.mtime_ns)
+        if self.tree.root is None and entry == DirEntry(ROOT_MODE, self._created):
+            return None
+        return entry
 
     # -- metadata ---------------------------------------------------------
     def get_meta(self, key: str) -> str:
@@ -558,19 +572,26 @@ class Staging:
         """Move a name; a name already at the target is replaced and its inode returned."""
         ino = self.lookup(old_parent, old)
         replaced = self.lookup(new_parent, new)
-        self._own(ino, old_parent, new_parent)
+        # a replaced file with other hard links lost a name: its ctime moves, as they show (pjdfstest
+        # rename/23.t); one without goes (no copy-up of a base file for a ctime nobody sees: rsync's renames)
+        linked = replaced is not None and self._kind(replaced) == "f" and self.nlink(replaced, "f") > 1
+        self._own(ino, old_parent, new_parent, replaced if linked else None)
         now = time.time_ns()
         with self.db:
             self.db.execute("BEGIN")
             self._clear_name(old_parent, old)
             self._set_name(new_parent, new, ino)
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
+            if linked:
+                self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, replaced))
             self._touch(old_parent, now)
             if new_parent != old_parent:
                 self._touch(new_parent, now)
         self._cached(ino, ctime_ns=now)
         if self._dir_bytes and self._is_dir(ino):
             self._dir_bytes.clear()       # every directory below it moved too
+        if linked:
+            self._cached(replaced, ctime_ns=now)
         parents = (old_parent, new_parent) if self._is_dir(ino, replaced) else ()
         self._names_changed(ino, replaced, *parents)
         return replaced

@@ -30,7 +30,7 @@ from ..core.limits import EVENT_TEXT_MAX, check_text
 from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
-from .txn import OpenFile, OpenTxn, fail, kind_bits
+from .txn import Opener, OpenFile, OpenTxn, fail, kind_bits, setid_bits_to_clear
 from .view import BLKSIZE, LONG, SHORT, TOP, Node, View, state_key
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,12 @@ def handler(fn):
 
 
 class Handle:
-    __slots__ = ("node", "fd", "of", "write", "txn")
+    __slots__ = ("node", "fd", "of", "write", "txn", "opener")
 
     def __init__(self, node: Node, fd: int = -1, of: OpenFile | None = None, write: bool = False,
-                 txn: OpenTxn | None = None):
+                 txn: OpenTxn | None = None, opener: Opener | None = None):
         self.node, self.fd, self.of, self.write, self.txn = node, fd, of, write, txn
+        self.opener = opener      # a write-only handle's: its writes clear set-id bits (txn.Opener)
 
 
 class Operations(pyfuse3.Operations):
@@ -217,8 +218,10 @@ class Operations(pyfuse3.Operations):
         if s is None:
             raise fail(errno.ENOENT)
         if node.sino == SROOT:
-            return entry_attributes(stat.S_IFDIR | 0o755, 0, txn.staging.nlink(SROOT, "d"), txn.uid, txn.gid,
-                                    s.mtime_ns, None, s.ctime_ns, SHORT, SHORT)
+            # the mode a client set (to be recorded as the resource root's), always usable by its owner:
+            # `cp -a` of a 0555 source sets 0555, and that must not stop the owner's later mv or rm -rf
+            return entry_attributes(stat.S_IFDIR | s.mode | 0o700, 0, txn.staging.nlink(SROOT, "d"), txn.uid,
+                                    txn.gid, s.mtime_ns, s.atime_ns, s.ctime_ns, SHORT, SHORT)
         return staged_attributes(txn, s, txn.staging.nlink(node.sino, s.kind))
 
     def _in_txn(self, node: Node) -> bool:
@@ -273,8 +276,8 @@ class Operations(pyfuse3.Operations):
         if node.kind != "txn":
             raise fail(errno.EROFS)
         txn = node.txn
-        if node.sino == SROOT:      # the transaction directory: chmod/chown/utimens succeed, not recorded
-            return self._attrs(node)
+        if node.sino == SROOT:
+            return self._set_root_attrs(node, attr, fields)
         s = txn.staging.node(node.sino)
         if s is None:
             raise fail(errno.ENOENT)
@@ -296,6 +299,23 @@ class Operations(pyfuse3.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         changes["ctime_ns"] = _now()
         txn.staging.update(node.sino, **changes)
+        return self._attrs(node)
+
+    def _set_root_attrs(self, node: Node, attr, fields) -> pyfuse3.EntryAttributes:
+        """chmod, chown and utimens of the transaction directory succeed (cp -a, rsync -a and tar -x set
+        them); its mode and times are kept as the resource root's, its owner stays the transaction's."""
+        if fields.update_size:
+            raise fail(errno.EISDIR)
+        changes = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if changes:
+            changes["ctime_ns"] = _now()
+            self._live(node).staging.update(SROOT, **changes)
         return self._attrs(node)
 
     @handler
@@ -404,8 +424,9 @@ class Operations(pyfuse3.Operations):
         head = self.archive.head(rid)
 
         def create():
+            root = self.archive.state(rid, head).root if head else None   # the root starts as recorded
             staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
-                                     ctx.uid, ctx.gid)
+                                     ctx.uid, ctx.gid, root=root)
             staging.read_base()       # in this worker thread, not in the first request
             return staging
 
@@ -509,7 +530,7 @@ class Operations(pyfuse3.Operations):
         if parent.kind != "txn":
             raise self._readonly_error(parent)
         if node.kind != "txn" or node.txn is not parent.txn:
-            raise fail(errno.EXDEV)
+            raise fail(errno.EROFS if _read_only(node) else errno.EXDEV)   # (a new name changes the inode)
         txn = self._live(parent)
         if txn.staging.node(node.sino).kind == "d":
             raise fail(errno.EPERM)
@@ -542,7 +563,8 @@ class Operations(pyfuse3.Operations):
         if new_parent.kind == "top" and new_parent.path == "commit":
             raise fail(errno.EPERM)
         if old_parent.kind != "txn" or new_parent.kind != "txn":
-            raise fail(errno.EROFS) if "txn" not in (old_parent.kind, new_parent.kind) else fail(errno.EXDEV)
+            # a name leaving or entering a read-only tree would change it: EROFS, as on a read-only mount
+            raise fail(errno.EROFS if _read_only(old_parent) or _read_only(new_parent) else errno.EXDEV)
         if old_parent.txn is not new_parent.txn:
             raise fail(errno.EXDEV)
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -751,10 +773,27 @@ class Operations(pyfuse3.Operations):
         if truncate:
             await self._ensure_blob(txn, node.sino, keep_bytes=False)
         of = txn.open(node.sino, write, truncate=truncate)
-        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
+        opener = _opener(ctx, s.mode) if write else None
+        if truncate:
+            self._truncated_by_open(txn, node.sino, opener)
+        direct = _write_only(flags)
+        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn,
+                                                   opener=opener if direct else None)))
         info.keep_cache = True
-        info.direct_io = _write_only(flags)
+        info.direct_io = direct
         return info
+
+    def _truncated_by_open(self, txn: OpenTxn, sino: int, opener: Opener) -> None:
+        """What the kernel does for open(O_TRUNC) on a local disk, and leaves to a FUSE daemon that takes
+        O_TRUNC at open (atomic_o_trunc): mtime and ctime updated (even for an empty file), set-id bits
+        cleared for an opener without CAP_FSETID."""
+        s = txn.staging.node(sino)
+        now = _now()
+        fields = {"mtime_ns": now, "ctime_ns": now}
+        clear = setid_bits_to_clear(s.mode, s.gid, opener)
+        if clear:
+            fields["mode"] = s.mode & ~clear
+        txn.staging.update(sino, **fields)
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -764,9 +803,11 @@ class Operations(pyfuse3.Operations):
         node = self._txn_node(txn, sino)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY
         of = txn.open(sino, write, truncate=False)   # (an empty file opened for writing: hashed as it arrives)
-        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn)))
+        direct = _write_only(flags)
+        opener = _opener(ctx, mode) if direct else None
+        info = pyfuse3.FileInfo(fh=self._fh(Handle(node, of=of, write=write, txn=txn, opener=opener)))
         info.keep_cache = True
-        info.direct_io = _write_only(flags)
+        info.direct_io = direct
         return info, self._entry(node)
 
     @handler
@@ -792,6 +833,8 @@ class Operations(pyfuse3.Operations):
         if not of.on_blob:
             await self._ensure_blob(h.txn, of.sino, keep_bytes=True)
         txn = h.txn
+        if h.opener is not None:
+            self._clear_setid_bits(txn, of.sino, h.opener)
         feed = txn.note_write(of, off, len(buf))
         if feed:
             if not of.draining and not of.pending and len(buf) < FEED_INLINE:
@@ -810,10 +853,19 @@ class Operations(pyfuse3.Operations):
             txn.mark_incomplete(of)
             raise
         if not self.enable_writeback_cache:   # else the kernel keeps mtime and sends it with setattr
-            txn.staging.update(of.sino, mtime_ns=_now())
+            now = _now()
+            txn.staging.update(of.sino, mtime_ns=now, ctime_ns=now)
         while len(of.pending) > MAX_PENDING:
             await trio.sleep(0.001)
         return n
+
+    @staticmethod
+    def _clear_setid_bits(txn: OpenTxn, sino: int, opener: Opener) -> None:
+        """Before a direct I/O write: what the kernel does before any other (file_remove_privs)."""
+        s = txn.staging.node(sino)
+        clear = setid_bits_to_clear(s.mode, s.gid, opener)
+        if clear:
+            txn.staging.update(sino, mode=s.mode & ~clear, ctime_ns=_now())
 
     async def _ensure_blob(self, txn: OpenTxn, sino: int, keep_bytes: bool) -> None:
         """Copy-on-write of a base file on its first write or truncate (the copy in a worker thread;
@@ -916,17 +968,21 @@ class Operations(pyfuse3.Operations):
             return value
         value = self.view.xattrs(node).get(name)
         if value is None:
+            value = self.view.virtual_xattr(node, name)
+        if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     @handler
     async def listxattr(self, inode, ctx):
+        """Recorded xattrs and the metadata set on a transaction; never the virtual ones (state, error,
+        digest, instance): `rsync -X` removes from its destination what the source does not list."""
         node = self._node(inode)
         if node.kind == "txn":
             txn = node.txn
             names = list(txn.staging.xattrs(node.sino))
             if node.sino == SROOT:
-                names += [f"user.tinyfs.{k}" for k in ("state", "error", *META) if txn.staging.get_meta(k)]
+                names += [f"user.tinyfs.{k}" for k in META if txn.staging.get_meta(k)]
             return [n.encode() for n in names]
         return [n.encode() for n in self.view.xattrs(node)]
 
@@ -972,7 +1028,11 @@ class Operations(pyfuse3.Operations):
         node, name, txn = self._xattr_target(inode, name)
         if node.sino == SROOT and name.startswith("user.tinyfs."):
             key = name[len("user.tinyfs."):]
+            if key in ("state", "error"):
+                raise fail(errno.EPERM, f"user.tinyfs.{key} is read-only")
             if key in META:
+                if not txn.staging.get_meta(key):
+                    raise pyfuse3.FUSEError(pyfuse3.ENOATTR)    # as for any attribute that is not set
                 txn.staging.set_meta(key, "")
                 return
         if not txn.staging.remove_xattr(node.sino, name):
@@ -1016,6 +1076,22 @@ def _same_bytes(a, b) -> bool:
     """Whether entry b differs from a only in attributes: two directories, or two files of one digest."""
     return (isinstance(a, DirEntry) and isinstance(b, DirEntry)) or \
         (isinstance(a, FileEntry) and isinstance(b, FileEntry) and a.digest == b.digest)
+
+
+def _read_only(node: Node) -> bool:
+    """Whether a node belongs to a read-only tree: resources/, instances/, aip/, events.jsonl, the root."""
+    if node.kind == "top":
+        return node.path not in ("transactions", "commit")
+    return node.kind != "txn"
+
+
+def _opener(ctx, mode: int) -> Opener:
+    """Who opens a file for writing; their credentials are read now if the file has set-id bits (while
+    ctx.pid is surely the opener), else only if it gains some before a write (txn.Opener)."""
+    opener = Opener(ctx.uid, ctx.gid, ctx.pid)
+    if mode & (stat.S_ISUID | stat.S_ISGID):
+        opener.read_credentials()
+    return opener
 
 
 def _write_only(flags: int) -> bool:

@@ -66,6 +66,53 @@ class FreeSpace:
             return True
 
 
+CAP_FSETID = 4     # linux/capability.h
+
+
+@dataclass(eq=False)
+class Opener:
+    """Who opened a handle for writing. The kernel clears set-id bits on a write by a process without
+    CAP_FSETID, but not for direct I/O writes (write-only handles here), whose flag for it pyfuse3 does
+    not pass to write(); nor for open(O_TRUNC), which the daemon does itself. The daemon applies the
+    kernel's rule with the opener's credentials, read from /proc when a file with such bits is opened
+    (or, if it gains them later, at the first write that finds them)."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: frozenset[int] | None = None      # supplementary groups, once read
+    fsetid: bool = False                       # CAP_FSETID in the effective set, once read
+
+    def read_credentials(self) -> None:
+        self.groups, self.fsetid = frozenset(), False    # gone already: treated as without privilege
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            if line.startswith("Groups:"):
+                self.groups = frozenset(int(g) for g in line.split()[1:])
+            elif line.startswith("CapEff:"):
+                self.fsetid = bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+
+
+def setid_bits_to_clear(mode: int, file_gid: int, opener: Opener) -> int:
+    """The set-id bits a write (or O_TRUNC) by `opener` clears, by the kernel's rule
+    (setattr_should_drop_suidgid): none for CAP_FSETID; else setuid, and setgid when the file is
+    group-executable or the writer is outside the file's group."""
+    if not mode & (stat.S_ISUID | stat.S_ISGID):
+        return 0
+    if opener.groups is None:
+        opener.read_credentials()
+    if opener.fsetid:
+        return 0
+    clear = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or (file_gid != opener.gid and file_gid not in opener.groups)):
+        clear |= stat.S_ISGID
+    return clear
+
+
 def fail(code: int, message: str = "") -> OSError:
     return OSError(code, message or os.strerror(code))
 
@@ -338,7 +385,8 @@ class OpenTxn:
                              message=meta["message"],
                              creator=meta["creator"], label=meta["label"] or None,
                              marker=lambda iid: Staging.mark_committing(self.staging.path, iid),
-                             hardlinks=link_groups(linked.values()))
+                             hardlinks=link_groups(linked.values()),
+                             root=self.staging.root_entry())
 
     def close(self) -> None:
         for of in self.files.values():
@@ -362,4 +410,5 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-__all__ = ["OpenTxn", "OpenFile", "fail", "kind_bits", "ROOT", "DirEntry", "LinkEntry"]
+__all__ = ["OpenTxn", "OpenFile", "Opener", "fail", "kind_bits", "setid_bits_to_clear", "ROOT", "DirEntry",
+           "LinkEntry"]

@@ -14,6 +14,7 @@ new instance and detaches only the nodes of entries it changed (ops.py,
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import stat
@@ -24,11 +25,13 @@ from ..core.errors import NotFound
 from ..core.ids import is_rid
 from ..core.layout import ArchiveRoot
 from ..core.model import DirEntry, FileEntry, LinkEntry, State
+from ..core.staging import ROOT_MODE
 
 BLKSIZE = 1 << 20          # coreutils sizes its buffers from st_blksize: 1 MiB writes, fewer requests
 LONG = 3600.0              # committed trees never change
 SHORT = 1.0                # names that move on commit: resources/<rid>, listings
 TOP = ("resources", "instances", "aip", "transactions", "commit", "events.jsonl")
+VIRTUAL_FILE_XATTRS = ("user.tinyfs.digest", "user.tinyfs.instance")
 
 
 @dataclass
@@ -95,10 +98,6 @@ def _state_child(parent: Node, path: str, entry, state: State) -> Node:
                 iid=parent.iid, head=parent.head, path=path, entry=entry)
 
 
-def readonly_mode(mode: int) -> int:
-    return mode & ~0o222
-
-
 class View:
     """Read-only parts of the mount over one archive root."""
 
@@ -134,7 +133,7 @@ class View:
         if k == "aip":
             st = os.lstat(self._aip_path(node))
             timeout = LONG if stat.S_ISREG(st.st_mode) else SHORT
-            return Attr(stat.S_IFMT(st.st_mode) | readonly_mode(stat.S_IMODE(st.st_mode)), size=st.st_size,
+            return Attr(st.st_mode, size=st.st_size,
                         mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, uid=self.uid, gid=self.gid,
                         entry_timeout=timeout, attr_timeout=timeout)
         raise OSError(errno.EIO, f"no attributes for {k}")
@@ -142,15 +141,19 @@ class View:
     def _state_attr(self, node: Node) -> Attr:
         e = node.entry
         if e is None:  # the root of a state: resources/<rid> (short timeouts: it moves) or instances/<rid>/<iid>
-            created = created_ns(shown_iid(node))
+            iid = shown_iid(node)
+            root = self.archive.root_entry(node.rid, iid)
+            # none recorded (an instance of the CLI or the API): the mode a transaction starts with, and
+            # the instance's time
+            mode, mtime = (root.mode, root.mtime_ns) if root else (ROOT_MODE, created_ns(iid))
             timeout = SHORT if node.head is not None else LONG
-            return Attr(stat.S_IFDIR | 0o555, mtime_ns=created, ctime_ns=created, uid=self.uid, gid=self.gid,
+            return Attr(stat.S_IFDIR | mode, mtime_ns=mtime, ctime_ns=mtime, uid=self.uid, gid=self.gid,
                         nlink=2, entry_timeout=timeout, attr_timeout=timeout)
         if isinstance(e, FileEntry):
-            return Attr(stat.S_IFREG | readonly_mode(e.mode), size=e.size, mtime_ns=e.mtime_ns,
+            return Attr(stat.S_IFREG | e.mode, size=e.size, mtime_ns=e.mtime_ns,
                         ctime_ns=e.mtime_ns, uid=self.uid, gid=self.gid)
         if isinstance(e, DirEntry):
-            return Attr(stat.S_IFDIR | readonly_mode(e.mode), mtime_ns=e.mtime_ns, ctime_ns=e.mtime_ns,
+            return Attr(stat.S_IFDIR | e.mode, mtime_ns=e.mtime_ns, ctime_ns=e.mtime_ns,
                         uid=self.uid, gid=self.gid, nlink=2)
         return Attr(stat.S_IFLNK | 0o777, size=len(os.fsencode(e.target)), mtime_ns=e.mtime_ns,
                     ctime_ns=e.mtime_ns, uid=self.uid, gid=self.gid)
@@ -297,17 +300,20 @@ class View:
         raise OSError(errno.EINVAL, "not a symbolic link")
 
     def xattrs(self, node: Node) -> dict[str, bytes]:
-        """Readable xattrs of a read-only node: digest, storing instance, recorded user xattrs."""
+        """The recorded user xattrs of a read-only node: what listxattr lists (and `cp -a`, `rsync -X` copy)."""
         if node.kind != "state" or not isinstance(node.entry, FileEntry):
             return {}
-        import base64
+        return {name: base64.b64decode(value) for name, value in node.entry.xattrs.items()}
+
+    def virtual_xattr(self, node: Node, name: str) -> bytes | None:
+        """A synthetic attribute, readable by name and never listed (as CephFS's `ceph.*`): listed, every
+        copy tool would carry it along, and `rsync -anciX` would flag every file against its source."""
+        if node.kind != "state" or not isinstance(node.entry, FileEntry) or name not in VIRTUAL_FILE_XATTRS:
+            return None
         doc = self.archive.instance(node.rid, shown_iid(node))
-        stored = doc.stored[node.entry.digest]
-        out = {"user.tinyfs.digest": f"{doc.digest}:{node.entry.digest}".encode(),
-               "user.tinyfs.instance": stored.split("/")[1].encode()}
-        for name, value in node.entry.xattrs.items():
-            out[name] = base64.b64decode(value)
-        return out
+        if name == "user.tinyfs.digest":
+            return f"{doc.digest}:{node.entry.digest}".encode()
+        return doc.stored[node.entry.digest].split("/")[1].encode()     # user.tinyfs.instance
 
     def _aip_path(self, node: Node):
         return self.archive.resource_dir(node.rid) / node.path if node.path else self.archive.resource_dir(node.rid)
