@@ -397,8 +397,6 @@ def test_rsync_round_trip_of_the_acceptance_tree(mnt, tmp_path):
     assert [line.split(" ", 1)[1] for line in lines] == (["sub/small-001.txt"] if os.geteuid() == 0 else [])
 
 
-@pytest.mark.xfail(strict=True, reason="views show a hard-link group as one inode only with the `roundtrip` "
-                                       "branch: once it is merged this passes, and the mark must go")
 def test_rsync_round_trip_of_the_acceptance_tree_with_hard_links(mnt, tmp_path):
     src = acceptance_tree(tmp_path / "tree")
     lines = deposit_and_check(mnt, src, "tree")

@@ -80,9 +80,13 @@ def make_full_tree(base: Path) -> Path:
     return base
 
 
-def tree_state(src: Path) -> dict:
-    """What instance.json must record for the tree at `src` (digests sha512)."""
+def tree_state(src: Path, root: bool = False) -> dict:
+    """What instance.json must record for the tree at `src` (digests sha512); with `root`, the mode and
+    mtime of `src` itself as the resource root's (a deposit of `src/.` into a transaction)."""
     files, links, dirs, inodes = {}, {}, {}, {}
+    if root:
+        st = os.lstat(src)
+        dirs[""] = {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns}
     for dirpath, dirnames, filenames in os.walk(src):
         for name in dirnames + filenames:
             full = Path(dirpath, name)
@@ -126,7 +130,7 @@ def check_directory_export(bag: Path, want: dict, xattrs: bool = True) -> None:
     empty ones included."""
     data = bag / "data"
     found = {p.relative_to(data).as_posix() for p in data.rglob("*")}
-    assert found == want["state"].keys() | want["dirs"].keys()
+    assert found == want["state"].keys() | want["dirs"].keys() - {""}     # "": the root, data/ itself
     for path, entry in want["state"].items():
         st = os.lstat(data / path)
         assert stat.S_ISREG(st.st_mode), path
@@ -135,7 +139,7 @@ def check_directory_export(bag: Path, want: dict, xattrs: bool = True) -> None:
         for name, value in entry.get("xattrs", {}).items() if xattrs else ():
             assert os.getxattr(data / path, name) == base64.b64decode(value), path
     for path, entry in want["dirs"].items():
-        st = os.lstat(data / path)
+        st = os.lstat(data / path if path else data)
         assert stat.S_IMODE(st.st_mode) == entry["mode"] | 0o500 and st.st_mtime_ns == entry["mtime_ns"], path
     for group in want["hardlinks"]:
         inodes = {os.lstat(data / p).st_ino for p in group}
@@ -183,7 +187,7 @@ def test_mount_cp_a_deposit_records_every_kind_of_entry_and_round_trips(mnt, roo
     t.mkdir()
     subprocess.run(["cp", "-a", f"{src}/.", str(t)], check=True)
     os.rename(t, mnt / "commit" / "book")
-    want = tree_state(src)
+    want = tree_state(src, root=True)     # cp -a src/. sets the root
     assert recorded(root, "book") == want
     iid = ArchiveRoot(root).head("book")
     group = ["sub/deeper/three-deeper.txt", "sub/three.txt", "three-again.txt"]

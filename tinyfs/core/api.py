@@ -131,6 +131,7 @@ class Transaction:
         # (found by st_dev/st_ino) or in a recorded state; a pair counts while its path still holds it.
         self._linked: list[list[tuple[str, NewFile]]] = []
         self._inodes: dict[tuple[int, int], list[tuple[str, NewFile]]] = {}
+        self.root: DirEntry | None = None      # the resource root's mode and mtime; None: the head's
         self.result: CommitResult | None = None
         self._done = False
         root.events.append("transaction.opened", rid, base, via="api")
@@ -224,6 +225,8 @@ class Transaction:
             else:
                 self._changes[path] = entry
         self._linked += [[(path, self._changes[path]) for path in group] for group in state.hardlinks]
+        if state.root is not None:
+            self.root = state.root
 
     def _link_groups(self) -> tuple[tuple[str, ...], ...]:
         """The link groups of the state this transaction makes: the base's, less the paths it changed,
@@ -281,7 +284,7 @@ class Transaction:
         req = CommitRequest(self.rid, self.base, dict(self._changes), message=self.message,
                             creator=self.creator, label=self.label,
                             marker=(lambda _iid: verify(new_files)) if verify else None,
-                            hardlinks=self._link_groups())
+                            hardlinks=self._link_groups(), root=self.root)
         try:
             self.result = commit(self._root, req, progress)
         finally:

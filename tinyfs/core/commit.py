@@ -348,7 +348,7 @@ def _merge(base: State, head: State, delta: dict[str, Entry | None], rid: str, h
             raise Stale(f"resource {rid!r} changed meanwhile and {clash[0]!r} changed on both sides",
                         path=clash[0])
     # copies of the head's three maps (C speed), then the delta; unsorted: whatever is written sorts its keys
-    result = State(dict(head.files), dict(head.links), dict(head.dirs), result_groups)
+    result = State(dict(head.files), dict(head.links), dict(head.dirs), hardlinks=result_groups)
     for path, entry in delta.items():
         result.files.pop(path, None)
         result.links.pop(path, None)

@@ -46,7 +46,7 @@ from .fixity import FixityError, VerifiedReader, open_verified, record_failure
 from .fsck import ProgressFactory
 from .ids import check_logical_path
 from .layout import ArchiveRoot
-from .model import InstanceDoc
+from .model import DirEntry, InstanceDoc
 
 TAR_SUFFIXES = {".tar": "", ".tar.gz": "gz", ".tgz": "gz", ".tar.bz2": "bz2", ".tbz2": "bz2",
                 ".tar.xz": "xz", ".txz": "xz"}
@@ -203,6 +203,9 @@ def _fill_data(plan: _Plan, data_fd: int, advance) -> None:
         d = state.dirs[path]
         os.chmod(path, dir_mode(d.mode), dir_fd=data_fd)
         os.utime(path, ns=(d.mtime_ns, d.mtime_ns), dir_fd=data_fd)
+    if state.root is not None:      # data/ is the resource root
+        os.chmod(data_fd, dir_mode(state.root.mode))
+        os.utime(data_fd, ns=(state.root.mtime_ns, state.root.mtime_ns))
 
 
 def _copy(src: VerifiedReader, dst: int, advance) -> None:
@@ -274,7 +277,8 @@ def _fill_tar(plan: _Plan, tf: tarfile.TarFile, top: str, advance) -> None:
                 info = _info(f"{top}/{name}", tarfile.REGTYPE, 0o644, now_ns)
                 info.size = os.fstat(f.fileno()).st_size
                 tf.addfile(info, f)
-    tf.addfile(_info(f"{top}/data", tarfile.DIRTYPE, 0o755, now_ns))
+    root = state.root or DirEntry(0o755, now_ns)      # data/ is the resource root
+    tf.addfile(_info(f"{top}/data", tarfile.DIRTYPE, dir_mode(root.mode), root.mtime_ns))
     written: dict[tuple[str, ...], str] = {}     # link group -> the member name holding its bytes
     for path in sorted([*state.dirs, *state.files], key=lambda p: p.split("/")):   # no symlinks: see above
         name = f"{top}/data/{path}"

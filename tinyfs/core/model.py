@@ -117,8 +117,8 @@ class State:
     files: dict[str, FileEntry] = field(default_factory=dict)
     links: dict[str, LinkEntry] = field(default_factory=dict)
     dirs: dict[str, DirEntry] = field(default_factory=dict)
-    root: DirEntry | None = None
     hardlinks: tuple[Group, ...] = ()      # link groups (`link_groups` form when written by tinyfs)
+    root: DirEntry | None = None
     _groups: dict[str, Group] | None = field(default=None, compare=False, repr=False)
 
     def group_of(self, path: str) -> Group | None:
