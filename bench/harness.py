@@ -533,12 +533,30 @@ class Bench:
             self.reading("find-ls-large-warm", "large", rep, find_ls, False)
         self.rss_trace.append({"after": f"repetition {rep + 1}", **self.tinyfs.memory()})
 
+    def reads_only(self, rep: int) -> None:
+        """--reads: the read workloads alone, on copies made untimed the way the deposits make them."""
+        self.say(f"repetition {rep + 1} of {self.sizes.reps} (reads only)")
+        for tag, src in (("big", self.src_big), ("small", self.src_small)):
+            name = f"{tag}-{rep}"
+            txn = self.mnt / "transactions" / name
+            for dest in (txn, self.ptmnt / name, self.native / f"{tag}-plain-{rep}"):
+                run(["mkdir", dest])
+                run(["cp", "-a", f"{src}/.", f"{dest}/"])
+            run(["mv", txn, f"{self.mnt}/commit/"])
+        run(["sync"])
+        for cold in (True, False):
+            t = "cold" if cold else "warm"
+            self.reading(f"read-1g-{t}", "big", rep, cat_all, cold)
+            self.reading(f"read-small-{t}", "small", rep, cat_all, cold)
+        self.rss_trace.append({"after": f"repetition {rep + 1}", **self.tinyfs.memory()})
+
     def check_content(self) -> None:
         """Untimed: what was measured really arrived (rep 0's resources against the sources)."""
         try:
             run(["cmp", self.src_big / "file.bin", self.mnt / "resources" / "big-0" / "file.bin"])
-            run(["diff", "-r", "-q", self.src_mod, self.mnt / "resources" / "small-0"])
-            run(["diff", "-r", "-q", self.src_mod, self.ptmnt / "small-0"])
+            small = self.src_small if self.args.reads else self.src_mod   # (the re-deposit changed small-0)
+            run(["diff", "-r", "-q", small, self.mnt / "resources" / "small-0"])
+            run(["diff", "-r", "-q", small, self.ptmnt / "small-0"])
         except StepFailed as e:
             self.errors.append(f"content check: {e}")
 
@@ -713,14 +731,15 @@ def render(rows: list[dict], mount_rows: list[dict], daemons: dict, rss_trace: l
             f"{fmt(r['passthrough_ratio'], 2)} | "
             f"{fmt(r['tinyfs_vs_passthrough'], 2)} |"
         )
-    out += [
-        "",
-        (
-            "| mount | time s (target < 1) | first stat s | RSS MiB (target < 150) "
-            "| RSS after ls resources/ MiB | ls -l resources/ s | target |"
-        ),
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
+    if mount_rows:
+        out += [
+            "",
+            (
+                "| mount | time s (target < 1) | first stat s | RSS MiB (target < 150) "
+                "| RSS after ls resources/ MiB | ls -l resources/ s | target |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
     for r in mount_rows:
         out.append(
             f"| {r['label']} | {fmt(r['mount_s'])} | {fmt(r['first_stat_s'])} | {fmt(r['rss_mib'], 1)} | "
@@ -790,6 +809,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a fresh run-* folder is made in it and removed at the end",
     )
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--reads", action="store_true",
+                   help="only the read workloads (read the big file and the small files, cold and warm); "
+                   "the data is deposited untimed")
+    p.add_argument("--tinyfs", type=Path,
+                   help="the tinyfs command to measure (default: the one beside this Python), e.g. another "
+                   "checkout's .venv/bin/tinyfs, to compare two versions on one machine")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be at least 1")
@@ -798,6 +823,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tinyfs:
+        global TINYFS
+        TINYFS = str(args.tinyfs.absolute())
     for tool in ("cp", "mv", "rsync", "find", "ls", "sync", "fusermount3", "cmp", "diff", "stat"):
         if shutil.which(tool) is None:
             print(f"scripts/bench: {tool} is not installed", file=sys.stderr)
@@ -821,15 +849,19 @@ def main(argv: list[str] | None = None) -> int:
         bench.make_sources()
         bench.start_mounts()
         for rep in range(sizes.reps):
-            bench.repetition(rep)
+            if args.reads:
+                bench.reads_only(rep)
+            else:
+                bench.repetition(rep)
         bench.check_content()
         daemons = {"tinyfs": bench.tinyfs.memory(), "passthrough": bench.pt.memory()}
         tracebacks = bench.tinyfs.tracebacks()
         if tracebacks:
             bench.errors.append(f"the tinyfs daemon logged {tracebacks} traceback(s): see {bench.tinyfs.log}")
         bench.stop_mounts()
-        bench.say("mount time and memory")
-        bench.mount_archives()
+        if not args.reads:
+            bench.say("mount time and memory")
+            bench.mount_archives()
     finally:
         bench.stop_mounts()
         if not args.keep:
@@ -841,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "sizes": asdict(sizes),
-        "environment": env,
+        "environment": {**env, "tinyfs": TINYFS},
         "seconds": perf_counter() - started,
         "loadavg_during": {
             "max": max(bench.load, default=None),

@@ -86,3 +86,24 @@ def test_quick_bench_reports_every_workload(tmp_path):
     assert result["table"] and all(is_number(row["ratio"]) for row in result["table"])
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "scratch left behind"
     assert "| workload |" in r.stdout
+
+
+def test_reads_only_bench_measures_the_reads_of_the_named_tinyfs(tmp_path):
+    """--reads times only the read workloads (the data deposited untimed); --tinyfs picks the command."""
+    out = tmp_path / "bench.json"
+    exe = PROJECT / ".venv" / "bin" / "tinyfs"
+    argv = [str(PROJECT / "scripts" / "bench"), "--quick", "--reads", "--out", str(out), "--workdir",
+            str(tmp_path / "work")]
+    if exe.exists():
+        argv += ["--tinyfs", str(exe)]
+    r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    reads = ["read-1g-warm", "read-small-warm"] + (["read-1g-cold", "read-small-cold"] if os.geteuid() == 0 else [])
+    assert sorted(result["workloads"]) == sorted(reads)
+    for name in reads:
+        assert set(result["workloads"][name]["variants"]) == {"tinyfs", "passthrough", "native"}, name
+    assert result["mount"] == []
+    if exe.exists():
+        assert result["environment"]["tinyfs"] == str(exe)
