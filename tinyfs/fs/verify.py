@@ -244,7 +244,11 @@ def _payload_index(doc: InstanceDoc) -> dict[str, tuple[str, int, str]]:
 
 def fixity_failed(archive: ArchiveRoot, expected: Expected, found: str) -> None:
     """(worker thread) The `fixity.failed` event of a read through the mount; the same detail as
-    `tinyfs cat`, `export` and the API give."""
+    `tinyfs cat`, `export` and the API give. An event log that cannot be written (a read-only archive)
+    costs the event, not the EIO the read must get."""
     e = expected
-    archive.events.append("fixity.failed", e.rid, e.iid, path=e.path, stored=e.stored, algorithm=e.algorithm,
-                          expected=e.digest, found=found, via="mount")
+    try:
+        archive.events.append("fixity.failed", e.rid, e.iid, path=e.path, stored=e.stored,
+                              algorithm=e.algorithm, expected=e.digest, found=found, via="mount")
+    except OSError as error:
+        log.warning("could not log fixity.failed for %s of %s: %s", e.path, e.rid, error.strerror or error)
