@@ -212,6 +212,8 @@ def test_check_follows_reads_in_any_order_within_the_gap(tmp_path):
     assert _run_check(tmp_path, data, data, shuffled).state == GOOD
     small = [(off, 4096) for off in range(0, len(data), 4096)]          # hashed on the loop, in order
     assert _run_check(tmp_path, data, data, small).state == GOOD
+    skip = [(100, 4000), (0, 100), (4100, len(data))]                  # a small gap: read and hashed inline
+    assert _run_check(tmp_path, data, data, skip).state == GOOD
     bad = bytearray(data)
     bad[7 * MIB] ^= 1
     assert _run_check(tmp_path, bytes(bad), data, shuffled).state == BAD

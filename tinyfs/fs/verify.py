@@ -107,11 +107,18 @@ class ReadCheck:
         return last
 
     def _gap(self, fd: int, to: int, nursery: trio.Nursery) -> None:
-        """Queue the bytes [hashed_to, to) to be read from the stored file by the worker (its own
-        descriptor: the handle's may be closed before the worker gets there)."""
-        if to > self.hashed_to:
-            self._queue((os.dup(fd), self.hashed_to, to - self.hashed_to), 0, nursery)
-            self.hashed_to = to
+        """Hash the bytes [hashed_to, to) from the stored file: a few KiB here, more by the worker (with its
+        own descriptor: the handle's may be closed before the worker gets there)."""
+        n = to - self.hashed_to
+        if n <= 0:
+            return
+        if n <= INLINE and not self.draining and not self.queue:    # a small gap: read and hashed here
+            data = os.pread(fd, n, self.hashed_to)
+            self.broken |= len(data) != n
+            self.hasher.update(data)
+        else:
+            self._queue((os.dup(fd), self.hashed_to, n), 0, nursery)
+        self.hashed_to = to
 
     def _queue(self, item, size: int, nursery: trio.Nursery) -> None:
         if not self.draining and not self.queue and isinstance(item, (bytes, memoryview)) and size <= INLINE:
