@@ -88,14 +88,15 @@ def test_quick_bench_reports_every_workload(tmp_path):
     assert "| workload |" in r.stdout
 
 
-def test_reads_only_bench_measures_the_reads_of_the_named_tinyfs(tmp_path):
-    """--reads times only the read workloads (the data deposited untimed); --tinyfs picks the command."""
+def test_reads_only_bench_measures_the_reads_of_the_named_tinyfs_against_a_base(tmp_path):
+    """--reads times only the read workloads (the data deposited untimed); --tinyfs picks the command,
+    --base mounts a second one beside it and reports the ratio of the two per repetition."""
     out = tmp_path / "bench.json"
     exe = PROJECT / ".venv" / "bin" / "tinyfs"
-    argv = [str(PROJECT / "scripts" / "bench"), "--quick", "--reads", "--out", str(out), "--workdir",
-            str(tmp_path / "work")]
-    if exe.exists():
-        argv += ["--tinyfs", str(exe)]
+    if not exe.exists():
+        pytest.skip("needs the project's .venv")
+    argv = [str(PROJECT / "scripts" / "bench"), "--quick", "--reads", "--reps", "2", "--out", str(out),
+            "--workdir", str(tmp_path / "work"), "--tinyfs", str(exe), "--base", str(exe)]
     r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     result = json.loads(out.read_text())
@@ -103,7 +104,9 @@ def test_reads_only_bench_measures_the_reads_of_the_named_tinyfs(tmp_path):
     reads = ["read-1g-warm", "read-small-warm"] + (["read-1g-cold", "read-small-cold"] if os.geteuid() == 0 else [])
     assert sorted(result["workloads"]) == sorted(reads)
     for name in reads:
-        assert set(result["workloads"][name]["variants"]) == {"tinyfs", "passthrough", "native"}, name
+        assert set(result["workloads"][name]["variants"]) == {"tinyfs", "tinyfs-base", "passthrough", "native"}
     assert result["mount"] == []
-    if exe.exists():
-        assert result["environment"]["tinyfs"] == str(exe)
+    assert result["environment"]["tinyfs"] == str(exe)
+    assert sorted(row["workload"] for row in result["against_base"]) == sorted(reads)
+    assert all(len(row["ratios"]) == 2 and is_number(row["ratio_median"]) for row in result["against_base"])
+    assert "tinyfs-base s" in r.stdout
