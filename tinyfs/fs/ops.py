@@ -802,9 +802,10 @@ class Operations(pyfuse3.Operations):
         elif node.kind == "aip":
             expected = expected_of_aip(self.archive, node.rid, node.path)
         elif node.kind == "txn" and h.of is not None and not h.of.on_blob:   # a base file, read in place
-            s = h.txn.staging.node(node.sino)
-            stored = self.archive.instance(h.txn.rid, h.txn.base).stored[s.base]
-            expected = Expected(h.txn.rid, h.txn.base, h.txn.staging.tree.path.get(node.sino, stored), stored,
+            txn, s = h.txn, h.txn.staging.node(node.sino)
+            # (base_path: from the base's stored map the transaction keeps, whatever the document cache drops)
+            stored = os.path.relpath(txn.base_path(s), self.archive.resource_dir(txn.rid))
+            expected = Expected(txn.rid, txn.base, txn.staging.tree.path.get(node.sino, stored), stored,
                                 self.archive.config.digests[0], s.base, s.size)
         else:
             return None
