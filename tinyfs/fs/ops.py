@@ -825,8 +825,9 @@ class Operations(pyfuse3.Operations):
             log.info("%s: %s is still damaged", e.rid, e.path)
             return
         damage.reported.add(e.path)
-        log.warning("fixity failed: resource %s, %s (stored as %s): %s %s, found %s", e.rid, e.path, e.stored,
-                    e.algorithm, e.digest, check.found)
+        log.warning("fixity failed: resource %s, %s (stored as %s): %s expected %s… found %s… (read refused "
+                    "with EIO; see events.jsonl)", e.rid, e.path, e.stored, e.algorithm, e.digest[:16],
+                    check.found[:16])
         await trio.to_thread.run_sync(fixity_failed, self.archive, e, check.found)
 
     @handler
