@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 GAP = 4 << 20           # a read this far ahead of the hashed prefix is read-ahead, not random access
 INLINE = 64 << 10       # buffers up to this size are hashed on the loop when nothing is queued
-MAX_QUEUED = 64 << 20   # bytes served but not yet hashed, per handle, before its reads wait for the hasher
+MAX_QUEUED = 16 << 20   # bytes served but not yet hashed, per handle, before its reads wait for the hasher
 
 RUNNING, OFF, GOOD, BAD = "running", "off", "good", "bad"
 
