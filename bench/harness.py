@@ -238,6 +238,8 @@ class Bench:
         self.logs = run_dir / "logs"
         self.tinyfs: Daemon | None = None
         self.pt: Daemon | None = None
+        self.base: Daemon | None = None  # --base: another tinyfs, variant "tinyfs-base" of the read workloads
+        self.base_archive, self.base_mnt = run_dir / "archive-base", run_dir / "mnt-base"
         self.workloads: dict[str, dict] = {}
         self.errors: list[str] = []
         self.skipped: list[str] = []
@@ -366,9 +368,16 @@ class Bench:
             self.logs / "passthrough.log",
         )
         self.say(f"tinyfs mounted in {self.tinyfs.start():.3f} s; passthrough in {self.pt.start():.3f} s")
+        if self.args.base:
+            base = str(self.args.base.absolute())
+            self.base_mnt.mkdir()
+            run([base, "init", self.base_archive])
+            self.base = Daemon([base, "mount", "--foreground", self.base_archive, self.base_mnt], self.base_mnt,
+                               self.logs / "tinyfs-base.log", probe="resources")
+            self.say(f"{base} (tinyfs-base) mounted in {self.base.start():.3f} s")
 
     def stop_mounts(self) -> None:
-        for d in (self.tinyfs, self.pt):
+        for d in (self.tinyfs, self.pt, self.base):
             if d is not None:
                 d.stop()
 
@@ -460,17 +469,23 @@ class Bench:
             },
         )
 
-    def reading(self, wl: str, tag: str, rep: int, command: Callable[[Path], list], cold: bool) -> None:
+    def reading(
+        self, wl: str, tag: str, rep: int, command: Callable[[Path], list], cold: bool, data_rep: int | None = None
+    ) -> None:
+        """Time `command` over the data deposited in repetition `data_rep` (default: this one)."""
         if cold and not self.can_drop:
             if wl not in self.skipped:
                 self.skipped.append(wl)
             return
-        name = f"{tag}-{rep}"
+        data_rep = rep if data_rep is None else data_rep
+        name = f"{tag}-{data_rep}"
         targets = {
             "tinyfs": self.mnt / "resources" / name,
             "passthrough": self.ptmnt / name,
-            "native": self.native / f"{tag}-plain-{rep}",
+            "native": self.native / f"{tag}-plain-{data_rep}",
         }
+        if self.base is not None:
+            targets["tinyfs-base"] = self.base_mnt / "resources" / name
 
         def prepare(target: Path) -> Callable[[], None]:
             # warm = steady state. Through FUSE, the read after the one that filled the page cache is still
@@ -533,12 +548,34 @@ class Bench:
             self.reading("find-ls-large-warm", "large", rep, find_ls, False)
         self.rss_trace.append({"after": f"repetition {rep + 1}", **self.tinyfs.memory()})
 
+    def reads_only(self, rep: int) -> None:
+        """--reads: the read workloads alone, over copies deposited once, untimed, the way the deposits
+        make them (every repetition reads the same data; cold steps drop the caches first)."""
+        self.say(f"repetition {rep + 1} of {self.sizes.reps} (reads only)")
+        if rep == 0:
+            for tag, src in (("big", self.src_big), ("small", self.src_small)):
+                txns = [m / "transactions" / f"{tag}-0" for m in (self.mnt, self.base_mnt) if m.exists()]
+                for dest in (*txns, self.ptmnt / f"{tag}-0", self.native / f"{tag}-plain-0"):
+                    run(["mkdir", dest])
+                    run(["cp", "-a", f"{src}/.", f"{dest}/"])
+                for txn in txns:
+                    run(["mv", txn, f"{txn.parent.parent}/commit/"])
+            run(["sync"])
+        for cold in (True, False):
+            t = "cold" if cold else "warm"
+            self.reading(f"read-1g-{t}", "big", rep, cat_all, cold, data_rep=0)
+            self.reading(f"read-small-{t}", "small", rep, cat_all, cold, data_rep=0)
+        self.rss_trace.append({"after": f"repetition {rep + 1}", **self.tinyfs.memory()})
+
     def check_content(self) -> None:
         """Untimed: what was measured really arrived (rep 0's resources against the sources)."""
         try:
             run(["cmp", self.src_big / "file.bin", self.mnt / "resources" / "big-0" / "file.bin"])
-            run(["diff", "-r", "-q", self.src_mod, self.mnt / "resources" / "small-0"])
-            run(["diff", "-r", "-q", self.src_mod, self.ptmnt / "small-0"])
+            small = self.src_small if self.args.reads else self.src_mod   # (the re-deposit changed small-0)
+            run(["diff", "-r", "-q", small, self.mnt / "resources" / "small-0"])
+            run(["diff", "-r", "-q", small, self.ptmnt / "small-0"])
+            if self.base is not None:
+                run(["cmp", self.src_big / "file.bin", self.base_mnt / "resources" / "big-0" / "file.bin"])
         except StepFailed as e:
             self.errors.append(f"content check: {e}")
 
@@ -669,6 +706,28 @@ class Bench:
             )
         return rows
 
+    def base_rows(self) -> list[dict]:
+        """--base: tinyfs against tinyfs-base per workload, as the median and range of the ratios of the
+        two within each repetition (they ran back to back, so a slow spell of the machine hits both)."""
+        rows = []
+        for wl, w in self.workloads.items():
+            v = w["variants"]
+            if "tinyfs-base" not in v or "tinyfs" not in v:
+                continue
+            base = {r["rep"]: r["total"] for r in v["tinyfs-base"]["runs"]}
+            paired = [r["total"] / base[r["rep"]] for r in v["tinyfs"]["runs"] if base.get(r["rep"])]
+            rows.append(
+                {
+                    "workload": wl,
+                    "label": w["label"],
+                    "tinyfs_s": v["tinyfs"].get("median"),
+                    "base_s": v["tinyfs-base"].get("median"),
+                    "ratios": paired,
+                    "ratio_median": median(paired) if paired else None,
+                }
+            )
+        return rows
+
     def mount_rows(self) -> list[dict]:
         rows = []
         for wl in ("mount-empty", "mount-resources", "mount-files"):
@@ -697,6 +756,20 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
+def render_base(rows: list[dict]) -> str:
+    out = [
+        "",
+        "| workload | tinyfs s | tinyfs-base s | tinyfs / base, per repetition | median |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
+    for r in rows:
+        each = ", ".join(f"{x:.2f}" for x in r["ratios"])
+        out.append(
+            f"| {r['label']} | {fmt(r['tinyfs_s'])} | {fmt(r['base_s'])} | {each} | {fmt(r['ratio_median'], 2)} |"
+        )
+    return "\n".join(out)
+
+
 def render(rows: list[dict], mount_rows: list[dict], daemons: dict, rss_trace: list[dict]) -> str:
     out = [
         "| workload | alternative | tinyfs s | alt. s | tinyfs/alt | target "
@@ -713,14 +786,15 @@ def render(rows: list[dict], mount_rows: list[dict], daemons: dict, rss_trace: l
             f"{fmt(r['passthrough_ratio'], 2)} | "
             f"{fmt(r['tinyfs_vs_passthrough'], 2)} |"
         )
-    out += [
-        "",
-        (
-            "| mount | time s (target < 1) | first stat s | RSS MiB (target < 150) "
-            "| RSS after ls resources/ MiB | ls -l resources/ s | target |"
-        ),
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
+    if mount_rows:
+        out += [
+            "",
+            (
+                "| mount | time s (target < 1) | first stat s | RSS MiB (target < 150) "
+                "| RSS after ls resources/ MiB | ls -l resources/ s | target |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
     for r in mount_rows:
         out.append(
             f"| {r['label']} | {fmt(r['mount_s'])} | {fmt(r['first_stat_s'])} | {fmt(r['rss_mib'], 1)} | "
@@ -790,14 +864,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a fresh run-* folder is made in it and removed at the end",
     )
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--reads", action="store_true",
+                   help="only the read workloads (read the big file and the small files, cold and warm); "
+                   "the data is deposited untimed")
+    p.add_argument("--base", type=Path,
+                   help="with --reads: another tinyfs command (e.g. main's .venv/bin/tinyfs) mounted beside, "
+                   "measured as variant tinyfs-base in the same repetitions")
+    p.add_argument("--tinyfs", type=Path,
+                   help="the tinyfs command to measure (default: the one beside this Python), e.g. another "
+                   "checkout's .venv/bin/tinyfs, to compare two versions on one machine")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be at least 1")
+    if args.base and not args.reads:
+        p.error("--base needs --reads")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tinyfs:
+        global TINYFS
+        TINYFS = str(args.tinyfs.absolute())
     for tool in ("cp", "mv", "rsync", "find", "ls", "sync", "fusermount3", "cmp", "diff", "stat"):
         if shutil.which(tool) is None:
             print(f"scripts/bench: {tool} is not installed", file=sys.stderr)
@@ -821,27 +909,33 @@ def main(argv: list[str] | None = None) -> int:
         bench.make_sources()
         bench.start_mounts()
         for rep in range(sizes.reps):
-            bench.repetition(rep)
+            if args.reads:
+                bench.reads_only(rep)
+            else:
+                bench.repetition(rep)
         bench.check_content()
         daemons = {"tinyfs": bench.tinyfs.memory(), "passthrough": bench.pt.memory()}
+        if bench.base is not None:
+            daemons["tinyfs-base"] = bench.base.memory()
         tracebacks = bench.tinyfs.tracebacks()
         if tracebacks:
             bench.errors.append(f"the tinyfs daemon logged {tracebacks} traceback(s): see {bench.tinyfs.log}")
         bench.stop_mounts()
-        bench.say("mount time and memory")
-        bench.mount_archives()
+        if not args.reads:
+            bench.say("mount time and memory")
+            bench.mount_archives()
     finally:
         bench.stop_mounts()
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
     bench.derive()
     bench.summarize()
-    rows, mrows = bench.table_rows(), bench.mount_rows()
+    rows, mrows, brows = bench.table_rows(), bench.mount_rows(), bench.base_rows()
     result = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "sizes": asdict(sizes),
-        "environment": env,
+        "environment": {**env, "tinyfs": TINYFS, "base": str(args.base) if args.base else None},
         "seconds": perf_counter() - started,
         "loadavg_during": {
             "max": max(bench.load, default=None),
@@ -854,11 +948,14 @@ def main(argv: list[str] | None = None) -> int:
         "errors": bench.errors,
         "table": rows,
         "mount": mrows,
+        "against_base": brows,
         "workloads": bench.workloads,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
     print(render(rows, mrows, daemons, bench.rss_trace))
+    if brows:
+        print(render_base(brows))
     print(
         f"\n{sizes.reps} repetition(s), medians; ratio = time / time of the alternative "
         "(lower is better). Load average during the run: "

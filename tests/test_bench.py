@@ -86,3 +86,27 @@ def test_quick_bench_reports_every_workload(tmp_path):
     assert result["table"] and all(is_number(row["ratio"]) for row in result["table"])
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "scratch left behind"
     assert "| workload |" in r.stdout
+
+
+def test_reads_only_bench_measures_the_reads_of_the_named_tinyfs_against_a_base(tmp_path):
+    """--reads times only the read workloads (the data deposited untimed); --tinyfs picks the command,
+    --base mounts a second one beside it and reports the ratio of the two per repetition."""
+    out = tmp_path / "bench.json"
+    exe = PROJECT / ".venv" / "bin" / "tinyfs"
+    if not exe.exists():
+        pytest.skip("needs the project's .venv")
+    argv = [str(PROJECT / "scripts" / "bench"), "--quick", "--reads", "--reps", "2", "--out", str(out),
+            "--workdir", str(tmp_path / "work"), "--tinyfs", str(exe), "--base", str(exe)]
+    r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    reads = ["read-1g-warm", "read-small-warm"] + (["read-1g-cold", "read-small-cold"] if os.geteuid() == 0 else [])
+    assert sorted(result["workloads"]) == sorted(reads)
+    for name in reads:
+        assert set(result["workloads"][name]["variants"]) == {"tinyfs", "tinyfs-base", "passthrough", "native"}
+    assert result["mount"] == []
+    assert result["environment"]["tinyfs"] == str(exe)
+    assert sorted(row["workload"] for row in result["against_base"]) == sorted(reads)
+    assert all(len(row["ratios"]) == 2 and is_number(row["ratio_median"]) for row in result["against_base"])
+    assert "tinyfs-base s" in r.stdout

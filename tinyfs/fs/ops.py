@@ -31,7 +31,8 @@ from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
 from .txn import Opener, OpenFile, OpenTxn, fail, kind_bits, setid_bits_to_clear
-from .view import BLKSIZE, LONG, SHORT, TOP, Node, View, state_key
+from .verify import RUNNING, Damage, Expected, ReadCheck, expected_of_aip, expected_of_state, fixity_failed
+from .view import BLKSIZE, LONG, SHORT, TOP, Node, View, shown_iid, state_key
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,13 @@ def handler(fn):
 
 
 class Handle:
-    __slots__ = ("node", "fd", "of", "write", "txn", "opener")
+    __slots__ = ("node", "fd", "of", "write", "txn", "opener", "check")
 
     def __init__(self, node: Node, fd: int = -1, of: OpenFile | None = None, write: bool = False,
                  txn: OpenTxn | None = None, opener: Opener | None = None):
         self.node, self.fd, self.of, self.write, self.txn = node, fd, of, write, txn
         self.opener = opener      # a write-only handle's: its writes clear set-id bits (txn.Opener)
+        self.check: ReadCheck | bool | None = None    # made at the first read; False: not verified
 
 
 class Operations(pyfuse3.Operations):
@@ -125,6 +127,9 @@ class Operations(pyfuse3.Operations):
         self.write_limiter = trio.CapacityLimiter(4)
         self.commits_running = 0
         self.closing = False
+        # stored files a read found damaged, by (rid, stored path): a read past the damage fails through
+        # any handle, without hashing again (the kernel may hold the rest of the file in its cache)
+        self.damaged: dict[tuple[str, str], Damage] = {}
         self.nursery: trio.Nursery | None = None
         root = Node("root", ("root",))
         self._register(root, pyfuse3.ROOT_INODE)
@@ -814,7 +819,12 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self.handles[fh]
         if h.of is not None:
-            return os.pread(h.of.fd, size, off)
+            data = os.pread(h.of.fd, size, off)
+            if h.of.on_blob:        # staged bytes: nothing recorded to check them against
+                if h.check:
+                    h.check.abandon()
+                return data
+            return await self._verified(h, h.of.fd, off, size, data)
         if h.fd < 0:
             path = self.view.file_path(h.node)
             try:
@@ -822,7 +832,62 @@ class Operations(pyfuse3.Operations):
             except FileNotFoundError:
                 log.error("stored file missing: %s (run tinyfs fsck)", path)
                 raise fail(errno.EIO, f"stored file missing: {path}") from None
-        return os.pread(h.fd, size, off)
+        return await self._verified(h, h.fd, off, size, os.pread(h.fd, size, off))
+
+    async def _verified(self, h: Handle, fd: int, off: int, size: int, data: bytes) -> bytes:
+        """`data`, read from the stored file `fd` at `off`, unless it ends a sequential read of a file whose
+        digest does not match, or ends a file known to be damaged: then EIO (SPEC 5, fs/verify.py)."""
+        check = h.check
+        if check is None:
+            check = h.check = self._read_check(h, fd) or False
+        if check is False:
+            return data
+        last = check.take(off, data, size, fd, self.nursery)
+        if last and check.state == RUNNING and not await check.verdict():
+            await self._fixity_failed(h, check, off)
+        if self.damaged:
+            damage = self.damaged.get(check.expected.key)
+            if damage is not None and (last or off + len(data) > damage.since):
+                raise fail(errno.EIO, f"{check.expected.path}: stored bytes do not match their digest")
+        if check.behind:
+            await check.wait_for_hasher()
+        return data
+
+    def _read_check(self, h: Handle, fd: int) -> ReadCheck | None:
+        """The verification of a handle's reads, or None for bytes that have no recorded digest."""
+        node = h.node
+        if node.kind == "state":
+            expected = expected_of_state(self.archive, node.rid, shown_iid(node), node.path, node.entry)
+        elif node.kind == "aip":
+            expected = expected_of_aip(self.archive, node.rid, node.path)
+        elif node.kind == "txn" and h.of is not None and not h.of.on_blob:   # a base file, read in place
+            txn, s = h.txn, h.txn.staging.node(node.sino)
+            # (base_path: from the base's stored map the transaction keeps, whatever the document cache drops)
+            stored = os.path.relpath(txn.base_path(s), self.archive.resource_dir(txn.rid))
+            expected = Expected(txn.rid, txn.base, txn.staging.tree.path.get(node.sino, stored), stored,
+                                self.archive.config.digests[0], s.base, s.size)
+        else:
+            return None
+        if expected is None or expected.size == 0:
+            return None
+        return ReadCheck(expected, os.fstat(fd).st_size)
+
+    async def _fixity_failed(self, h: Handle, check: ReadCheck, off: int) -> None:
+        """A sequential read found the stored bytes damaged: remember the file (no read past `off` is
+        answered, through any handle: the kernel retries a failed readahead page by page), drop what the
+        kernel cached of this inode (a retry must ask the daemon again), log and record it once per name."""
+        e = check.expected
+        self.nursery.start_soon(trio.to_thread.run_sync, _drop_cached_bytes, h.node.ino)   # after the reply
+        damage = self.damaged.setdefault(e.key, Damage(off, set()))
+        damage.since = min(damage.since, off)
+        if e.path in damage.reported:
+            log.info("%s: %s is still damaged", e.rid, e.path)
+            return
+        damage.reported.add(e.path)
+        log.warning("fixity failed: resource %s, %s (stored as %s): %s expected %s… found %s… (read refused "
+                    "with EIO; see events.jsonl)", e.rid, e.path, e.stored, e.algorithm, e.digest[:16],
+                    check.found[:16])
+        await trio.to_thread.run_sync(fixity_failed, self.archive, e, check.found)
 
     @handler
     async def write(self, fh, off, buf):
@@ -914,6 +979,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def release(self, fh):
         h = self.handles.pop(fh)
+        if h.check:
+            h.check.abandon()
         if h.of is None:
             if h.fd >= 0:
                 os.close(h.fd)
@@ -1070,6 +1137,15 @@ def _touches_link_groups(before, after, changes: dict) -> bool:
     if not (before.hardlinks or after.hardlinks):
         return False
     return before.hardlinks != after.hardlinks or any(before.group_of(p) for p in changes)
+
+
+def _drop_cached_bytes(ino: int) -> None:
+    """(worker thread) Drop the kernel's cached pages of an inode. Not on the loop: the kernel waits for the
+    pages of the read being answered, and the loop must send that answer first."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except Exception:
+        pass  # the kernel no longer knows it
 
 
 def _same_bytes(a, b) -> bool:
