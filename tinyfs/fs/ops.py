@@ -101,6 +101,23 @@ class Handle:
         self.node, self.fd, self.of, self.write, self.txn = node, fd, of, write, txn
 
 
+class DirHandle:
+    """An open directory. Its listing is taken by the first readdir, not by opendir: the kernel does not
+    hold a directory's lock for opendir, only for readdir (as for the rename, mkdir or rmdir in it). A
+    listing of transactions/ taken at opendir while a commit's rename held the directory was read only
+    after the rename had returned, and showed the directory as it was before: with the committed
+    transaction in it, whose attributes then failed with ENOENT, which glibc's readdir takes for the end of
+    an empty directory (`ls` printed nothing, every other open transaction hidden). Taken at readdir, a
+    listing of transactions/ follows every rename, mkdir and rmdir that returned before it, and one of
+    resources/ every commit that returned before it."""
+
+    __slots__ = ("node", "listing")
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.listing: list[tuple[str, Node, pyfuse3.EntryAttributes | None]] | None = None
+
+
 class Operations(pyfuse3.Operations):
     def __init__(self, archive: ArchiveRoot, writeback: bool = False):
         super().__init__()
@@ -115,7 +132,7 @@ class Operations(pyfuse3.Operations):
         self.by_key: dict[tuple, int] = {}
         self.lookups: dict[int, int] = {}
         self.next_ino = pyfuse3.ROOT_INODE + 1
-        self.handles: dict[int, Handle | list] = {}
+        self.handles: dict[int, Handle | DirHandle] = {}
         self.next_fh = 1
         self.txns: dict[str, OpenTxn] = {}
         self.busy: dict[str, int] = {}          # rid -> background jobs (hashes) running
@@ -311,14 +328,16 @@ class Operations(pyfuse3.Operations):
     @handler
     async def opendir(self, inode, ctx):
         node = self._node(inode)
-        listing = await self._listing(node)
+        if node.kind == "txn" and node.txn.closed:
+            raise fail(errno.ENOENT)
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = listing
+        self.handles[fh] = DirHandle(node)
         return fh
 
     async def _listing(self, node: Node) -> list[tuple[str, Node, pyfuse3.EntryAttributes | None]]:
-        """A snapshot of (name, node, attributes-or-None) taken at opendir, so readdir offsets stay stable."""
+        """A snapshot of (name, node, attributes-or-None), taken by the readdir at offset 0 (not at opendir:
+        see DirHandle) and kept for the readdirs that continue it, so that their offsets stay stable."""
         if node.kind == "root":
             return [(name, self.nodes[ino], None) for name, ino in self.top.items()]
         if node.kind == "top" and node.path == "transactions":
@@ -346,9 +365,14 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
-        listing = self.handles[fh]
+        h = self.handles[fh]
+        if start_id == 0 or h.listing is None:     # (again after a rewinddir: it shows what is there now)
+            h.listing = await self._listing(h.node)
+        listing = h.listing
         for i in range(start_id, len(listing)):
             name, node, attrs = listing[i]
+            if node.kind == "txn" and node.txn.closed:
+                continue    # committed or rolled back since offset 0 was listed (between two readdirs)
             new = node.key not in self.by_key
             ino = self._register(node)
             node = self.nodes[ino]
@@ -448,12 +472,19 @@ class Operations(pyfuse3.Operations):
         txn = self._idle_txn(rid)
         if txn.staging.has_children(SROOT):
             raise fail(errno.ENOTEMPTY)
+        trash = await trio.to_thread.run_sync(Staging.detach, txn.staging.path)
         self._close_txn(txn)
-        await trio.to_thread.run_sync(Staging.remove, txn.staging.path)
+        await trio.to_thread.run_sync(Staging.delete, trash)
         self.archive.events.append("transaction.rolled_back", rid, txn.base, via="mount")
 
     def _close_txn(self, txn: OpenTxn) -> None:
-        """Its nodes stay registered until the kernel forgets them (after the invalidations): their keys
+        """Forget a committed or rolled-back transaction, once its directory has left transactions/: _txn()
+        reopens any transaction it finds there that is not in self.txns (after a restart), and did so with
+        one closed a moment too early, by a listing of transactions/ while the directory was being moved
+        out (opendir is not held back by the rename). That transaction then stayed open in the daemon
+        for good, its files deleted: `mkdir transactions/<rid>` failed with EEXIST from then on.
+
+        Its nodes stay registered until the kernel forgets them (after the invalidations): their keys
         carry the transaction's token, which no later transaction has, and scanning every key here
         cost a commit 1-2 ms."""
         txn.close()
@@ -607,8 +638,8 @@ class Operations(pyfuse3.Operations):
             self._failed(txn, str(e))
             raise fail(code, str(e)) from None
         old_root = self.by_key.get(("txn", rid, txn.token, SROOT))
-        self._close_txn(txn)
         trash = await trio.to_thread.run_sync(Staging.detach, txn.staging.path)
+        self._close_txn(txn)     # (after the rename out of transactions/: see _close_txn)
         self.nursery.start_soon(trio.to_thread.run_sync, Staging.delete, trash)   # bytes go after the reply
         log.info("committed %s as %s", rid, result.instance)
         if result.instance is not None:
@@ -646,15 +677,16 @@ class Operations(pyfuse3.Operations):
         head = self.view.heads.get(rid)
         doc = self.archive.instance(rid, iid)
         if head is None or head.iid != doc.previous:
+            self.view.current_head(rid, iid)     # (never older than this commit: see View.current_head)
             return whole
         root_ino = self.by_key.get(state_key(rid, head, ""))
         if root_ino is None:
-            del self.view.heads[rid]         # no tree of it is cached: the next lookup starts a new one
+            self.view.current_head(rid, iid)     # no tree of it is cached: the next lookup starts a new one
             return whole
         try:
             before, after = self.archive.state(rid, head.iid), doc.state
         except NotFound:     # dynamic mode dropped the previous instance, and its document is not cached
-            del self.view.heads[rid]
+            self.view.current_head(rid, iid)
             return whole
         stale: list[tuple[int, str | None]] = [(root_ino, None)]
         gone: dict[str, int] = {}
