@@ -564,7 +564,7 @@ class Operations(pyfuse3.Operations):
         name_old, name_new = decode_name(bytes(name_old)), decode_name(bytes(name_new))
         if old_parent.kind == "top" and old_parent.path == "transactions":
             if new_parent.kind == "top" and new_parent.path == "commit":
-                return await self._commit(name_old)
+                return await self._commit(name_old, name_new, ctx)
             raise fail(errno.EPERM, "a transaction is committed by moving it into commit/")
         if new_parent.kind == "top" and new_parent.path == "commit":
             raise fail(errno.EPERM)
@@ -599,19 +599,22 @@ class Operations(pyfuse3.Operations):
             self._drop_if_unused(txn, replaced)
 
     # -- commit ---------------------------------------------------------------
-    async def _commit(self, rid: str) -> None:
+    async def _commit(self, rid: str, target: str, ctx) -> None:
         txn = self._idle_txn(rid)
+        if target != rid:     # (mv transactions/x commit/y: nothing but x itself may be made in commit/)
+            raise self._failed(txn, errno.EPERM, f"a transaction is committed as commit/{rid}, not as "
+                                                 f"commit/{target}", event=True)
         if self.closing:
             raise fail(errno.EBUSY, "the mount is shutting down")
         txn.committing = True
         self.commits_running += 1
         try:
-            await self._commit_txn(txn)
+            await self._commit_txn(txn, ctx.uid)
         finally:
             txn.committing = False
             self.commits_running -= 1
 
-    async def _commit_txn(self, txn: OpenTxn) -> None:
+    async def _commit_txn(self, txn: OpenTxn, committer: int) -> None:
         rid = txn.rid
         try:
             writing = txn.open_for_writing()
@@ -623,20 +626,17 @@ class Operations(pyfuse3.Operations):
             txn.staging.set_meta("state", "committing")
             # in a worker: the walk of a 10,000-file transaction takes 70-100 ms, which the loop spends
             # serving other clients (every change of this transaction fails with EBUSY meanwhile)
-            request = await trio.to_thread.run_sync(txn.commit_request)
+            request = await trio.to_thread.run_sync(txn.commit_request, committer)
         except TinyfsError as e:
             code = errno.EBUSY if "open for writing" in str(e) else e.errno
-            self._failed(txn, str(e))
-            self.archive.events.append("commit.failed", rid, None, error=str(e), via="mount")
-            raise fail(code, str(e)) from None
+            raise self._failed(txn, code, e, event=True) from None
         try:
             result = await trio.to_thread.run_sync(commit, self.archive, request)
         except (TinyfsError, OSError) as e:
             code = getattr(e, "errno", None) or errno.EIO
             if code in NEVER_FROM_COMMIT:
                 code = errno.EIO
-            self._failed(txn, str(e))
-            raise fail(code, str(e)) from None
+            raise self._failed(txn, code, e) from None     # (core.commit appended the event)
         old_root = self.by_key.get(("txn", rid, txn.token, SROOT))
         trash = await trio.to_thread.run_sync(Staging.detach, txn.staging.path)
         self._close_txn(txn)     # (after the rename out of transactions/: see _close_txn)
@@ -653,10 +653,16 @@ class Operations(pyfuse3.Operations):
         if old_root is not None:
             self._invalidate_later(self.top["commit"], rid, old_root)
 
-    def _failed(self, txn: OpenTxn, message: str) -> None:
+    def _failed(self, txn: OpenTxn, code: int, error: Exception | str, event: bool = False) -> OSError:
+        """Record a failed commit -- the transaction's state and error, one warning, and (`event`) the
+        commit.failed event where core.commit did not append it -- and return the error to answer with."""
+        message = str(error)
         txn.staging.set_meta("state", "failed")
         txn.staging.set_meta("error", message)
         log.warning("commit of %s failed: %s", txn.rid, message)
+        if event:
+            self.archive.events.append("commit.failed", txn.rid, None, error=message, via="mount")
+        return fail(code, message)
 
     def _move_current_tree(self, rid: str, iid: str) -> list[tuple[int, str | None]]:
         """Move the tree of resources/<rid> to the new head `iid`, and return what the kernel must forget
