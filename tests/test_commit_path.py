@@ -1,14 +1,18 @@
 """The commit path's small contracts (SPEC 5): a transaction is committed under its own name only, the
-committing user is the creator unless user.tinyfs.creator says otherwise."""
+committing user is the creator unless user.tinyfs.creator says otherwise, and a failed commit is logged
+once."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import pwd
 import subprocess
 
 import pytest
 import trio
+from mounting import tinyfs_argv
 
 from tinyfs import Archive
 from tinyfs.fs.ops import Operations
@@ -17,6 +21,11 @@ from tinyfs.fs.ops import Operations
 class Ctx:
     def __init__(self, uid=0, gid=0, umask=0o022):
         self.uid, self.gid, self.umask, self.pid = uid, gid, umask, os.getpid()
+
+
+def events(root, kind: str, rid: str) -> list[dict]:
+    lines = (json.loads(line) for line in (root / "events.jsonl").read_text().splitlines())
+    return [e for e in lines if e["event"] == kind and e["resource"] == rid]
 
 
 def test_a_transaction_moved_into_commit_under_another_name_is_refused(mnt, root):
@@ -80,3 +89,32 @@ def test_a_mount_commit_names_the_user_who_made_it(mnt, root):
     (t / "a.txt").write_text("a")
     mnt.commit("named")
     assert Archive(root).get("named").instances[-1].creator == pwd.getpwuid(os.getuid()).pw_name
+
+
+def test_a_failed_commit_is_logged_once(mnt, root, tmp_path):
+    """A commit failing with ESTALE was attempted, warned about and recorded (commit.failed) twice: the
+    kernel retries a path-based call once when it gets ESTALE. Asked again of an unchanged transaction
+    over an unchanged head, the failure is answered as it was, not attempted, warned or recorded again;
+    once the transaction changes, a commit is attempted anew."""
+    t = mnt / "transactions" / "shared"
+    os.mkdir(t)
+    (t / "a.txt").write_text("a1")
+    mnt.commit("shared")
+    os.mkdir(t)
+    (t / "a.txt").write_text("a2 from the mount")
+    f = tmp_path / "a.txt"
+    f.write_text("a2 from the cli")
+    subprocess.run([*tinyfs_argv(), "ingest", str(root), "shared", str(f)], check=True, capture_output=True)
+    for _ in range(2):
+        r = subprocess.run(["mv", str(t), str(mnt / "commit") + "/"], capture_output=True, text=True)
+        assert r.returncode != 0 and "Stale file handle" in r.stderr, r.stderr
+    assert len(events(root, "commit.failed", "shared")) == 1
+    assert mnt.log.read_text().count("commit of shared failed") == 1
+    assert os.getxattr(t, "user.tinyfs.state") == b"failed"
+    assert b"changed on both sides" in os.getxattr(t, "user.tinyfs.error")
+    (t / "b.txt").write_text("b")           # changed: a new attempt (and the same clash) is logged anew
+    with pytest.raises(OSError) as e:
+        mnt.commit("shared")
+    assert e.value.errno == errno.ESTALE
+    assert len(events(root, "commit.failed", "shared")) == 2
+    assert mnt.log.read_text().count("commit of shared failed") == 2

@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from ..core.commit import commit, state_changes
-from ..core.errors import NotFound, TinyfsError
+from ..core.errors import Incomplete, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
 from ..core.model import DirEntry, FileEntry
@@ -40,6 +40,9 @@ MAX_PENDING = 32               # written buffers waiting for the hasher before w
 META = ("message", "creator", "label")
 PERMANENT = frozenset(("root", "top", "events"))   # node kinds that live as long as the mount
 NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+# Commit failures that only the transaction's content and the resource's instances decide (ESTALE, a label
+# taken, a path too long, a file whose bytes are incomplete): see Operations._known_failure
+DECIDED_BY_INPUTS = (Stale, LabelTaken, NameTooLong, Incomplete)
 
 
 def entry_attributes(mode: int, size: int, nlink: int, uid: int, gid: int, mtime_ns: int, atime_ns: int | None,
@@ -616,6 +619,9 @@ class Operations(pyfuse3.Operations):
 
     async def _commit_txn(self, txn: OpenTxn, committer: int) -> None:
         rid = txn.rid
+        known = self._known_failure(txn)
+        if known is not None:
+            raise known
         try:
             writing = txn.open_for_writing()
             if writing:
@@ -662,7 +668,26 @@ class Operations(pyfuse3.Operations):
         log.warning("commit of %s failed: %s", txn.rid, message)
         if event:
             self.archive.events.append("commit.failed", txn.rid, None, error=message, via="mount")
+        txn.failure = (code, message, self._inputs(txn)) if isinstance(error, DECIDED_BY_INPUTS) else None
         return fail(code, message)
+
+    def _known_failure(self, txn: OpenTxn) -> OSError | None:
+        """The failure of the transaction's last commit, when neither the transaction nor the resource's
+        head has changed since and nothing else decided it: the same commit would fail the same way.
+
+        The kernel asks twice for every commit that fails with ESTALE: the VFS retries a path-based call
+        once, its lookups revalidated, when the file system answers ESTALE (one `mv`, one renameat2, two
+        RENAME requests 20-30 ms apart). Answered from here, the second one is not attempted again and
+        adds no warning or event: one failure, logged once."""
+        if txn.failure is None:
+            return None
+        code, message, inputs = txn.failure
+        return fail(code, message) if inputs == self._inputs(txn) else None
+
+    def _inputs(self, txn: OpenTxn) -> tuple[int, str | None]:
+        """What decides a commit's outcome besides this code: the transaction (its change count) and the
+        resource's head."""
+        return txn.staging.changes(), self.archive.head(txn.rid)
 
     def _move_current_tree(self, rid: str, iid: str) -> list[tuple[int, str | None]]:
         """Move the tree of resources/<rid> to the new head `iid`, and return what the kernel must forget
