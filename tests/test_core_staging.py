@@ -274,6 +274,6 @@ def test_a_removal_in_a_transaction_staged_before_the_overlay_is_committed(tmp_p
     staging.close()
     staging = Staging.open(root.transactions / "r", lambda iid: root.state("r", iid))
     staging.unlink(staging.lookup(ROOT, "d"), "b.txt")
-    result = commit(root, OpenTxn(root, "r", staging).commit_request())
+    result = commit(root, OpenTxn(root, "r", staging).commit_request(0))
     assert result.removed == 1
     assert sorted(root.state("r").files) == ["a.txt"]

@@ -304,6 +304,11 @@ class Staging:
     def close(self) -> None:
         self.db.close()
 
+    def changes(self) -> int:
+        """Rows written through this connection since it opened: every change of the transaction (its
+        entries, inodes, xattrs, metadata, a file's size or digests) moves it."""
+        return self.db.total_changes
+
     @staticmethod
     def remove(path: Path) -> None:
         """Delete a transaction: one rename makes it disappear, then the bytes go."""

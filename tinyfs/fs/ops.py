@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from ..core.commit import commit, state_changes
-from ..core.errors import NotFound, TinyfsError
+from ..core.errors import Incomplete, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
 from ..core.ids import check_label, decode_name, is_rid
 from ..core.layout import ArchiveRoot
 from ..core.limits import EVENT_TEXT_MAX, check_text
@@ -42,6 +42,9 @@ MAX_PENDING = 32               # written buffers waiting for the hasher before w
 META = ("message", "creator", "label")
 PERMANENT = frozenset(("root", "top", "events"))   # node kinds that live as long as the mount
 NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+# Commit failures that only the transaction's content and the resource's instances decide (ESTALE, a label
+# taken, a path too long, a file whose bytes are incomplete): see Operations._known_failure
+DECIDED_BY_INPUTS = (Stale, LabelTaken, NameTooLong, Incomplete)
 
 
 def entry_attributes(mode: int, size: int, nlink: int, uid: int, gid: int, mtime_ns: int, atime_ns: int | None,
@@ -105,6 +108,23 @@ class Handle:
         self.check: ReadCheck | bool | None = None    # made at the first read; False: not verified
 
 
+class DirHandle:
+    """An open directory. Its listing is taken by the first readdir, not by opendir: the kernel does not
+    hold a directory's lock for opendir, only for readdir (as for the rename, mkdir or rmdir in it). A
+    listing of transactions/ taken at opendir while a commit's rename held the directory was read only
+    after the rename had returned, and showed the directory as it was before: with the committed
+    transaction in it, whose attributes then failed with ENOENT, which glibc's readdir takes for the end of
+    an empty directory (`ls` printed nothing, every other open transaction hidden). Taken at readdir, a
+    listing of transactions/ follows every rename, mkdir and rmdir that returned before it, and one of
+    resources/ every commit that returned before it."""
+
+    __slots__ = ("node", "listing")
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.listing: list[tuple[str, Node, pyfuse3.EntryAttributes | None]] | None = None
+
+
 class Operations(pyfuse3.Operations):
     def __init__(self, archive: ArchiveRoot, writeback: bool = False):
         super().__init__()
@@ -119,7 +139,7 @@ class Operations(pyfuse3.Operations):
         self.by_key: dict[tuple, int] = {}
         self.lookups: dict[int, int] = {}
         self.next_ino = pyfuse3.ROOT_INODE + 1
-        self.handles: dict[int, Handle | list] = {}
+        self.handles: dict[int, Handle | DirHandle] = {}
         self.next_fh = 1
         self.txns: dict[str, OpenTxn] = {}
         self.busy: dict[str, int] = {}          # rid -> background jobs (hashes) running
@@ -337,14 +357,16 @@ class Operations(pyfuse3.Operations):
     @handler
     async def opendir(self, inode, ctx):
         node = self._node(inode)
-        listing = await self._listing(node)
+        if node.kind == "txn" and node.txn.closed:
+            raise fail(errno.ENOENT)
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = listing
+        self.handles[fh] = DirHandle(node)
         return fh
 
     async def _listing(self, node: Node) -> list[tuple[str, Node, pyfuse3.EntryAttributes | None]]:
-        """A snapshot of (name, node, attributes-or-None) taken at opendir, so readdir offsets stay stable."""
+        """A snapshot of (name, node, attributes-or-None), taken by the readdir at offset 0 (not at opendir:
+        see DirHandle) and kept for the readdirs that continue it, so that their offsets stay stable."""
         if node.kind == "root":
             return [(name, self.nodes[ino], None) for name, ino in self.top.items()]
         if node.kind == "top" and node.path == "transactions":
@@ -372,9 +394,14 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
-        listing = self.handles[fh]
+        h = self.handles[fh]
+        if start_id == 0 or h.listing is None:     # (again after a rewinddir: it shows what is there now)
+            h.listing = await self._listing(h.node)
+        listing = h.listing
         for i in range(start_id, len(listing)):
             name, node, attrs = listing[i]
+            if node.kind == "txn" and node.txn.closed:
+                continue    # committed or rolled back since offset 0 was listed (between two readdirs)
             new = node.key not in self.by_key
             ino = self._register(node)
             node = self.nodes[ino]
@@ -476,12 +503,19 @@ class Operations(pyfuse3.Operations):
         txn = self._idle_txn(rid)
         if txn.staging.has_children(SROOT):
             raise fail(errno.ENOTEMPTY)
+        trash = await trio.to_thread.run_sync(Staging.detach, txn.staging.path)
         self._close_txn(txn)
-        await trio.to_thread.run_sync(Staging.remove, txn.staging.path)
+        await trio.to_thread.run_sync(Staging.delete, trash)
         self.archive.events.append("transaction.rolled_back", rid, txn.base, via="mount")
 
     def _close_txn(self, txn: OpenTxn) -> None:
-        """Its nodes stay registered until the kernel forgets them (after the invalidations): their keys
+        """Forget a committed or rolled-back transaction, once its directory has left transactions/: _txn()
+        reopens any transaction it finds there that is not in self.txns (after a restart), and did so with
+        one closed a moment too early, by a listing of transactions/ while the directory was being moved
+        out (opendir is not held back by the rename). That transaction then stayed open in the daemon
+        for good, its files deleted: `mkdir transactions/<rid>` failed with EEXIST from then on.
+
+        Its nodes stay registered until the kernel forgets them (after the invalidations): their keys
         carry the transaction's token, which no later transaction has, and scanning every key here
         cost a commit 1-2 ms."""
         txn.close()
@@ -563,7 +597,7 @@ class Operations(pyfuse3.Operations):
         name_old, name_new = decode_name(bytes(name_old)), decode_name(bytes(name_new))
         if old_parent.kind == "top" and old_parent.path == "transactions":
             if new_parent.kind == "top" and new_parent.path == "commit":
-                return await self._commit(name_old)
+                return await self._commit(name_old, name_new, ctx)
             raise fail(errno.EPERM, "a transaction is committed by moving it into commit/")
         if new_parent.kind == "top" and new_parent.path == "commit":
             raise fail(errno.EPERM)
@@ -600,25 +634,31 @@ class Operations(pyfuse3.Operations):
             self._drop_if_unused(txn, replaced)
 
     # -- commit ---------------------------------------------------------------
-    async def _commit(self, rid: str) -> None:
+    async def _commit(self, rid: str, target: str, ctx) -> None:
         txn = self._idle_txn(rid)
+        if target != rid:     # (mv transactions/x commit/y: nothing but x itself may be made in commit/)
+            raise self._failed(txn, errno.EPERM, f"a transaction is committed as commit/{rid}, not as "
+                                                 f"commit/{target}", event=True)
         if self.closing:
             raise fail(errno.EBUSY, "the mount is shutting down")
         txn.committing = True
         self.commits_running += 1
         try:
-            await self._commit_txn(txn)
+            await self._commit_txn(txn, ctx.uid)
         except BaseException as e:
             # whatever went wrong (a bug included), the transaction must not stay `committing`
             if not txn.closed and txn.staging.get_meta("state") == "committing":
-                self._failed(txn, f"internal error: {type(e).__name__}: {e}"[:EVENT_TEXT_MAX])
+                self._failed(txn, errno.EIO, f"internal error: {type(e).__name__}: {e}"[:EVENT_TEXT_MAX])
             raise
         finally:
             txn.committing = False
             self.commits_running -= 1
 
-    async def _commit_txn(self, txn: OpenTxn) -> None:
+    async def _commit_txn(self, txn: OpenTxn, committer: int) -> None:
         rid = txn.rid
+        known = self._known_failure(txn)
+        if known is not None:
+            raise known
         try:
             writing = txn.open_for_writing()
             if writing:
@@ -629,23 +669,20 @@ class Operations(pyfuse3.Operations):
             txn.staging.set_meta("state", "committing")
             # in a worker: the walk of a 10,000-file transaction takes 70-100 ms, which the loop spends
             # serving other clients (every change of this transaction fails with EBUSY meanwhile)
-            request = await trio.to_thread.run_sync(txn.commit_request)
+            request = await trio.to_thread.run_sync(txn.commit_request, committer)
         except TinyfsError as e:
             code = errno.EBUSY if "open for writing" in str(e) else e.errno
-            self._failed(txn, str(e))
-            self.archive.events.append("commit.failed", rid, None, error=str(e), via="mount")
-            raise fail(code, str(e)) from None
+            raise self._failed(txn, code, e, event=True) from None
         try:
             result = await trio.to_thread.run_sync(commit, self.archive, request)
         except (TinyfsError, OSError) as e:
             code = getattr(e, "errno", None) or errno.EIO
             if code in NEVER_FROM_COMMIT:
                 code = errno.EIO
-            self._failed(txn, str(e))
-            raise fail(code, str(e)) from None
+            raise self._failed(txn, code, e) from None     # (core.commit appended the event)
         old_root = self.by_key.get(("txn", rid, txn.token, SROOT))
-        self._close_txn(txn)
         trash = await trio.to_thread.run_sync(Staging.detach, txn.staging.path)
+        self._close_txn(txn)     # (after the rename out of transactions/: see _close_txn)
         self.nursery.start_soon(trio.to_thread.run_sync, Staging.delete, trash)   # bytes go after the reply
         log.info("committed %s as %s", rid, result.instance)
         if result.instance is not None:
@@ -659,14 +696,35 @@ class Operations(pyfuse3.Operations):
         if old_root is not None:
             self._invalidate_later(self.top["commit"], rid, old_root)
 
-    def _failed(self, txn: OpenTxn, message: str) -> None:
-        # `mv` tries a failed rename a second time without RENAME_NOREPLACE: the same failure again is
-        # not news for the operator's log (the event log has every attempt)
-        again = txn.staging.get_meta("error") == message
+    def _failed(self, txn: OpenTxn, code: int, error: Exception | str, event: bool = False) -> OSError:
+        """Record a failed commit -- the transaction's state and error, one warning, and (`event`) the
+        commit.failed event where core.commit did not append it -- and return the error to answer with."""
+        message = str(error)
         txn.staging.set_meta("state", "failed")
         txn.staging.set_meta("error", message)
-        log.log(logging.DEBUG if again else logging.WARNING, "commit of %s failed%s: %s", txn.rid,
-                " again" if again else "", message)
+        log.warning("commit of %s failed: %s", txn.rid, message)
+        if event:
+            self.archive.events.append("commit.failed", txn.rid, None, error=message, via="mount")
+        txn.failure = (code, message, self._inputs(txn)) if isinstance(error, DECIDED_BY_INPUTS) else None
+        return fail(code, message)
+
+    def _known_failure(self, txn: OpenTxn) -> OSError | None:
+        """The failure of the transaction's last commit, when neither the transaction nor the resource's
+        head has changed since and nothing else decided it: the same commit would fail the same way.
+
+        The kernel asks twice for every commit that fails with ESTALE: the VFS retries a path-based call
+        once, its lookups revalidated, when the file system answers ESTALE (one `mv`, one renameat2, two
+        RENAME requests 20-30 ms apart). Answered from here, the second one is not attempted again and
+        adds no warning or event: one failure, logged once."""
+        if txn.failure is None:
+            return None
+        code, message, inputs = txn.failure
+        return fail(code, message) if inputs == self._inputs(txn) else None
+
+    def _inputs(self, txn: OpenTxn) -> tuple[int, str | None]:
+        """What decides a commit's outcome besides this code: the transaction (its change count) and the
+        resource's head."""
+        return txn.staging.changes(), self.archive.head(txn.rid)
 
     def _move_current_tree(self, rid: str, iid: str) -> list[tuple[int, str | None]]:
         """Move the tree of resources/<rid> to the new head `iid`, and return what the kernel must forget
@@ -687,15 +745,16 @@ class Operations(pyfuse3.Operations):
         head = self.view.heads.get(rid)
         doc = self.archive.instance(rid, iid)
         if head is None or head.iid != doc.previous:
+            self.view.current_head(rid, iid)     # (never older than this commit: see View.current_head)
             return whole
         root_ino = self.by_key.get(state_key(rid, head, ""))
         if root_ino is None:
-            del self.view.heads[rid]         # no tree of it is cached: the next lookup starts a new one
+            self.view.current_head(rid, iid)     # no tree of it is cached: the next lookup starts a new one
             return whole
         try:
             before, after = self.archive.state(rid, head.iid), doc.state
         except NotFound:     # dynamic mode dropped the previous instance, and its document is not cached
-            del self.view.heads[rid]
+            self.view.current_head(rid, iid)
             return whole
         changes = state_changes(before, after.entries())
         if _touches_link_groups(before, after, changes):   # one node stands for several paths: start anew

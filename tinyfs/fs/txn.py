@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import pwd
 import stat
 import threading
 import time
@@ -155,6 +156,9 @@ class OpenTxn:
         self.committing = False
         self.free = FreeSpace()
         self._base_stored: dict[str, str] | None = None   # digest -> stored path, of the base instance
+        # (errno, message, what decided it) of the last failed commit, when only the transaction's content
+        # and the resource's instances decided it (Operations._known_failure)
+        self.failure: tuple[int, str, tuple] | None = None
 
     # -- base bytes -----------------------------------------------------------
     def base_path(self, node: Node) -> str:
@@ -336,14 +340,15 @@ class OpenTxn:
             self.staging.update(sino, digests=json.dumps(digests))
 
     # -- commit -------------------------------------------------------------------
-    def commit_request(self) -> CommitRequest:
+    def commit_request(self, committer: int) -> CommitRequest:
         """The changes since the base, from the staging. Runs in a worker thread while the transaction
         is committing: every change of it fails with EBUSY until the commit ends, so the walk reads one
         state (the connection is shared with the loop's readers; sqlite3.threadsafety is 3 here).
         An inode untouched since the base and still at its base path is no change; a base path no
         longer in the tree is a removal. A transaction staged before the overlay has every entry as a
         row and no base tree to tell removals: it hands over its whole tree (`full`), as it used to.
-        The paths that are one inode form the link groups of the new state."""
+        The paths that are one inode form the link groups of the new state.
+        The creator is user.tinyfs.creator, else the name of `committer` (the uid that renames it)."""
         tree = self.staging.tree
         blobs = os.fspath(self.staging.blobs)
         xattrs = self.staging.all_xattrs()
@@ -383,7 +388,7 @@ class OpenTxn:
         meta = {k: self.staging.get_meta(k) for k in ("message", "creator", "label")}
         return CommitRequest(self.rid, self.base, changes, full=not self.staging.overlay, walked=True,
                              message=meta["message"],
-                             creator=meta["creator"], label=meta["label"] or None,
+                             creator=meta["creator"] or user_name(committer), label=meta["label"] or None,
                              marker=lambda iid: Staging.mark_committing(self.staging.path, iid),
                              hardlinks=link_groups(linked.values()),
                              root=self.staging.root_entry())
@@ -397,6 +402,15 @@ class OpenTxn:
         self.files.clear()
         self.closed = True
         self.staging.close()
+
+
+def user_name(uid: int) -> str:
+    """The login name of `uid`, or the uid itself where it has none (a removed account, a container's).
+    (The lookup may ask a directory service: callers run it in a worker thread.)"""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 _KIND_BITS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}

@@ -190,6 +190,7 @@ class View:
         if top == "resources":
             head = self.archive.head(name)
             if head is None:
+                self.heads.pop(name, None)      # purged (dynamic mode): a resource made again starts anew
                 raise NotFound(name)
             return self.state_root(name, head, current=True)
         if top == "instances":
@@ -206,13 +207,21 @@ class View:
         """The root of instances/<rid>/<iid>, or (current) of resources/<rid> showing its head `iid`."""
         if not current:
             return Node("state", state_key(rid, iid, ""), rid=rid, iid=iid)
-        # (A worker thread lists resources/ through here too. Racing a commit's move of the Head, it can at
-        # worst make a second Head for the new instance: a new root inode, which the kernel takes as a new
-        # tree, as after a commit by another process.)
-        head = self.heads.get(rid)
-        if head is None or head.iid != iid:     # first seen, or moved by another process: a new tree
-            head = self.heads[rid] = Head(iid)
+        head = self.current_head(rid, iid)
         return Node("state", state_key(rid, head, ""), rid=rid, head=head)
+
+    def current_head(self, rid: str, iid: str) -> Head:
+        """The Head of resources/<rid> whose head was read (or committed) as `iid`: a new one when `iid` is
+        newer than the Head's instance (first seen, or moved on by another process: a new tree), else the
+        Head as it is. Instance ids sort in chain order (the head is the greatest), and an older `iid` was
+        read before a commit through the mount moved the Head on: a worker thread listing resources/
+        reads every head while the loop commits. Replacing the Head then made a root for the previous
+        instance, which the listing handed to the kernel after the rename had returned: resources/<rid>
+        showed the state before the commit for up to its 1 s entry timeout."""
+        head = self.heads.get(rid)
+        if head is None or head.iid < iid:
+            head = self.heads[rid] = Head(iid)
+        return head
 
     def _lookup_state(self, parent: Node, name: str) -> Node:
         path = f"{parent.path}/{name}" if parent.path else name
