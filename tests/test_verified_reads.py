@@ -167,6 +167,33 @@ def test_a_base_file_read_in_a_transaction_is_verified(damaged, root):
     subprocess.run(["rm", "-rf", str(t)], check=True)     # roll back
 
 
+def test_a_write_to_a_damaged_base_file_fails_and_copies_nothing(damaged, root):
+    """Copy-on-write copies a base file's stored bytes into the transaction: damaged ones would be
+    committed as new bytes with a good digest of their own. The write fails instead, nothing changes."""
+    m, files, iid = damaged
+    t = m / "transactions" / "book"
+    t.mkdir()
+    with pytest.raises(OSError) as e:
+        with open(t / "damaged.bin", "ab") as f:
+            f.write(b"appended")
+    assert e.value.errno == errno.EIO
+    with open(t / "intact.bin", "ab") as f:                      # an intact base file copies as before
+        f.write(b"appended")
+    event = next(e for e in fixity_events(root) if e["detail"]["path"] == "damaged.bin")
+    assert event["instance"] == iid and event["detail"]["via"] == "mount"
+    assert os.stat(t / "damaged.bin").st_size == len(files["damaged.bin"])
+    os.rename(t, m / "commit" / "book")
+    state = {p: e["digest"] for p, e in _head_state(root, "book").items()}
+    assert state["damaged.bin"] == sha512(files["damaged.bin"])       # still the recorded (base) bytes
+    assert state["intact.bin"] == sha512(files["intact.bin"] + b"appended")
+
+
+def _head_state(root: Path, rid: str) -> dict:
+    from tinyfs.core.layout import ArchiveRoot
+    archive = ArchiveRoot(root)
+    return {p: {"digest": e.digest} for p, e in archive.state(rid).files.items()}
+
+
 def test_a_large_intact_file_read_sequentially_verifies(mnt, root, tmp_path):
     """64 MiB through resources/ and instances/ with cat and cp: many concurrent reads, no false alarm."""
     data = os.urandom(64 * MIB)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -43,6 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .digests import CHUNK
 from .errors import AlreadyExists, NameTooLong, NotFound
 from .ids import PATH_MAX
 from .model import DirEntry, FileEntry, LinkEntry, State, group_index
@@ -724,14 +726,29 @@ class Staging:
     def blob_path(self, ino: int) -> Path:
         return self.blobs / str(ino)
 
-    def copy_base_bytes(self, ino: int, source: Path) -> None:
-        """Copy-on-write: put a base file's bytes in blobs/<ino> (copy_file_range: reflinks where the
-        file system can). Only the file is written; the caller records it with update(blob=1, base=None)."""
+    def copy_base_bytes(self, ino: int, source: Path, algorithm: str, expected: str) -> str | None:
+        """Copy-on-write: put a base file's bytes in blobs/<ino>, hashing them on the way (`algorithm`).
+        Only bytes that match their recorded digest `expected` are put in place: a damaged stored file
+        copied here would be committed as new bytes with a digest of their own, the damage laundered.
+        Returns None when the copy is in place, else the digest found (nothing is left behind). Only the
+        file is written; the caller records it with update(blob=1, base=None)."""
         dest = self.blob_path(ino)
         tmp = self.blobs / f"{ino}.cow"
-        with open(source, "rb") as fin, open(tmp, "wb") as fout:
-            _copy_range(fin, fout)
+        hasher = hashlib.new(algorithm)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        with open(source, "rb", buffering=0) as fin, open(tmp, "wb", buffering=0) as fout:
+            while n := fin.readinto(buf):
+                chunk = view[:n]
+                hasher.update(chunk)
+                while chunk:
+                    chunk = chunk[fout.write(chunk):]
+        found = hasher.hexdigest()
+        if found != expected:
+            os.unlink(tmp)
+            return found
         os.rename(tmp, dest)
+        return None
 
     # -- xattrs ------------------------------------------------------------
     def _base_xattrs(self, ino: int) -> dict[str, bytes]:
@@ -828,16 +845,6 @@ class Staging:
                 self._nlinks.setdefault(ino, 1)    # a base inode at home, named by no row
             out.append((name, node, self.nlink(ino, node.kind)))
         return out
-
-
-def _copy_range(fin, fout) -> None:
-    size = os.fstat(fin.fileno()).st_size
-    done = 0
-    while done < size:
-        n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done)
-        if n == 0:
-            break
-        done += n
 
 
 def node_entry(node: Node, xattrs: dict[str, str]) -> FileEntry | LinkEntry | DirEntry | None:

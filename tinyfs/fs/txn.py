@@ -22,6 +22,7 @@ from ..core.commit import CommitRequest, NewFile
 from ..core.digests import MultiHash, hash_file
 from ..core.durable import start_writeback
 from ..core.errors import Incomplete
+from ..core.fixity import FixityError, record_failure
 from ..core.layout import ArchiveRoot
 from ..core.model import DirEntry, LinkEntry, link_groups
 from ..core.staging import ROOT, Node, Staging, node_entry
@@ -227,9 +228,23 @@ class OpenTxn:
         return node is not None and node.kind == "f" and not node.blob
 
     def copy_base_bytes(self, sino: int) -> None:
-        """Copy-on-write, the slow half (a worker thread): base bytes into blobs/<sino>."""
+        """Copy-on-write, the slow half (a worker thread): base bytes into blobs/<sino>, verified. Stored
+        bytes that do not match their digest are not copied: FixityError (EIO to the write or truncate
+        that needed the copy) and a fixity.failed event; the file stays the base's."""
         node = self.staging.node(sino)
-        self.staging.copy_base_bytes(sino, self.base_path(node))
+        algorithm = self.archive.config.primary
+        found = self.staging.copy_base_bytes(sino, self.base_path(node), algorithm, node.base)
+        if found is not None:
+            error = FixityError(resource=self.rid, instance=self.base, path=self._base_path_of(sino),
+                                algorithm=algorithm, expected=node.base, found=found,
+                                stored=self._base_stored[node.base])
+            log.warning("copy-on-write refused: %s", error)
+            record_failure(self.archive, error, via="mount")
+            raise error
+
+    def _base_path_of(self, sino: int) -> str:
+        tree = self.staging.tree
+        return tree.path.get(sino, "?") if tree is not None else "?"
 
     def adopt_blob(self, sino: int, kept_bytes: bool) -> None:
         """Copy-on-write, the quick half (the loop): record the blob and move open handles onto it."""
