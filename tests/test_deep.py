@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import check_archive_ok, mounted, run_tinyfs
+from trees import errno_of
 
 from tinyfs import Archive
 from tinyfs.core.errors import TooLarge
@@ -245,16 +246,6 @@ def test_transaction_metadata_limits_in_the_mount(mnt, root):
 
 # -- paths past PATH_MAX ------------------------------------------------------------------------
 
-def _errno_of(fn, *args, **kw) -> int:
-    try:
-        result = fn(*args, **kw)
-    except OSError as e:
-        return e.errno
-    if fn is os.open:
-        os.close(result)
-    return 0
-
-
 @needs_fuse
 def test_a_path_past_4095_bytes_is_refused_when_it_is_made(mnt, root):
     t = mnt / "transactions" / "long"
@@ -276,10 +267,10 @@ def test_a_path_past_4095_bytes_is_refused_when_it_is_made(mnt, root):
                              (os.symlink, ("target", past), {"dir_fd": fd}),
                              (os.link, (fits, past), {"src_dir_fd": fd, "dst_dir_fd": fd}),
                              (os.rename, (fits, past), {"src_dir_fd": fd, "dst_dir_fd": fd})):
-            assert _errno_of(fn, *args, **kw) == errno.ENAMETOOLONG, fn.__name__
+            assert errno_of(fn, *args, **kw) == errno.ENAMETOOLONG, fn.__name__
         # renaming a directory so that a path below it gets too long; a shorter name is fine
         longer, shorter = names[0] + "x", names[0][:-1]
-        assert _errno_of(os.rename, names[0], longer, src_dir_fd=top, dst_dir_fd=top) == errno.ENAMETOOLONG
+        assert errno_of(os.rename, names[0], longer, src_dir_fd=top, dst_dir_fd=top) == errno.ENAMETOOLONG
         os.rename(names[0], shorter, src_dir_fd=top, dst_dir_fd=top)
         os.rename(shorter, names[0], src_dir_fd=top, dst_dir_fd=top)
         fresh = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)     # (a listing is taken at opendir)
@@ -306,7 +297,7 @@ def test_the_log_keeps_what_an_operator_needs(mnt, root, tmp_path):
     os.mkdir(t)
     for n in range(50):
         assert not (t / f"missing{n}").exists()
-    assert _errno_of(os.mkdir, t) == errno.EEXIST
+    assert errno_of(os.mkdir, t) == errno.EEXIST
     (t / "f").write_bytes(b"x")
     os.setxattr(t, "user.tinyfs.label", b"v1")
     src = tmp_path / "other.txt"

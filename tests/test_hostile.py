@@ -25,6 +25,7 @@ import bagit
 import pytest
 from conftest import check_archive_ok, run_tinyfs
 from mounting import tinyfs_argv, tree
+from trees import errno_of
 
 from tinyfs import Archive
 from tinyfs.core.errors import Busy
@@ -34,17 +35,6 @@ needs_fuse = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.e
                                 reason="needs FUSE")
 MIB = 1 << 20
 ENTRIES = int(os.environ.get("TINYFS_HOSTILE_ENTRIES", "10000"))   # 100000 for the full run (docs/faults.md)
-
-
-def errno_of(fn, *args, **kw) -> int:
-    """The errno `fn` fails with, or 0 (a file descriptor it returns is closed)."""
-    try:
-        result = fn(*args, **kw)
-    except OSError as e:
-        return e.errno
-    if fn is os.open:
-        os.close(result)
-    return 0
 
 
 def snapshot_disk(root: Path) -> dict[str, bytes]:

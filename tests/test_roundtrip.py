@@ -16,48 +16,20 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from trees import OLD_NS, acceptance_tree
 
 from tinyfs.core.layout import ArchiveRoot
 
 needs_fuse = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
                                 reason="needs FUSE")
 BAGIT = Path(sys.executable).with_name("bagit.py")
-OLD_NS = 1_600_000_000_123_456_789  # a client-set time with nanoseconds
-
-
-def make_tree(base: Path, n_small=20) -> Path:
-    """The acceptance suite's tree (../shared/acceptance: the shapes that trip archives up): odd names,
-    an empty file, a hard-linked pair, a symlink, a user xattr, a file owned by another user (when run
-    as root), and client-set times on a file and a directory."""
-    base.mkdir(parents=True)
-    (base / "sub" / "deeper").mkdir(parents=True)
-    (base / "empty.txt").write_bytes(b"")
-    (base / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
-    (base / "café ü.txt").write_text("unicode name\n")
-    (base / "with space.txt").write_text("space\n")
-    (base / "sub" / "deeper" / "leaf.txt").write_text("leaf\n")
-    for i in range(n_small):
-        (base / "sub" / f"small-{i:03d}.txt").write_text(f"small file {i}\n" * (i + 1))
-    os.link(base / "sub" / "small-000.txt", base / "hardlink-to-small-000.txt")
-    os.symlink("deeper/leaf.txt", base / "sub" / "link-to-leaf")
-    (base / "script.sh").write_text("#!/bin/sh\necho hi\n")
-    os.chmod(base / "script.sh", 0o755)
-    try:
-        os.setxattr(base / "with space.txt", "user.origin", b"scanner-3")
-    except OSError:
-        pass  # the source file system keeps no user xattrs
-    if os.geteuid() == 0:
-        os.chown(base / "sub" / "small-001.txt", 1000, 1000)
-    os.utime(base / "with space.txt", ns=(OLD_NS, OLD_NS))
-    os.utime(base / "sub" / "deeper", ns=(OLD_NS, OLD_NS))
-    return base
 
 
 def make_full_tree(base: Path) -> Path:
-    """`make_tree` plus the rest: dangling and directory symlinks, a 000 file, setuid and setgid files,
+    """`acceptance_tree` plus the rest: dangling and directory symlinks, a 000 file, setuid and setgid files,
     an empty directory with a set mode and time, user xattrs, and a link group of three across
     directories (with an xattr and a client-set time)."""
-    make_tree(base)
+    acceptance_tree(base)
     os.symlink("no/such/target", base / "dangling")
     os.symlink("sub/deeper", base / "dir-link")
     (base / "locked.txt").write_text("nobody may read me\n")
