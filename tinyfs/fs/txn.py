@@ -336,6 +336,8 @@ class OpenTxn:
         self.files.clear()
         self.closed = True
         self.staging.close()
+        # the kernel may hold nodes of this transaction (and with them this object) for a while yet
+        self.generations, self.hashing, self._base_stored = {}, {}, None
 
 
 _KIND_BITS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}
