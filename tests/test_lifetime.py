@@ -13,7 +13,7 @@ import trio
 
 from tinyfs import Archive
 from tinyfs.fs import ops as ops_module
-from tinyfs.fs.ops import NODE_BYTES, Operations
+from tinyfs.fs.ops import KEYED_INOS, NODE_BYTES, Operations
 from tinyfs.fs.trees import Trees
 
 
@@ -179,3 +179,30 @@ def test_the_cache_option_splits_between_documents_and_nodes(tmp_path):
     assert archive.root.doc_cache_bytes == 32 << 20
     assert ops.trees.limit == (32 << 20) // NODE_BYTES
     assert Operations(archive.root).trees.limit == (ops_module.CACHE_BYTES // 2) // NODE_BYTES
+
+
+def test_a_node_forgotten_and_looked_up_again_keeps_its_inode_number(tmp_path, asked):
+    """GNU tar checks after extracting into a directory that its inode number is still the one it saw at
+    mkdir; under memory pressure (or drop_caches, or a tree let go) the kernel may forget the directory's
+    node meanwhile, and its next lookup must show the same number."""
+    archive = make_instances(tmp_path, "r", count=1, files=2)
+    ops = Operations(archive.root)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            ops.nursery = nursery
+            txn = await ops.mkdir(ops.top["transactions"], b"r", 0o755, Ctx())
+            made = await ops.mkdir(txn.st_ino, b"extracted", 0o755, Ctx())
+            view = await look_through(ops, ops.top["instances"], ["r", archive.root.head("r"), "d", "f1.txt"])
+            await ops.forget([(made.st_ino, 1), *((ino, 1) for ino in reversed(view))])
+            assert made.st_ino not in ops.nodes and view[-1] not in ops.nodes
+            assert (await ops.lookup(txn.st_ino, b"extracted", Ctx())).st_ino == made.st_ino
+            again = await look_through(ops, ops.top["instances"], ["r", archive.root.head("r"), "d", "f1.txt"])
+            assert again == view
+            # a number that a live node of another key holds is never given twice
+            key = ("txn", "r", "another transaction", 5)
+            taken = ops._new_ino(key)
+            ops.nodes[taken] = ops.nodes[made.st_ino]
+            assert ops._new_ino(key) < KEYED_INOS
+            del ops.nodes[taken]
+    trio.run(go)

@@ -47,6 +47,7 @@ NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP,
 # instance's files: 240 bytes a node while the instance's document is cached, 709 once it has left.
 CACHE_BYTES = 96 << 20
 NODE_BYTES = 700
+KEYED_INOS = 1 << 62           # inode numbers from here up are derived from node keys (see _new_ino)
 
 
 def entry_attributes(mode: int, size: int, nlink: int, uid: int, gid: int, mtime_ns: int, atime_ns: int | None,
@@ -150,8 +151,7 @@ class Operations(pyfuse3.Operations):
                 self.trees.touch(tree)
             return existing
         if ino is None:
-            ino = self.next_ino
-            self.next_ino += 1
+            ino = self._new_ino(node.key)
         node.ino = ino
         self.nodes[ino] = node
         self.by_key[node.key] = ino
@@ -160,6 +160,18 @@ class Operations(pyfuse3.Operations):
             node.tree = self.trees.enter(key)
             if len(self.nodes) > self.trees.limit:
                 self._let_go_of_old_trees()
+        return ino
+
+    def _new_ino(self, key: tuple) -> int:
+        """An inode number derived from the node's key, so that a node the kernel forgot (memory pressure,
+        drop_caches, a tree let go) and looks up again shows the same number: GNU tar compares a
+        directory's inode number after extracting into it with the one it saw at mkdir ("Directory renamed
+        before its status could be extracted"), and other tools cache (dev, ino). The rare number taken
+        by a live node of another key comes from a counter below KEYED_INOS instead."""
+        ino = KEYED_INOS | (hash(key) & (KEYED_INOS - 1))
+        if ino in self.nodes:
+            ino = self.next_ino
+            self.next_ino += 1
         return ino
 
     def _unregister(self, ino: int, node: Node) -> None:
