@@ -209,7 +209,7 @@ class ArchiveRoot:
             os.close(fd)
 
 
-DOC_CACHE_BYTES = 48 << 20   # estimated bytes of all cached documents together (ArchiveRoot.doc_cache_bytes) ...
+DOC_CACHE_BYTES = 32 << 20   # estimated bytes of all cached documents together (ArchiveRoot.doc_cache_bytes) ...
 DOC_CACHE_KEEP = 2           # ... except that the 2 most recently used documents stay whatever their size
 # Measured with tracemalloc on a 10,000-file instance (paths of ~30 bytes): a parsed entry with its `stored`
 # line costs 754 bytes, and the per-directory index the mount derives from it 156 more; the encoded lines a

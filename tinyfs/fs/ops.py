@@ -45,7 +45,7 @@ NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP,
 # nodes of read-only trees the kernel holds (trees.py), at NODE_BYTES each: a node with its key, its path,
 # its entry and its places in the inode maps, measured with tracemalloc over 10,000 lookups of an
 # instance's files: 240 bytes a node while the instance's document is cached, 709 once it has left.
-CACHE_BYTES = 96 << 20
+CACHE_BYTES = 64 << 20
 NODE_BYTES = 700
 KEYED_INOS = 1 << 62           # inode numbers from here up are derived from node keys (see _new_ino)
 
