@@ -79,3 +79,18 @@ def test_a_head_evicted_from_the_cache_commits_correctly(tmp_path):
         assert set(state) == {f"f{i}.txt" for i in range(50) if i != 9} | {"new.txt"}
         assert state["f7.txt"]["digest"] == hashlib.sha512(b"changed\n").hexdigest()
         assert state["f8.txt"]["digest"] == hashlib.sha512(b"8\n").hexdigest()
+
+
+def test_a_head_is_weighed_again_when_its_encoded_lines_move_on(tmp_path):
+    """A document written by this process weighs its encoded lines too; the next commit moves them to the
+    new head, and the old head then weighs what it holds (else it would push others out for nothing)."""
+    archive = Archive.init(tmp_path / "archive")
+    make_resource(archive, "r", 20)
+    root = archive.root
+    first = root.head("r")
+    assert root._docs[("r", first)][1] == 21 * (layout.ENTRY_BYTES + layout.ENCODED_BYTES)
+    with archive.get("r", "a") as txn:
+        txn.add_bytes("f0.txt", b"changed\n")
+    assert root._docs[("r", first)][1] == 21 * layout.ENTRY_BYTES
+    assert root._docs[("r", root.head("r"))][1] == 21 * (layout.ENTRY_BYTES + layout.ENCODED_BYTES)
+    assert root._docs_bytes == sum(w for _, w in root._docs.values())

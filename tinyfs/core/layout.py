@@ -164,6 +164,11 @@ class ArchiveRoot:
             old = self._docs.pop((rid, iid), None)
             self._docs[(rid, iid)] = (doc, weight)
             self._docs_bytes += weight - (old[1] if old else 0)
+            previous = self._docs.get((rid, doc.previous)) if doc.previous else None
+            if previous is not None and previous[1] != (lighter := doc_bytes(previous[0])):
+                # a commit moved the encoded lines of the head it followed to this document: weigh it again
+                self._docs[(rid, doc.previous)] = (previous[0], lighter)
+                self._docs_bytes += lighter - previous[1]
             while len(self._docs) > DOC_CACHE_KEEP and self._docs_bytes > self.doc_cache_bytes:
                 self._docs_bytes -= self._docs.popitem(last=False)[1][1]
 
