@@ -27,7 +27,8 @@ from mounting import Mounted, check_archive, tinyfs_argv
 
 from tinyfs.cli.mountcmd import default_log
 from tinyfs.core.layout import LOCKS
-from tinyfs.fs.mount import MOUNT_LOCK, parse_options
+from tinyfs.fs.mount import MOUNT_LOCK, cache_bytes, parse_options
+from tinyfs.fs.ops import CACHE_BYTES
 
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = PROJECT / "systemd"
@@ -247,6 +248,16 @@ def test_parse_options_takes_what_mount_fuse3_passes():
     assert parse_options("") == [] and parse_options(None) == []
     for bad in ("bogus", "auto_unmount", "fsname=x", "allow_other,allow_root", "uid=5"):
         with pytest.raises(Exception, match="mount option"):
+            parse_options(bad)
+
+
+def test_cache_mib_sets_the_daemons_cache_memory():
+    assert parse_options("allow_other,cache_mib=32") == ["allow_other", "cache_mib=32"]
+    assert parse_options("cache_mib=32,cache_mib=0064") == ["cache_mib=64"]       # the last one wins
+    assert cache_bytes(parse_options("cache_mib=32")) == 32 << 20
+    assert cache_bytes(parse_options("allow_other")) == CACHE_BYTES
+    for bad in ("cache_mib", "cache_mib=", "cache_mib=0", "cache_mib=-5", "cache_mib=1.5", "cache_mib=x"):
+        with pytest.raises(Exception, match="cache_mib takes a whole number of MiB"):
             parse_options(bad)
 
 

@@ -1,8 +1,9 @@
 """Where things live in an archive root (format tinyfs/1, SPEC section 4), and reading them.
 
 Committed instances never change, so parsed instance documents are cached by
-(rid, iid) without any invalidation; only "which instances exist" is read
-from the directory each time it is asked.
+(rid, iid) without any invalidation (least recently used first out, within a
+budget of estimated bytes); only "which instances exist" is read from the
+directory each time it is asked.
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ class ArchiveRoot:
         self.events = EventLog(self.root / "events.jsonl")
         self.resources = self.root / "resources"
         self.transactions = self.root / "transactions"
-        self._docs: OrderedDict[tuple[str, str], InstanceDoc] = OrderedDict()
+        # (rid, iid) -> (document, its estimated bytes), least recently used first; see remember()
+        self._docs: OrderedDict[tuple[str, str], tuple[InstanceDoc, int]] = OrderedDict()
+        self._docs_bytes = 0
         self._docs_lock = threading.Lock()
+        self.doc_cache_bytes = DOC_CACHE_BYTES
         # rid -> (instance, keys of every digest stored up to it): see commit._stored_keys (under the lock)
         self.stored_keys: OrderedDict[str, tuple[str, set[int]]] = OrderedDict()
         self.stored_keys_lock = threading.Lock()
@@ -134,10 +138,10 @@ class ArchiveRoot:
     def instance(self, rid: str, iid: str) -> InstanceDoc:
         key = (rid, iid)
         with self._docs_lock:
-            doc = self._docs.get(key)
-            if doc is not None:
+            cached = self._docs.get(key)
+            if cached is not None:
                 self._docs.move_to_end(key)
-                return doc
+                return cached[0]
         path = self.instance_dir(rid, iid) / "instance.json"
         try:
             doc = InstanceDoc.from_json_bytes(path.read_bytes())
@@ -151,9 +155,9 @@ class ArchiveRoot:
         resources/ asks this of every head: the cached document answers, else the first few KiB of
         instance.json do (model.peek_root), and only a document laid out otherwise is read whole."""
         with self._docs_lock:
-            doc = self._docs.get((rid, iid))
-        if doc is not None:
-            return doc.state.root
+            cached = self._docs.get((rid, iid))
+        if cached is not None:
+            return cached[0].state.root
         try:
             with open(self.instance_dir(rid, iid) / "instance.json", "rb") as f:
                 found = peek_root(f.read(PEEK_BYTES))
@@ -163,15 +167,25 @@ class ArchiveRoot:
 
     def remember(self, rid: str, iid: str, doc: InstanceDoc) -> None:
         """Cache a document: one just read, or one just committed (the same content as its instance.json;
-        the view's first look at a resource after a commit then parses nothing: 25 ms for 10,000 files)."""
+        the view's first look at a resource after a commit then parses nothing: 25 ms for 10,000 files).
+
+        Bounded by estimated bytes, not documents: one instance may list 100,000 paths, another 3, and
+        a long-running mount reads thousands of them. The two most recently used documents stay whatever
+        their size: comparing two large instances (diff -r) alternates between them, and re-reading a
+        100,000-entry instance.json per file took 0.4 s a file. A head evicted here still commits
+        correctly, only slower (its instance.json lines are encoded again)."""
+        weight = doc_bytes(doc)
         with self._docs_lock:
-            self._docs[(rid, iid)] = doc
-            # Bounded by entries, not documents: one instance may list 100,000 paths, another 3. The last
-            # few documents stay whatever their size: comparing two large instances (diff -r) alternates
-            # between them, and re-reading a 100,000-entry instance.json per file took 0.4 s a file.
-            while len(self._docs) > DOC_CACHE_KEEP and \
-                    sum(_weight(d) for d in self._docs.values()) > DOC_CACHE_ENTRIES:
-                self._docs.popitem(last=False)
+            old = self._docs.pop((rid, iid), None)
+            self._docs[(rid, iid)] = (doc, weight)
+            self._docs_bytes += weight - (old[1] if old else 0)
+            previous = self._docs.get((rid, doc.previous)) if doc.previous else None
+            if previous is not None and previous[1] != (lighter := doc_bytes(previous[0])):
+                # a commit moved the encoded lines of the head it followed to this document: weigh it again
+                self._docs[(rid, doc.previous)] = (previous[0], lighter)
+                self._docs_bytes += lighter - previous[1]
+            while len(self._docs) > DOC_CACHE_KEEP and self._docs_bytes > self.doc_cache_bytes:
+                self._docs_bytes -= self._docs.popitem(last=False)[1][1]
 
     def state(self, rid: str, iid: str | None = None) -> State:
         """The state at `iid` (default: the head); an empty state for a resource with no instance."""
@@ -216,12 +230,19 @@ class ArchiveRoot:
 
 
 PEEK_BYTES = 8192            # `created`, `creator` and the root's line of `dirs` (a longer creator: read it all)
-DOC_CACHE_ENTRIES = 50_000   # entries (paths) of all cached documents together ...
-DOC_CACHE_KEEP = 3           # ... except that the 3 most recently used documents are kept whatever their size
+DOC_CACHE_BYTES = 32 << 20   # estimated bytes of all cached documents together (ArchiveRoot.doc_cache_bytes) ...
+DOC_CACHE_KEEP = 2           # ... except that the 2 most recently used documents stay whatever their size
+# Measured with tracemalloc on a 10,000-file instance (paths of ~30 bytes): a parsed entry with its `stored`
+# line costs 754 bytes, and the per-directory index the mount derives from it 156 more; the encoded lines a
+# document keeps after it was written (model.InstanceDoc.encoded) cost 709 bytes an entry more.
+ENTRY_BYTES = 900
+ENCODED_BYTES = 700
 
 
-def _weight(doc: InstanceDoc) -> int:
-    return len(doc.state.files) + len(doc.state.dirs) + len(doc.state.links) + 1
+def doc_bytes(doc: InstanceDoc) -> int:
+    """About how much memory a parsed document takes (what its cache entry is weighed by)."""
+    entries = len(doc.state.files) + len(doc.state.dirs) + len(doc.state.links) + 1
+    return entries * (ENTRY_BYTES + (ENCODED_BYTES if doc.encoded is not None else 0))
 
 
 def _listdir(path: Path) -> list[str]:

@@ -304,7 +304,12 @@ class Staging:
             return False
 
     def close(self) -> None:
+        """Close the database and drop what was read into memory (the base tree, the inode caches): a
+        closed transaction's nodes stay in the mount while the kernel still holds them."""
         self.db.close()
+        self._tree, self._load_base = None, None
+        self._nodes, self._nlinks = {}, {}
+        self._owned, self._base_named = set(), set()
 
     def changes(self) -> int:
         """Rows written through this connection since it opened: every change of the transaction (its

@@ -25,7 +25,7 @@ from ..core.errors import Busy, TinyfsError
 from ..core.layout import LOCKS, ArchiveRoot
 from ..core.recover import recover
 from .notify import sd_notify
-from .ops import Operations
+from .ops import CACHE_BYTES, Operations
 
 log = logging.getLogger(__name__)
 MOUNT_LOCK = ".mount.lock"
@@ -37,6 +37,9 @@ PASSED = {"allow_other", "allow_root", "default_permissions", "noexec", "nodev",
 # that returned is then only safe once its file is closed or fsynced -- see docs/design.md).
 # `nonempty` lets a mount hide the files of a non-empty mount point (refused otherwise, as fuse2 did).
 OWN = {"writeback", "nonempty"}
+# tinyfs's own with a value: `cache_mib=N`, the memory the daemon keeps for caches (instance documents and
+# the nodes of read-only trees the kernel holds; ops.CACHE_BYTES, docs/design.md "A mount that settles").
+OWN_VALUED = {"cache_mib"}
 # Bookkeeping words of fstab, mount(8) and systemd, and kernel flags that mean nothing here (atime
 # flavours, sync: a commit is durable anyway). `dev` and `suid` are dropped on purpose: a tinyfs mount
 # is always nosuid,nodev (FUSE's default), because the read-only views show archived files -- which
@@ -69,12 +72,29 @@ def parse_options(text: str | list[str] | None) -> list[str]:
         elif key in (PASSED | OWN) and "=" not in opt:
             if opt not in out:
                 out.append(opt)
+        elif key in OWN_VALUED:
+            out = [o for o in out if not o.startswith(f"{key}=")] + [f"{key}={_mib(opt)}"]
         else:
             raise TinyfsError(f"unknown mount option {opt!r} (tinyfs takes allow_other, allow_root, ro, "
-                              "noexec and the usual fstab words)")
+                              "noexec, writeback, cache_mib=N and the usual fstab words)")
     if "allow_other" in out and "allow_root" in out:
         raise TinyfsError("mount options allow_other and allow_root exclude each other")
     return ["ro", *out] if readonly else out
+
+
+def _mib(opt: str) -> int:
+    key, _, value = opt.partition("=")
+    if not value.isdigit() or int(value) < 1:
+        raise TinyfsError(f"mount option {key} takes a whole number of MiB (1 or more), not {value!r}")
+    return int(value)
+
+
+def cache_bytes(options: list[str]) -> int:
+    """The cache memory asked for with `cache_mib=N`, or the default."""
+    for opt in options:
+        if opt.startswith("cache_mib="):
+            return int(opt.partition("=")[2]) << 20
+    return CACHE_BYTES
 
 
 def lock_archive(archive: ArchiveRoot) -> int:
@@ -185,9 +205,9 @@ def _serve(root: str, mountpoint: str, options: list[str], early: _EarlySignals)
         if early.signum is not None:
             log.info("signal %s before mounting: not mounting", signal.Signals(early.signum).name)
             return 0
-        ops = Operations(archive, writeback="writeback" in options)
+        ops = Operations(archive, writeback="writeback" in options, cache_bytes=cache_bytes(options))
         tune_gc()
-        options = [o for o in options if o not in OWN]
+        options = [o for o in options if o not in OWN and o.split("=", 1)[0] not in OWN_VALUED]
         fsname = str(archive.root) if "," not in str(archive.root) else "tinyfs"
         fuse_options = set(pyfuse3.default_options) | {"default_permissions", f"fsname={fsname}",
                                                         "subtype=tinyfs", *options}

@@ -30,9 +30,10 @@ from ..core.limits import EVENT_TEXT_MAX, check_text
 from ..core.model import DirEntry, FileEntry
 from ..core.staging import ROOT as SROOT
 from ..core.staging import Staging, refresh_sizes
+from .trees import Trees
 from .txn import Opener, OpenFile, OpenTxn, fail, kind_bits, setid_bits_to_clear
 from .verify import RUNNING, Damage, Expected, ReadCheck, expected_of_aip, expected_of_state, fixity_failed
-from .view import BLKSIZE, LONG, SHORT, TOP, Node, View, shown_iid, state_key
+from .view import BLKSIZE, LONG, SHORT, TOP, Node, View, shown_iid, state_key, tree_key
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP,
 # Commit failures that only the transaction's content and the resource's instances decide (ESTALE, a label
 # taken, a path too long, a file whose bytes are incomplete): see Operations._known_failure
 DECIDED_BY_INPUTS = (Stale, LabelTaken, NameTooLong, Incomplete)
+# Memory for caches (`-o cache_mib=`): half for parsed instance documents (core/layout.py), half for the
+# nodes of read-only trees the kernel holds (trees.py), at NODE_BYTES each: a node with its key, its path,
+# its entry and its places in the inode maps, measured with tracemalloc over 10,000 lookups of an
+# instance's files: 240 bytes a node while the instance's document is cached, 709 once it has left.
+CACHE_BYTES = 64 << 20
+NODE_BYTES = 700
+KEYED_INOS = 1 << 62           # inode numbers from here up are derived from node keys (see _new_ino)
 
 
 def entry_attributes(mode: int, size: int, nlink: int, uid: int, gid: int, mtime_ns: int, atime_ns: int | None,
@@ -126,7 +134,7 @@ class DirHandle:
 
 
 class Operations(pyfuse3.Operations):
-    def __init__(self, archive: ArchiveRoot, writeback: bool = False):
+    def __init__(self, archive: ArchiveRoot, writeback: bool = False, cache_bytes: int = CACHE_BYTES):
         super().__init__()
         # Off by default: with the kernel's writeback cache a write() returns before the daemon has the
         # bytes, so a killed daemon would lose writes that had returned (SPEC 5). `-o writeback` trades
@@ -138,6 +146,8 @@ class Operations(pyfuse3.Operations):
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[tuple, int] = {}
         self.lookups: dict[int, int] = {}
+        archive.doc_cache_bytes = cache_bytes // 2
+        self.trees = Trees(limit=(cache_bytes - cache_bytes // 2) // NODE_BYTES)
         self.next_ino = pyfuse3.ROOT_INODE + 1
         self.handles: dict[int, Handle | DirHandle] = {}
         self.next_fh = 1
@@ -160,16 +170,65 @@ class Operations(pyfuse3.Operations):
 
     # -- inode table ----------------------------------------------------------
     def _register(self, node: Node, ino: int | None = None) -> int:
+        """The inode of the node with this key, a new one if it has none; its tree counts as used."""
         existing = self.by_key.get(node.key)
         if existing is not None:
+            tree = self.nodes[existing].tree
+            if tree is not None:
+                self.trees.touch(tree)
             return existing
         if ino is None:
-            ino = self.next_ino
-            self.next_ino += 1
+            ino = self._new_ino(node.key)
         node.ino = ino
         self.nodes[ino] = node
         self.by_key[node.key] = ino
+        key = tree_key(node)
+        if key is not None:
+            node.tree = self.trees.enter(key)
+            if len(self.nodes) > self.trees.limit:
+                self._let_go_of_old_trees()
         return ino
+
+    def _new_ino(self, key: tuple) -> int:
+        """An inode number derived from the node's key, so that a node the kernel forgot (memory pressure,
+        drop_caches, a tree let go) and looks up again shows the same number: GNU tar compares a
+        directory's inode number after extracting into it with the one it saw at mkdir ("Directory renamed
+        before its status could be extracted"), and other tools cache (dev, ino). The rare number taken
+        by a live node of another key comes from a counter below KEYED_INOS instead."""
+        ino = KEYED_INOS | (hash(key) & (KEYED_INOS - 1))
+        if ino in self.nodes:
+            ino = self.next_ino
+            self.next_ino += 1
+        return ino
+
+    def _unregister(self, ino: int, node: Node) -> None:
+        """Drop a node the kernel has forgotten (or was never given), and every map's entry for it."""
+        del self.nodes[ino]
+        if self.by_key.get(node.key) == ino:
+            del self.by_key[node.key]
+        if node.tree is not None:
+            self.trees.leave(node.tree)
+        if node.head is not None and not node.path and self.view.heads.get(node.rid) is node.head:
+            # the root of resources/<rid>: the kernel holds no node of that tree any more (each pins its
+            # parent), so the next lookup may as well start a new one
+            del self.view.heads[node.rid]
+
+    def _let_go_of_old_trees(self) -> None:
+        """Over the node limit: ask the kernel to forget the read-only trees least recently looked into."""
+        for tree in self.trees.to_let_go(len(self.nodes)):
+            where = self._tree_root(tree.key)
+            if where is not None:
+                self._invalidate_later(*where, deleted=0)
+
+    def _tree_root(self, key: tuple) -> tuple[int, str] | None:
+        """(parent inode, name) of the root of a read-only tree (view.tree_key)."""
+        if key[0] == "aip":
+            return self.top["aip"], key[1]
+        rid, shown = key[1], key[2]
+        if not isinstance(shown, str):          # a Head: resources/<rid>
+            return self.top["resources"], rid
+        parent = self.by_key.get(("instances_of", rid))
+        return (parent, shown) if parent is not None else None
 
     def _node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
@@ -196,8 +255,8 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list):
         # After a commit the kernel forgets the transaction's whole tree, 10,000 inodes and more in
-        # batches: the maps are locals, each looked up once.
-        lookups, nodes, by_key = self.lookups, self.nodes, self.by_key
+        # batches: the maps are locals, each looked up once (_unregister drops a node from every map).
+        lookups, nodes, unregister = self.lookups, self.nodes, self._unregister
         for ino, n in inode_list:
             left = lookups.pop(ino, 0) - n
             if left > 0:
@@ -206,10 +265,7 @@ class Operations(pyfuse3.Operations):
             node = nodes.get(ino)
             if node is None or node.kind in PERMANENT:
                 continue
-            del nodes[ino]
-            key = node.key
-            if by_key.get(key) == ino:
-                del by_key[key]
+            unregister(ino, node)
             if node.kind == "txn" and not node.txn.closed and not node.txn.files.get(node.sino):
                 try:
                     node.txn.staging.drop_if_orphan(node.sino)
@@ -411,8 +467,7 @@ class Operations(pyfuse3.Operations):
                 attrs.st_ino = ino
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
                 if new and not self.lookups.get(ino):
-                    del self.nodes[ino]
-                    del self.by_key[node.key]
+                    self._unregister(ino, node)
                 return
             self.lookups[ino] = self.lookups.get(ino, 0) + 1
 
@@ -991,6 +1046,14 @@ class Operations(pyfuse3.Operations):
         if clear:
             txn.staging.update(sino, mode=s.mode & ~clear, ctime_ns=_now())
 
+    def _job_done(self, rid: str) -> None:
+        """A background job of a transaction ended (an entry per resource ever written to would stay)."""
+        left = self.busy[rid] - 1
+        if left:
+            self.busy[rid] = left
+        else:
+            del self.busy[rid]
+
     async def _ensure_blob(self, txn: OpenTxn, sino: int, keep_bytes: bool) -> None:
         """Copy-on-write of a base file on its first write or truncate (the copy in a worker thread;
         a second writer meanwhile waits for the same copy)."""
@@ -1017,7 +1080,7 @@ class Operations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(_feed_hasher, of)
         finally:
             of.draining = False
-            self.busy[txn.rid] -= 1
+            self._job_done(txn.rid)
 
     @handler
     async def flush(self, fh):
@@ -1068,7 +1131,7 @@ class Operations(pyfuse3.Operations):
         except Exception:
             log.exception("hashing a staged file of %s", txn.rid)
         finally:
-            self.busy[txn.rid] -= 1
+            self._job_done(txn.rid)
 
     # -- xattrs --------------------------------------------------------------
     @handler

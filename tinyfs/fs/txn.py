@@ -417,6 +417,8 @@ class OpenTxn:
         self.files.clear()
         self.closed = True
         self.staging.close()
+        # the kernel may hold nodes of this transaction (and with them this object) for a while yet
+        self.generations, self.hashing, self._base_stored = {}, {}, None
 
 
 def user_name(uid: int) -> str:

@@ -71,6 +71,16 @@ class Node:
     txn: object = None              # OpenTxn for txn nodes
     ino: int = 0
     head: Head | None = None        # state nodes of resources/<rid>: the head they show (iid is then None)
+    tree: object = None             # the trees.Tree it is counted in, once registered (read-only trees)
+
+
+def tree_key(node: Node) -> tuple | None:
+    """The read-only tree a node belongs to (trees.py), None for the rest of the mount; see tree_root()."""
+    if node.kind == "state":
+        return ("state", node.rid, node.head or node.iid)
+    if node.kind == "aip":
+        return ("aip", node.rid)
+    return None
 
 
 def state_key(rid: str, shown: str | Head, path: str) -> tuple:
