@@ -197,9 +197,9 @@ def test_a_link_group_of_the_base_is_one_inode_in_a_transaction(mnt, root, tmp_p
     assert n == 3 and st(t / "b") == st(t / "sub" / "c") == (ino, 3)
     os.unlink(t / "b")
     assert st(t / "a") == st(t / "sub" / "c") == (ino, 2)
-    mnt.stop()                               # the base inode numbers are the same after a restart
-    mnt.start()
-    assert st(t / "a") == st(t / "sub" / "c") == (ino, 2) and not os.path.lexists(t / "b")
+    mnt.stop()                               # after a restart the group is still one inode
+    mnt.start()                              # (the number the kernel sees may differ: a new daemon)
+    assert st(t / "a") == st(t / "sub" / "c") and st(t / "a")[1] == 2 and not os.path.lexists(t / "b")
     with open(t / "a", "a") as f:
         f.write("and more\n")
     assert (t / "sub" / "c").read_text() == "one inode\nand more\n"
