@@ -180,6 +180,14 @@ class Daemon:
     def memory(self) -> dict[str, int]:
         return rss_kib(self.proc.pid) if self.proc and self.proc.poll() is None else {}
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU the daemon has used: unlike wall time, barely moved by other load."""
+        if not self.proc or self.proc.poll() is not None:
+            return None
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def tracebacks(self) -> int:
         return self.log.read_text(errors="replace").count("Traceback") if self.log.exists() else 0
 
@@ -315,16 +323,20 @@ class Bench:
         k = rep % len(names)
         for name in names[k:] + names[:k]:
             steps, prepare = variants[name]
+            daemon = {"tinyfs": self.tinyfs, "tinyfs-base": self.base}.get(name)
             try:
                 if prepare:
                     prepare()
                 self.load.append(os.getloadavg()[0])
+                cpu = daemon.cpu_seconds() if daemon else None
                 phases = self.time_steps(steps)
             except (StepFailed, subprocess.TimeoutExpired, OSError) as e:
                 self.errors.append(f"{wl} / {name} (rep {rep}): {e}")
                 self.say(f"  FAILED {wl} / {name}: {e}")
                 continue
             extra = {}
+            if cpu is not None and daemon.cpu_seconds() is not None:
+                extra["daemon_cpu_s"] = daemon.cpu_seconds() - cpu
             if name == "tinyfs" and self.tinyfs is not None and self.tinyfs.proc is not None:
                 extra["daemon_rss_kib"] = self.tinyfs.memory().get("VmRSS")
             self.record(wl, name, rep, phases, **extra)
@@ -716,12 +728,17 @@ class Bench:
                 continue
             base = {r["rep"]: r["total"] for r in v["tinyfs-base"]["runs"]}
             paired = [r["total"] / base[r["rep"]] for r in v["tinyfs"]["runs"] if base.get(r["rep"])]
+            cpu = {
+                k: median([r["daemon_cpu_s"] for r in v[k]["runs"] if "daemon_cpu_s" in r]) for k in ("tinyfs", "tinyfs-base")
+            }
             rows.append(
                 {
                     "workload": wl,
                     "label": w["label"],
                     "tinyfs_s": v["tinyfs"].get("median"),
                     "base_s": v["tinyfs-base"].get("median"),
+                    "tinyfs_daemon_cpu_s": cpu["tinyfs"],
+                    "base_daemon_cpu_s": cpu["tinyfs-base"],
                     "ratios": paired,
                     "ratio_median": median(paired) if paired else None,
                 }
@@ -759,13 +776,14 @@ def fmt(x: float | None, digits: int = 3) -> str:
 def render_base(rows: list[dict]) -> str:
     out = [
         "",
-        "| workload | tinyfs s | tinyfs-base s | tinyfs / base, per repetition | median |",
-        "| --- | ---: | ---: | --- | ---: |",
+        "| workload | tinyfs s | tinyfs-base s | tinyfs / base, per repetition | median | daemon CPU s (base) |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in rows:
         each = ", ".join(f"{x:.2f}" for x in r["ratios"])
         out.append(
-            f"| {r['label']} | {fmt(r['tinyfs_s'])} | {fmt(r['base_s'])} | {each} | {fmt(r['ratio_median'], 2)} |"
+            f"| {r['label']} | {fmt(r['tinyfs_s'])} | {fmt(r['base_s'])} | {each} | {fmt(r['ratio_median'], 2)} "
+            f"| {fmt(r['tinyfs_daemon_cpu_s'], 2)} ({fmt(r['base_daemon_cpu_s'], 2)}) |"
         )
     return "\n".join(out)
 

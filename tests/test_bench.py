@@ -109,4 +109,5 @@ def test_reads_only_bench_measures_the_reads_of_the_named_tinyfs_against_a_base(
     assert result["environment"]["tinyfs"] == str(exe)
     assert sorted(row["workload"] for row in result["against_base"]) == sorted(reads)
     assert all(len(row["ratios"]) == 2 and is_number(row["ratio_median"]) for row in result["against_base"])
+    assert all(is_number(row["tinyfs_daemon_cpu_s"]) for row in result["against_base"])
     assert "tinyfs-base s" in r.stdout
