@@ -169,12 +169,12 @@ def test_a_listing_of_resources_that_read_a_head_before_a_commit_shows_the_commi
             committed.set()
             while not listing:
                 await trio.sleep(0.01)
-            node = ops.nodes[listing["r"].st_ino]
+            node = ops.inodes.nodes[listing["r"].st_ino]
             new = archive.get("r").instances[-1].id
             assert new != first and shown_iid(node) == new
-            assert ops.view.heads["r"].iid == new
+            assert ops.root.states.heads["r"].iid == new
             res = await ops.lookup(ops.top["resources"], b"r", ctx)
-            assert shown_iid(ops.nodes[res.st_ino]) == new
+            assert shown_iid(ops.inodes.nodes[res.st_ino]) == new
     trio.run(go)
 
 

@@ -13,8 +13,9 @@ import trio
 
 from tinyfs import Archive
 from tinyfs.fs import ops as ops_module
-from tinyfs.fs.ops import KEYED_INOS, NODE_BYTES, Operations
-from tinyfs.fs.trees import Trees
+from tinyfs.fs.held import HeldTrees
+from tinyfs.fs.inodes import KEYED_INOS
+from tinyfs.fs.ops import NODE_BYTES, Operations
 
 
 class Ctx:
@@ -67,7 +68,7 @@ async def read_instance(ops: Operations, rid: str, iid: str, files: int) -> list
 
 def test_trees_let_go_of_the_least_recently_used_after_a_grace():
     clock = Clock()
-    trees = Trees(limit=100, grace=10, clock=clock)
+    trees = HeldTrees(limit=100, grace=10, clock=clock)
     a, b, c, d = (trees.enter(k) for k in "abcd")
     for _ in range(29):
         for k in "abcd":
@@ -95,9 +96,9 @@ def test_reading_many_instances_keeps_the_node_table_near_its_limit(tmp_path, as
     archive = make_instances(tmp_path, "r", count=8, files=30)
     iids = archive.root.instance_ids("r")
     ops = Operations(archive.root, cache_bytes=2 * 80 * NODE_BYTES)      # nodes: 80
-    assert ops.trees.limit == 80
+    assert ops.inodes.held.limit == 80
     clock = Clock()
-    ops.trees.clock = clock
+    ops.inodes.held.clock = clock
     of_r = None
     held: dict[int, int] = {}
 
@@ -107,42 +108,42 @@ def test_reading_many_instances_keeps_the_node_table_near_its_limit(tmp_path, as
             parent, name = asked.pop(0)
             assert parent == of_r
             let_go.append(name.decode())
-            tree = ops.nodes[ops.by_key[("state", "r", name.decode(), "")]].tree
-            await ops.forget([(ino, held.pop(ino)) for ino, node in list(ops.nodes.items()) if node.tree is tree])
+            tree = ops.inodes.nodes[ops.inodes.by_key[("state", "r", name.decode(), "")]].held
+            await ops.forget([(ino, held.pop(ino)) for ino, node in list(ops.inodes.nodes.items()) if node.held is tree])
 
     async def go():
         nonlocal of_r
         for iid in iids:
             for ino in await read_instance(ops, "r", iid, files=30):
                 held[ino] = held.get(ino, 0) + 1
-            of_r = ops.by_key[("instances_of", "r")]
+            of_r = ops.inodes.by_key[("instances_of", "r")]
             await kernel_lets_go()
-            assert len(ops.nodes) <= ops.trees.limit + 32     # + the tree being read (32 nodes)
+            assert len(ops.inodes.nodes) <= ops.inodes.held.limit + 32     # + the tree being read (32 nodes)
             clock.now += 11
 
     let_go: list[str] = []
     trio.run(go)
     assert let_go == iids[:len(let_go)] and len(let_go) >= len(iids) - 3     # least recently read first
-    assert not any(("state", "r", iid, "") in ops.by_key for iid in let_go)
-    assert len(ops.trees) == len(iids) - len(let_go)
+    assert not any(("state", "r", iid, "") in ops.inodes.by_key for iid in let_go)
+    assert len(ops.inodes.held) == len(iids) - len(let_go)
 
 
 def test_forgotten_nodes_leave_no_entry_in_any_map(tmp_path, asked):
     archive = make_instances(tmp_path, "r", count=2, files=3)
     ops = Operations(archive.root)
-    permanent = dict(ops.nodes)
+    permanent = dict(ops.inodes.nodes)
 
     async def go():
         held = await look_through(ops, ops.top["resources"], ["r", "d", "f1.txt"])
         held += await read_instance(ops, "r", archive.root.instance_ids("r")[0], files=3)
         held += await look_through(ops, ops.top["aip"], ["r", "resource.json"])
-        assert ops.view.heads and len(ops.trees) == 3
+        assert ops.root.states.heads and len(ops.inodes.held) == 3
         await ops.forget([(ino, 1) for ino in reversed(held)])
 
     trio.run(go)
-    assert ops.nodes == permanent
-    assert set(ops.by_key.values()) == set(permanent) and not ops.lookups
-    assert not ops.view.heads and len(ops.trees) == 0
+    assert ops.inodes.nodes == permanent
+    assert set(ops.inodes.by_key.values()) == set(permanent) and not ops.inodes.lookups
+    assert not ops.root.states.heads and len(ops.inodes.held) == 0
 
 
 def test_a_closed_transaction_keeps_nothing_but_its_shell(tmp_path, asked):
@@ -161,14 +162,15 @@ def test_a_closed_transaction_keeps_nothing_but_its_shell(tmp_path, asked):
             await ops.write(info.fh, 4, b"bytes\n")     # out of order: hashed in the background at release
             await ops.write(info.fh, 0, b"new ")
             await ops.release(info.fh)
-            assert ops.busy == {"r": 1}
-            txn = ops.nodes[f.st_ino].txn
+            tree = ops.inodes.nodes[f.st_ino].tree
+            assert tree.jobs.running == 1                                  # the hash after the close
+            txn = tree.txn
             assert txn.staging._tree is not None and txn.generations
             await ops.rename(ops.top["transactions"], b"r", ops.top["commit"], b"r", 0, Ctx())
-            assert txn.closed and ops.nodes[f.st_ino].txn is txn          # the kernel still holds it
+            assert txn.closed and ops.inodes.nodes[f.st_ino].tree.txn is txn          # the kernel still holds it
             assert txn.staging._tree is None and not txn.staging._nodes
             assert not txn.generations and txn._base_stored is None and not txn.files
-            assert not ops.busy                                            # no entry per resource written to
+            assert tree.jobs.running == 0
             with pytest.raises(pyfuse3.FUSEError):
                 await ops.getattr(f.st_ino, Ctx())
     trio.run(go)
@@ -179,8 +181,8 @@ def test_the_cache_option_splits_between_documents_and_nodes(tmp_path):
     archive = make_instances(tmp_path, "r", count=1, files=1)
     ops = Operations(archive.root, cache_bytes=64 << 20)
     assert archive.root.doc_cache_bytes == 32 << 20
-    assert ops.trees.limit == (32 << 20) // NODE_BYTES
-    assert Operations(archive.root).trees.limit == (ops_module.CACHE_BYTES // 2) // NODE_BYTES
+    assert ops.inodes.held.limit == (32 << 20) // NODE_BYTES
+    assert Operations(archive.root).inodes.held.limit == (ops_module.CACHE_BYTES // 2) // NODE_BYTES
 
 
 def test_a_node_forgotten_and_looked_up_again_keeps_its_inode_number(tmp_path, asked):
@@ -197,14 +199,14 @@ def test_a_node_forgotten_and_looked_up_again_keeps_its_inode_number(tmp_path, a
             made = await ops.mkdir(txn.st_ino, b"extracted", 0o755, Ctx())
             view = await look_through(ops, ops.top["instances"], ["r", archive.root.head("r"), "d", "f1.txt"])
             await ops.forget([(made.st_ino, 1), *((ino, 1) for ino in reversed(view))])
-            assert made.st_ino not in ops.nodes and view[-1] not in ops.nodes
+            assert made.st_ino not in ops.inodes.nodes and view[-1] not in ops.inodes.nodes
             assert (await ops.lookup(txn.st_ino, b"extracted", Ctx())).st_ino == made.st_ino
             again = await look_through(ops, ops.top["instances"], ["r", archive.root.head("r"), "d", "f1.txt"])
             assert again == view
             # a number that a live node of another key holds is never given twice
             key = ("txn", "r", "another transaction", 5)
-            taken = ops._new_ino(key)
-            ops.nodes[taken] = ops.nodes[made.st_ino]
-            assert ops._new_ino(key) < KEYED_INOS
-            del ops.nodes[taken]
+            taken = ops.inodes._new_ino(key)
+            ops.inodes.nodes[taken] = ops.inodes.nodes[made.st_ino]
+            assert ops.inodes._new_ino(key) < KEYED_INOS
+            del ops.inodes.nodes[taken]
     trio.run(go)

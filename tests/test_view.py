@@ -13,7 +13,6 @@ import trio
 from tinyfs import Archive
 from tinyfs.core.errors import NotFound
 from tinyfs.fs.ops import Operations
-from tinyfs.fs.view import View
 
 
 class Ctx:
@@ -54,24 +53,25 @@ def run(fn, *args):
     return trio.run(fn, *args)
 
 
-def test_view_lookup_children_and_attrs(archive):
-    view = View(archive.root, 1000, 1000)
+def test_trees_lookup_children_and_attrs(archive):
     ops = Operations(archive.root)
-    resources = ops.nodes[ops.top["resources"]]
-    r1 = view.lookup(resources, "r1")
-    names = [n for n, _ in view.children(r1)]
+    root = ops.root
+    resources = root.top["resources"]
+    r1 = root.lookup(resources, "r1")
+    assert r1.tree is root.states
+    names = [n for n, _, _ in trio.run(root.states.children, r1)]
     assert names == ["d", "f.txt"]
-    f = view.lookup(r1, "f.txt")
-    a = view.attr(f)
+    f = r1.tree.lookup(r1, "f.txt")
+    a = f.tree.attrs(f)
     recorded = archive.get("r1").state().files["f.txt"].mode
-    assert a.mode == stat.S_IFREG | recorded and a.mode & 0o200 and a.size == 5 and a.uid == 1000
-    assert view.xattrs(f) == {}                                   # the synthetic ones are not listed ...
-    assert view.virtual_xattr(f, "user.tinyfs.digest").startswith(b"sha512:")    # ... but readable
-    inst = view.lookup(ops.nodes[ops.top["instances"]], "r1")
-    kids = dict(view.children(inst))
-    assert "v1" in kids and kids["v1"].kind == "label"
+    assert a.mode == stat.S_IFREG | recorded and a.mode & 0o200 and a.size == 5 and a.uid == os.getuid()
+    assert f.tree.listxattr(f) == []                                     # the synthetic ones are not listed ...
+    assert f.tree.getxattr(f, "user.tinyfs.digest").startswith(b"sha512:")    # ... but readable
+    inst = root.lookup(root.top["instances"], "r1")
+    kids = {name: node for name, node, _ in trio.run(inst.tree.children, inst)}
+    assert "v1" in kids and kids["v1"].tree.readlink(kids["v1"]) == archive.root.head("r1")
     with pytest.raises(NotFound):
-        view.lookup(resources, "nope")
+        root.lookup(resources, "nope")
 
 
 def test_ops_read_only_refusals_and_reads(archive):
@@ -111,7 +111,7 @@ def test_ops_view_files_open_lazily_and_missing_bytes_read_as_eio(archive):
         assert await ops.read(info.fh, 1, 3) == b"ell"
         assert ops.handles[info.fh].fd >= 0
         await ops.release(info.fh)
-        path = ops.view.file_path(ops.nodes[f.st_ino])
+        path = ops.root.states.file_path(ops.inodes.nodes[f.st_ino])
         os.chmod(path, 0o644)
         os.rename(path, path + ".away")
         try:

@@ -120,6 +120,7 @@ class State:
     hardlinks: tuple[Group, ...] = ()      # link groups (`link_groups` form when written by tinyfs)
     root: DirEntry | None = None
     _groups: dict[str, Group] | None = field(default=None, compare=False, repr=False)
+    _children: dict[str, list] | None = field(default=None, compare=False, repr=False)
 
     def group_of(self, path: str) -> Group | None:
         """The link group of a path, if it has one (the index is built at the first question)."""
@@ -131,6 +132,17 @@ class State:
 
     def entries(self) -> dict[str, Entry]:
         return {**self.dirs, **self.links, **self.files}
+
+    def children(self, directory: str) -> list[tuple[str, str, Entry]]:
+        """(name, path, entry) of the entries of a directory ("" for the root), sorted by name. The index
+        of every directory is built at the first question: a state does not change once read."""
+        if self._children is None:
+            index: dict[str, list] = {}
+            for path, entry in sorted(self.entries().items()):
+                parent, _, name = path.rpartition("/")
+                index.setdefault(parent, []).append((name, path, entry))
+            self._children = index
+        return self._children.get(directory, [])
 
     def get(self, path: str) -> Entry | None:
         return self.files.get(path) or self.links.get(path) or self.dirs.get(path)

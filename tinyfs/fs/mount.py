@@ -260,7 +260,6 @@ async def _watch_signals(ops: Operations, early: _EarlySignals) -> None:
             signum = early.signum
         log.info("signal %s: finishing running commits, then unmounting", signal.Signals(signum).name)
         sd_notify("STOPPING=1\nSTATUS=finishing running commits, then unmounting")
-        ops.closing = True
-        while ops.commits_running:
-            await trio.sleep(0.05)
+        ops.close()
+        await ops.commits_done()
         pyfuse3.terminate()

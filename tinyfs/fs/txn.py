@@ -136,6 +136,7 @@ class OpenFile:
     draining: bool = False     # a feeder task is running for `pending`
     failed: bool = False       # a write failed: the blob may miss bytes
     generation: int = 0        # OpenTxn.generations[sino] when its latest writer opened it
+    progress: object = None    # a trio.Event the feeder sets after each batch it hashed (txntree.py)
 
 
 class OpenTxn:

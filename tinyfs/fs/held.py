@@ -14,7 +14,7 @@ limit, the trees nobody looked into for `grace` seconds are let go, least recent
 the count would be back under three quarters of the limit. A tree let go is only read again from the
 archive when it is next looked at; nothing is lost. Transactions are never let go.
 
-Pure Python, no pyfuse3: ops.py does the invalidating.
+Pure Python, no pyfuse3: inodes.py asks the kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ GRACE = 10.0          # seconds a tree stays after it was last looked into (or a
 ROUND = 1.0           # seconds between two rounds of letting go
 
 
-class Tree:
+class HeldTree:
     """One read-only tree the kernel holds nodes of."""
 
     __slots__ = ("key", "nodes", "used", "asked")
@@ -39,39 +39,39 @@ class Tree:
         self.asked = 0.0           # when the kernel was last asked to let it go
 
 
-class Trees:
+class HeldTrees:
     def __init__(self, limit: int, grace: float = GRACE, clock: Callable[[], float] = time.monotonic):
         self.limit = limit
         self.low = limit * 3 // 4
         self.grace = grace
         self.clock = clock
-        self._lru: OrderedDict[Hashable, Tree] = OrderedDict()
+        self._lru: OrderedDict[Hashable, HeldTree] = OrderedDict()
         self._last_round = -ROUND
 
     def __len__(self) -> int:
         return len(self._lru)
 
-    def enter(self, key: Hashable) -> Tree:
+    def enter(self, key: Hashable) -> HeldTree:
         """A node of tree `key` was registered."""
         tree = self._lru.get(key)
         if tree is None:
-            tree = self._lru[key] = Tree(key, self.clock())
+            tree = self._lru[key] = HeldTree(key, self.clock())
         tree.nodes += 1
         return tree
 
-    def touch(self, tree: Tree) -> None:
+    def touch(self, tree: HeldTree) -> None:
         """The kernel looked into the tree (a lookup, a listing)."""
         if tree.nodes:
             tree.used = self.clock()
             self._lru.move_to_end(tree.key)
 
-    def leave(self, tree: Tree) -> None:
+    def leave(self, tree: HeldTree) -> None:
         """One of its nodes was forgotten (or never given to the kernel)."""
         tree.nodes -= 1
         if tree.nodes <= 0 and self._lru.get(tree.key) is tree:
             del self._lru[tree.key]
 
-    def to_let_go(self, total: int) -> list[Tree]:
+    def to_let_go(self, total: int) -> list[HeldTree]:
         """With `total` nodes in the mount: the trees to ask the kernel to forget now (at most one round
         a second; empty while under the limit)."""
         now = self.clock()

@@ -1,0 +1,326 @@
+"""The root of the mount: resources/, instances/, aip/, events.jsonl, and transactions/ and commit/,
+where the life of a transaction happens: `mkdir transactions/<rid>` opens one, `rmdir` rolls it back,
+`mv transactions/<rid> commit/` commits it (SPEC 5).
+
+A commit answers its rename only once the instance is durable and the mount shows it: the browsed tree
+of resources/<rid> is moved to the new head and the kernel has forgotten what it cached of the change
+before the reply; the moved name commit/<rid> is forgotten right after it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import trio
+
+from ..core.commit import commit
+from ..core.errors import Busy, Forbidden, Incomplete, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
+from ..core.ids import is_rid
+from ..core.limits import EVENT_TEXT_MAX
+from ..core.staging import Staging, refresh_sizes
+from .files import FileHandle, PlainFile
+from .tree import LONG, SHORT, Attr, Listing, Node, Services, Tree, fail
+from .txn import OpenTxn
+from .txntree import Jobs, TxnTree
+from .view import AipTree, InstancesTree, StateTree
+
+log = logging.getLogger(__name__)
+
+TOP = ("resources", "instances", "aip", "transactions", "commit", "events.jsonl")
+WRITABLE = ("transactions", "commit")
+# Errors a commit may meet that would mean something else to the client of a rename: answered as EIO
+NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+# Commit failures that only the transaction's content and the resource's instances decide (ESTALE, a label
+# taken, a path too long, a file whose bytes are incomplete): see RootTree._known_failure
+DECIDED_BY_INPUTS = (Stale, LabelTaken, NameTooLong, Incomplete)
+
+
+class RootTree(Tree):
+    permanent = True
+
+    def __init__(self, services: Services):
+        self.services = services
+        self.archive = services.archive
+        self.states = StateTree(services)
+        self.instances = InstancesTree(services, self.states)
+        self.aip = AipTree(services)
+        self.txns: dict[str, TxnTree] = {}
+        self.commits = Jobs()                    # commits running (a shutdown lets them finish)
+        self.root = Node(self, ("root",))
+        self.top = {name: Node(self, ("top", name), path=name) for name in TOP}
+
+    # -- names and attributes -----------------------------------------------------------------------
+    def attrs(self, node: Node) -> Attr:
+        s = self.services
+        if node is self.root:
+            return Attr(stat.S_IFDIR | 0o555, mtime_ns=s.root_mtime, ctime_ns=s.root_mtime, uid=s.uid, gid=s.gid,
+                        nlink=2 + 5)
+        if node.path == "events.jsonl":
+            st = os.stat(self.archive.events.path)
+            return Attr(stat.S_IFREG | 0o444, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                        uid=s.uid, gid=s.gid, entry_timeout=LONG, attr_timeout=0)
+        mode = 0o1777 if node.path in WRITABLE else 0o555
+        return Attr(stat.S_IFDIR | mode, mtime_ns=s.root_mtime, ctime_ns=s.root_mtime, uid=s.uid, gid=s.gid,
+                    nlink=2, entry_timeout=LONG, attr_timeout=SHORT)
+
+    def lookup(self, parent: Node, name: str) -> Node:
+        if parent is self.root:
+            if name not in self.top:
+                raise NotFound(name)
+            return self.top[name]
+        if not is_rid(name) or parent.path == "commit":
+            raise NotFound(name)
+        if parent.path == "transactions":
+            txn = self._txn(name)
+            if txn is None:
+                raise NotFound(name)
+            return txn.root()
+        if parent.path == "resources":
+            head = self.archive.head(name)
+            if head is None:
+                self.states.forget_head(name)    # purged (dynamic mode): a resource made again starts anew
+                raise NotFound(name)
+            return self.states.root(name, head, current=True)
+        if parent.path == "instances":
+            if not self.archive.head(name):
+                raise NotFound(name)
+            return self.instances.node(name)
+        if parent.path == "aip" and self.archive.resource_dir(name).is_dir():
+            return self.aip.node(name)
+        raise NotFound(name)
+
+    async def children(self, node: Node) -> Listing:
+        if node is self.root:
+            return [(name, top, None) for name, top in self.top.items()]
+        if node.path == "transactions":
+            return self._transactions()
+        if node.path == "commit":
+            return []
+        return await trio.to_thread.run_sync(self._resources, node.path)
+
+    def _resources(self, top: str) -> Listing:
+        """(worker thread) resources/, instances/ or aip/: one entry per resource."""
+        rids = self.archive.resource_ids()
+        if top == "resources":
+            return [(rid, self.states.root(rid, head, current=True), None) for rid in rids
+                    if (head := self.archive.head(rid))]
+        make = self.instances.node if top == "instances" else self.aip.node
+        return [(rid, make(rid), None) for rid in rids]
+
+    def _transactions(self) -> Listing:
+        names = sorted(n for n in os.listdir(self.archive.transactions)
+                       if is_rid(n) and (self.archive.transactions / n / "txn.db").exists())
+        return [(n, txn.root(), None) for n in names if (txn := self._txn(n)) is not None]
+
+    def read_only(self, node: Node) -> bool:
+        return node.path not in WRITABLE
+
+    def refusal(self, parent: Node) -> OSError:
+        if parent.path == "commit":
+            return fail(errno.EPERM, "nothing can be created in commit/")
+        return fail(errno.EROFS)
+
+    def accepts_commits(self, parent: Node) -> bool:
+        return parent.path == "commit"
+
+    async def open(self, node: Node, flags: int, ctx) -> FileHandle:
+        if node.path != "events.jsonl":
+            raise fail(errno.EISDIR)
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            raise fail(errno.EROFS)
+        return PlainFile(str(self.archive.events.path))
+
+    # -- transactions: open, roll back, commit ---------------------------------------------------------
+    async def make(self, parent: Node, name: str, kind: str, mode: int, ctx, target: str | None = None) -> Node:
+        if parent.path != "transactions" or kind != "d":
+            raise self.refusal(parent)
+        return await self._open_transaction(name, ctx)
+
+    async def remove(self, parent: Node, name: str, directory: bool) -> None:
+        if parent.path != "transactions" or not directory:
+            raise self.refusal(parent)
+        await self._rollback(name)
+
+    async def rename(self, old_parent: Node, old: str, new_parent: Node, new: str, flags: int, ctx) -> None:
+        if old_parent.path == "transactions":
+            if new_parent.tree.accepts_commits(new_parent):
+                return await self._commit(old, new, ctx)
+            raise fail(errno.EPERM, "a transaction is committed by moving it into commit/")
+        if new_parent.tree.accepts_commits(new_parent):
+            raise fail(errno.EPERM, "only a transaction can be moved into commit/")
+        # a name leaving or entering a read-only tree would change it: EROFS, as on a read-only mount
+        raise fail(errno.EROFS if self.read_only(old_parent) or new_parent.tree.read_only(new_parent)
+                   else errno.EXDEV)
+
+    def open_transactions(self) -> list[TxnTree]:
+        return list(self.txns.values())
+
+    def _txn(self, rid: str) -> TxnTree | None:
+        """The open transaction `rid`, read from transactions/ if this mount has not opened it (a restart)."""
+        tree = self.txns.get(rid)
+        if tree is None:
+            path = self.archive.transactions / rid
+            if not (path / "txn.db").exists():
+                return None
+            staging = Staging.open(path, self._base_loader(rid))
+            refresh_sizes(staging)
+            staging.drop_orphans()
+            tree = self.txns[rid] = TxnTree(self.services, OpenTxn(self.archive, rid, staging))
+        return tree
+
+    def _base_loader(self, rid: str):
+        return lambda iid: self.archive.state(rid, iid)
+
+    def _idle_txn(self, rid: str) -> TxnTree:
+        """The open transaction `rid` for a rollback or a commit: ENOENT if none, EBUSY while committing."""
+        tree = self._txn(rid) if is_rid(rid) else None
+        if tree is None:
+            raise fail(errno.ENOENT)
+        if tree.txn.committing:
+            raise fail(errno.EBUSY)
+        return tree
+
+    async def _open_transaction(self, rid: str, ctx) -> Node:
+        if not is_rid(rid):
+            raise fail(errno.EINVAL, f"invalid resource id {rid!r}")
+        if self._txn(rid) is not None:
+            raise fail(errno.EEXIST)
+        if self.services.closing:
+            raise fail(errno.EBUSY)
+        head = self.archive.head(rid)
+
+        def create():
+            root = self.archive.state(rid, head).root if head else None   # the root starts as recorded
+            staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
+                                     ctx.uid, ctx.gid, root=root)
+            staging.read_base()       # in this worker thread, not in the first request
+            return staging
+
+        staging = await trio.to_thread.run_sync(create)
+        tree = self.txns[rid] = TxnTree(self.services, OpenTxn(self.archive, rid, staging))
+        self.archive.events.append("transaction.opened", rid, head, uid=ctx.uid, via="mount")
+        return tree.root()
+
+    async def _rollback(self, rid: str) -> None:
+        tree = self._idle_txn(rid)
+        if tree.staging.has_children(tree.root().sino):
+            raise fail(errno.ENOTEMPTY)
+        trash = await trio.to_thread.run_sync(Staging.detach, tree.staging.path)
+        self._close(tree)
+        await trio.to_thread.run_sync(Staging.delete, trash)
+        self.archive.events.append("transaction.rolled_back", rid, tree.txn.base, via="mount")
+
+    def _close(self, tree: TxnTree) -> None:
+        """Forget a committed or rolled-back transaction, once its directory has left transactions/:
+        _txn() reopens any transaction it finds there that is not in self.txns (after a restart), and did
+        so with one closed a moment too early, by a listing of transactions/ while the directory was
+        being moved out (opendir is not held back by the rename). That transaction then stayed open in
+        the daemon for good, its files deleted: `mkdir transactions/<rid>` failed with EEXIST from then on.
+
+        Its nodes stay registered until the kernel forgets them (after the invalidations): their keys
+        carry the transaction's token, which no later transaction has, and scanning every key here
+        cost a commit 1-2 ms."""
+        tree.txn.close()
+        self.txns.pop(tree.txn.rid, None)
+
+    async def _commit(self, rid: str, target: str, ctx) -> None:
+        tree = self._idle_txn(rid)
+        if target != rid:     # (mv transactions/x commit/y: nothing but x itself may be made in commit/)
+            raise self._failed(tree.txn, Forbidden(f"a transaction is committed as commit/{rid}, not as "
+                                                   f"commit/{target}"), event=True)
+        if self.services.closing:
+            raise fail(errno.EBUSY, "the mount is shutting down")
+        tree.txn.committing = True
+        self.commits.start()
+        try:
+            await self._commit_txn(tree, ctx.uid)
+        except BaseException as e:
+            # whatever went wrong (a bug included), the transaction must not stay `committing`
+            if not tree.txn.closed and tree.staging.get_meta("state") == "committing":
+                self._failed(tree.txn, TinyfsError(f"internal error: {type(e).__name__}: {e}"[:EVENT_TEXT_MAX]))
+            raise
+        finally:
+            tree.txn.committing = False
+            self.commits.done()
+
+    async def _commit_txn(self, tree: TxnTree, committer: int) -> None:
+        txn = tree.txn
+        known = self._known_failure(txn)
+        if known is not None:
+            raise known
+        try:
+            request = await self._request(tree, committer)
+        except TinyfsError as e:
+            raise self._failed(txn, e, event=True) from None
+        try:
+            result = await trio.to_thread.run_sync(commit, self.archive, request)
+        except (TinyfsError, OSError) as e:
+            raise self._failed(txn, e) from None     # (core.commit appended the event)
+        moved_name = self.services.inodes.ino_of(tree.root().key)
+        trash = await trio.to_thread.run_sync(Staging.detach, txn.staging.path)
+        self._close(tree)     # (after the rename out of transactions/: see _close)
+        self.services.nursery.start_soon(trio.to_thread.run_sync, Staging.delete, trash)  # bytes go after the reply
+        log.info("committed %s as %s", txn.rid, result.instance)
+        if result.instance is not None:
+            await self._show(txn.rid, result.instance)
+        if moved_name is not None:
+            self.services.kernel.forget_entry_later(self.services.top["commit"], txn.rid, moved_name)
+
+    async def _request(self, tree: TxnTree, committer: int):
+        """The commit request of a transaction no file of which is open for writing, once its background
+        hashes are done. The walk runs in a worker: for a 10,000-file transaction it takes 70-100 ms, which
+        the loop spends serving other clients (every change of this transaction fails with EBUSY meanwhile)."""
+        txn = tree.txn
+        writing = txn.open_for_writing()
+        if writing:
+            path = next((p for p, sino, _row in txn.staging.walk() if sino in writing), "?")
+            raise Busy(f"{path}: still open for writing", path=path)
+        await tree.jobs.idle()
+        txn.staging.set_meta("state", "committing")
+        return await trio.to_thread.run_sync(txn.commit_request, committer)
+
+    async def _show(self, rid: str, iid: str) -> None:
+        """Make the mount show the committed instance before the rename is answered."""
+        try:
+            stale = self.states.move_head(rid, iid)
+        except Exception:    # the commit is made: never answer it with an error
+            log.exception("showing commit %s of %s", iid, rid)
+            self.states.forget_head(rid)
+            stale = [(self.services.top["resources"], rid)]
+        await trio.to_thread.run_sync(self.services.kernel.forget_now, stale)
+
+    def _failed(self, txn: OpenTxn, error: Exception, event: bool = False) -> OSError:
+        """Record a failed commit -- the transaction's state and error, one warning, and (`event`) the
+        commit.failed event where core.commit did not append it -- and return the error to answer with."""
+        code = getattr(error, "errno", None) or errno.EIO
+        if code in NEVER_FROM_COMMIT and not event:
+            code = errno.EIO
+        message = str(error)
+        txn.staging.set_meta("state", "failed")
+        txn.staging.set_meta("error", message)
+        log.warning("commit of %s failed: %s", txn.rid, message)
+        if event:
+            self.archive.events.append("commit.failed", txn.rid, None, error=message, via="mount")
+        txn.failure = (code, message, self._inputs(txn)) if isinstance(error, DECIDED_BY_INPUTS) else None
+        return fail(code, message)
+
+    def _known_failure(self, txn: OpenTxn) -> OSError | None:
+        """The failure of the transaction's last commit, when neither the transaction nor the resource's
+        head has changed since and nothing else decided it: the same commit would fail the same way.
+
+        The kernel asks twice for every commit that fails with ESTALE: the VFS retries a path-based call
+        once, its lookups revalidated, when the file system answers ESTALE (one `mv`, one renameat2, two
+        RENAME requests 20-30 ms apart). Answered from here, the second one is not attempted again and
+        adds no warning or event: one failure, logged once."""
+        if txn.failure is None:
+            return None
+        code, message, inputs = txn.failure
+        return fail(code, message) if inputs == self._inputs(txn) else None
+
+    def _inputs(self, txn: OpenTxn) -> tuple[int, str | None]:
+        """What decides a commit's outcome besides this code: the transaction (its change count) and the
+        resource's head."""
+        return txn.staging.changes(), self.archive.head(txn.rid)
