@@ -290,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    _add_archive_commands(command)
+    _add_reading_commands(command)
+    return parser
+
+
+def _add_archive_commands(command: Callable) -> None:
+    """init, mount, umount, ingest: making an archive and putting material in."""
     p = command("init", cmd_init, "create an archive")
     p.usage = "tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable]"
     p.add_argument("root", metavar="ROOT", nargs="?")     # (may come after --digest: see _root_and_digests)
@@ -317,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", "-l")
     p.add_argument("--creator", "-c")
 
+
+def _add_reading_commands(command: Callable) -> None:
+    """ls, cat, events, fsck, export, recover, purge: reading, checking and keeping an archive."""
     p = command("ls", cmd_ls, "list resources, or a resource's instances (iid, created, label, message)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID", nargs="?")
@@ -351,7 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("purge", cmd_purge, "delete a resource (dynamic mode only)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID")
-    return parser
 
 
 def _fstab_parser() -> argparse.ArgumentParser:
