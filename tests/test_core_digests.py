@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 
 import pytest
 
@@ -51,3 +53,19 @@ def test_hash_file_reuses_its_buffer_safely_across_files_and_threads(tmp_path) -
     h = MultiHash(["sha256"])
     h.update(b"abc")
     assert h.hexdigests() == {"sha256": hashlib.sha256(b"abc").hexdigest()}
+
+
+def test_a_source_changed_within_a_clock_tick_is_waited_for_before_its_copy(tmp_path):
+    """A write in the same tick of the kernel's coarse clock as the fingerprint taken before a copy would
+    leave the times unchanged, and a torn copy undetected: the fingerprint is taken only once the
+    source's last change is SETTLE_NS old."""
+    from tinyfs.core.digests import SETTLE_NS, _settled_fingerprint
+
+    src = tmp_path / "fresh.bin"
+    src.write_bytes(b"x" * 1000)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        _settled_fingerprint(fd)
+        assert time.time_ns() - os.fstat(fd).st_ctime_ns >= SETTLE_NS
+    finally:
+        os.close(fd)

