@@ -22,14 +22,11 @@ import sqlite3
 import pyfuse3
 import trio
 
-from ..core.errors import TinyfsError
-from ..core.ids import decode_name
-from ..core.layout import ArchiveRoot
 from .files import FileHandle, Verifier
 from .inodes import Inodes
 from .kernel import Kernel
 from .root import TOP, RootTree
-from .tree import BLKSIZE, Attr, Listing, Node, Services, fail
+from .tree import BLKSIZE, Attr, Listing, Node, Services, TreeError, decode, fail
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ def handler(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except TinyfsError as e:      # the client's business (a name not there, taken, too long...)
+        except TreeError as e:      # the client's business (a name not there, taken, too long...)
             log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except OSError as e:
@@ -88,7 +85,7 @@ def handler(fn):
 
 def name_of(raw) -> str:
     """A name the kernel sent, to make: EILSEQ if it is not UTF-8 (tinyfs records names as text)."""
-    return decode_name(bytes(raw))
+    return decode(bytes(raw))
 
 
 class DirHandle:
@@ -109,7 +106,7 @@ class DirHandle:
 
 
 class Operations(pyfuse3.Operations):
-    def __init__(self, archive: ArchiveRoot, writeback: bool = False, cache_bytes: int = CACHE_BYTES):
+    def __init__(self, archive, writeback: bool = False, cache_bytes: int = CACHE_BYTES):
         super().__init__()
         # Off by default: with the kernel's writeback cache a write() returns before the daemon has the
         # bytes, so a killed daemon would lose writes that had returned (SPEC 5). `-o writeback` trades
@@ -165,8 +162,8 @@ class Operations(pyfuse3.Operations):
         if len(raw) > 255:
             raise fail(errno.ENAMETOOLONG)   # FUSE does not enforce NAME_MAX for us
         try:
-            name = decode_name(raw)
-        except TinyfsError:
+            name = decode(raw)
+        except TreeError:
             raise fail(errno.ENOENT) from None   # such a name cannot exist here; creating it is EILSEQ
         return self._entry(parent.tree.lookup(parent, name))
 

@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..core.errors import TinyfsError
+from ..core.ids import decode_name
+
 if TYPE_CHECKING:
     from ..core.layout import ArchiveRoot
     from .files import FileHandle
@@ -32,6 +35,15 @@ if TYPE_CHECKING:
 BLKSIZE = 1 << 20          # coreutils sizes its buffers from st_blksize: 1 MiB writes, fewer requests
 LONG = 3600.0              # committed trees never change
 SHORT = 1.0                # names that move on commit: resources/<rid>, listings
+
+
+# What trees raise besides OSError: the core's typed errors, each with the errno it is answered with.
+TreeError = TinyfsError
+
+
+def decode(raw: bytes) -> str:
+    """A name the kernel sent, as the archive records names (UTF-8): TreeError (EILSEQ) if it is not."""
+    return decode_name(raw)
 
 
 def fail(code: int, message: str = "") -> OSError:
