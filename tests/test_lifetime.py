@@ -16,6 +16,8 @@ from tinyfs.fs import ops as ops_module
 from tinyfs.fs.ops import KEYED_INOS, NODE_BYTES, Operations
 from tinyfs.fs.trees import Trees
 
+pytestmark = pytest.mark.adapter
+
 
 class Ctx:
     def __init__(self, uid=0, gid=0, umask=0o022):

@@ -15,6 +15,8 @@ from tinyfs.core.errors import NotFound
 from tinyfs.fs.ops import Operations
 from tinyfs.fs.view import View
 
+pytestmark = pytest.mark.adapter
+
 
 class Ctx:
     def __init__(self, uid=0, gid=0, umask=0o022):
