@@ -11,6 +11,27 @@ from mounting import Mounted, tinyfs_argv
 
 from tinyfs import Archive
 
+TIERS = ("core", "adapter", "mount")      # pyproject.toml describes them; `slow` is not a tier
+
+
+def tier_problem(item: pytest.Item) -> str | None:
+    """Why a test's tier markers are wrong (none, several, or `mount` missing on a user of `mnt`), or None."""
+    tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+    if len(tiers) != 1:
+        return f"{item.nodeid}: {' and '.join(tiers) if tiers else 'no tier'} (mark it with one of {', '.join(TIERS)})"
+    if "mnt" in getattr(item, "fixturenames", ()) and tiers != ["mount"]:
+        return f"{item.nodeid}: uses the `mnt` fixture but is marked {tiers[0]}, not mount"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)     # before `-m` deselects: every collected test is checked, whatever is run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Collection fails unless every test has exactly one tier, so that `-m core`, `-m adapter` and
+    `-m mount` together run everything and a new test cannot drop out of all three."""
+    problems = [p for p in map(tier_problem, items) if p is not None]
+    if problems:
+        raise pytest.UsageError("tests without exactly one tier marker:\n  " + "\n  ".join(problems))
+
 
 def run_tinyfs(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run the installed `tinyfs` command; text output captured."""

@@ -20,8 +20,11 @@ from trees import OLD_NS, acceptance_tree, errno_of
 
 from tinyfs.core.layout import ArchiveRoot
 
-pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse")
-                                or not shutil.which("rsync"), reason="needs FUSE and rsync")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse")
+                       or not shutil.which("rsync"), reason="needs FUSE and rsync"),
+]
 
 def rsync(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["rsync", *args], capture_output=True, text=True, timeout=600)

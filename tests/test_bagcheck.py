@@ -23,6 +23,8 @@ from tinyfs.core.bagcheck import (
 )
 from tinyfs.core.digests import CHUNK
 
+pytestmark = pytest.mark.core
+
 # The Library of Congress conformance bags (public domain, CC0), copied from
 # https://github.com/LibraryOfCongress/bagit-conformance-suite into tests/fixtures.
 SUITE = Path(__file__).parent / "fixtures" / "bagit-conformance"

@@ -40,10 +40,13 @@ VARIANTS = {
     "find-ls-warm": {"tinyfs", "passthrough", "native"},
 }
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None or shutil.which("rsync") is None,
-    reason="needs FUSE, fusermount3 and rsync",
-)
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(
+        not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None or shutil.which("rsync") is None,
+        reason="needs FUSE, fusermount3 and rsync",
+    ),
+]
 
 
 def is_number(x) -> bool:

@@ -19,6 +19,8 @@ from mounting import tinyfs_argv
 from tinyfs import Archive
 from tinyfs.core.layout import ArchiveRoot
 
+pytestmark = pytest.mark.core
+
 CONFORMANCE = Path(__file__).parent / "fixtures" / "bagit-conformance"
 OLD_NS = 1_500_000_000_987_654_321
 

@@ -20,6 +20,7 @@ def _digests(root) -> list[str]:
     return json.loads((root / "tinyfs.json").read_text())["digests"]
 
 
+@pytest.mark.core
 def test_init_digest_before_or_after_root_repeated_or_as_a_comma_list(tmp_path):
     run_tinyfs("init", "--digest", "sha256", tmp_path / "a")
     run_tinyfs("init", tmp_path / "b", "--digest", "sha512", "sha256")          # the documented form
@@ -32,6 +33,7 @@ def test_init_digest_before_or_after_root_repeated_or_as_a_comma_list(tmp_path):
         assert r.returncode == 2 and r.stderr == "tinyfs: init: the following arguments are required: ROOT (see --help)\n"
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_umount_returns_once_the_daemon_has_exited(root, tmp_path):
     """Named directly, through a symbolic link, with a space and a backslash in its name (which /proc/mounts escapes)."""
@@ -49,6 +51,7 @@ def test_umount_returns_once_the_daemon_has_exited(root, tmp_path):
             m.stop()
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_a_mount_over_a_non_empty_directory_is_refused_without_nonempty(root, tmp_path):
     point = tmp_path / "mnt"

@@ -62,6 +62,7 @@ async def commit(ops: Operations, rid: bytes, ctx: Ctx) -> None:
     await ops.rename(ops.top["transactions"], rid, ops.top["commit"], rid, 0, ctx)
 
 
+@pytest.mark.adapter
 def test_a_listing_opened_before_a_commit_and_read_after_it_shows_the_commit(tmp_path, listed):
     """opendir is not held back by a commit's rename, only readdir is: `ls transactions/ resources/` started
     while a commit runs reads both after it. It showed transactions/ empty (the committed transaction
@@ -88,6 +89,7 @@ def test_a_listing_opened_before_a_commit_and_read_after_it_shows_the_commit(tmp
     check_archive_ok(archive.root.root)
 
 
+@pytest.mark.adapter
 @pytest.mark.parametrize("end", ["commit", "rollback"])
 def test_a_transaction_listed_while_it_leaves_transactions_is_not_opened_again(tmp_path, listed, monkeypatch, end):
     """A listing of transactions/ in the instant between the transaction's closing and the rename of its
@@ -132,6 +134,7 @@ def test_a_transaction_listed_while_it_leaves_transactions_is_not_opened_again(t
     check_archive_ok(archive.root.root)
 
 
+@pytest.mark.adapter
 def test_a_listing_of_resources_that_read_a_head_before_a_commit_shows_the_commit(tmp_path, listed):
     """A worker thread lists resources/ while the loop commits: the head it read just before the commit's
     rename made a Head for the previous instance once the commit had moved the tree on, and the listing
@@ -178,6 +181,7 @@ def test_a_listing_of_resources_that_read_a_head_before_a_commit_shows_the_commi
     trio.run(go)
 
 
+@pytest.mark.mount
 def test_commit_rounds_of_real_files_never_lag(tmp_path):
     """30 rounds of real deposits (cp -a of 5,000 real files, first commits of new resources, then later
     commits to them), on a mount without and one with allow_other, while another process lists

@@ -28,6 +28,7 @@ def events(root, kind: str, rid: str) -> list[dict]:
     return [e for e in lines if e["event"] == kind and e["resource"] == rid]
 
 
+@pytest.mark.mount
 def test_a_transaction_moved_into_commit_under_another_name_is_refused(mnt, root):
     """`mv transactions/x commit/y` committed x. Now EPERM (nothing but x itself can be made in commit/),
     the transaction intact and still committable, the reason in user.tinyfs.error."""
@@ -46,6 +47,7 @@ def test_a_transaction_moved_into_commit_under_another_name_is_refused(mnt, root
     assert (mnt / "resources" / "x" / "a.txt").read_text() == "a"
 
 
+@pytest.mark.adapter
 def test_the_creator_of_a_mount_commit_is_the_committing_user(tmp_path):
     """Unless user.tinyfs.creator is set, the creator is the name of the uid that renames the transaction
     into commit/ (an ordinary user's commit had an empty creator), or that uid where it has no name."""
@@ -83,6 +85,7 @@ def _has_name(uid: int) -> bool:
         return False
 
 
+@pytest.mark.mount
 def test_a_mount_commit_names_the_user_who_made_it(mnt, root):
     t = mnt / "transactions" / "named"
     os.mkdir(t)
@@ -91,6 +94,7 @@ def test_a_mount_commit_names_the_user_who_made_it(mnt, root):
     assert Archive(root).get("named").instances[-1].creator == pwd.getpwuid(os.getuid()).pw_name
 
 
+@pytest.mark.mount
 def test_a_failed_commit_is_logged_once(mnt, root, tmp_path):
     """A commit failing with ESTALE was attempted, warned about and recorded (commit.failed) twice: the
     kernel retries a path-based call once when it gets ESTALE. Asked again of an unchanged transaction

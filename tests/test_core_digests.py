@@ -11,6 +11,8 @@ import pytest
 
 from tinyfs.core.digests import MultiHash, hash_file, parallel
 
+pytestmark = pytest.mark.core
+
 
 def test_parallel_keeps_order_and_runs_every_item_once() -> None:
     seen: list[int] = []

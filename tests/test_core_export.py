@@ -17,6 +17,8 @@ from tinyfs.core.bagcheck import validate_bag
 from tinyfs.core.errors import AlreadyExists, NotFound
 from tinyfs.core.export import export, tar_compression
 
+pytestmark = pytest.mark.core
+
 NS = 1_400_000_000_000_000_123
 
 

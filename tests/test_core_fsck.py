@@ -14,6 +14,8 @@ from conftest import run_tinyfs
 from tinyfs import Archive
 from tinyfs.core.fsck import fsck
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture
 def two(tmp_path):

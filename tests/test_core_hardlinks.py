@@ -20,6 +20,8 @@ from tinyfs.core.fsck import fsck
 from tinyfs.core.ingest import ingest_bag, ingest_paths
 from tinyfs.core.model import InstanceDoc
 
+pytestmark = pytest.mark.core
+
 NS = 1_500_000_000_000_000_001
 
 

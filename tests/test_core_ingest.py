@@ -17,6 +17,8 @@ from tinyfs.core import ingest as ingest_module
 from tinyfs.core.errors import BadEncoding, Forbidden, InvalidBag, InvalidName
 from tinyfs.core.ingest import ingest_bag, ingest_paths
 
+pytestmark = pytest.mark.core
+
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "bagit-conformance"
 
 

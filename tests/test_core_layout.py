@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from tinyfs import Archive
 from tinyfs.core import layout
 from tinyfs.core.layout import ArchiveRoot
 from tinyfs.core.model import InstanceDoc
+
+pytestmark = pytest.mark.core
 
 
 def make_resource(archive: Archive, rid: str, files: int) -> None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tinyfs.core.model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State
+
+pytestmark = pytest.mark.core
 
 ODD = 'a "quoted" name\\ with\nnewline, tab\t, ümlaut, \u2028 and emoji \U0001f600'
 

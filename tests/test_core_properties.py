@@ -17,6 +17,8 @@ from tinyfs import Archive
 from tinyfs.core.bagcheck import decode_manifest_path, validate_bag
 from tinyfs.core.export import export
 
+pytestmark = pytest.mark.core
+
 ALPHABET = ["a", "b", " ", "%", "2", "5", "0", "A", "D", "\r", "\n", "é", "日", "-", "."]
 names = st.text(alphabet=ALPHABET, min_size=1, max_size=12).filter(lambda n: n not in (".", ".."))
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

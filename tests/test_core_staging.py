@@ -12,6 +12,7 @@ import base64
 import sqlite3
 import uuid
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -23,6 +24,8 @@ from hypothesis.stateful import (
 
 from tinyfs.core.model import DirEntry, FileEntry, LinkEntry, State
 from tinyfs.core.staging import ROOT, Staging
+
+pytestmark = pytest.mark.core
 
 NAMES = st.sampled_from(["a", "b", "c", "d d", "é"])
 PICK = st.integers(0, 10**6)

@@ -23,6 +23,8 @@ from tinyfs.core.fsck import fsck
 from tinyfs.core.layout import LOCKS, ArchiveRoot
 from tinyfs.core.recover import recover
 
+pytestmark = pytest.mark.core
+
 
 class Boom(Exception):
     """The injected failure."""

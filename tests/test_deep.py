@@ -83,6 +83,7 @@ def short_tmp():
 
 # -- deep trees ---------------------------------------------------------------------------------
 
+@pytest.mark.core
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_a_deep_tree_through_ingest_api_fsck_export_bag_and_recover(root, short_tmp, depth):
     src = short_tmp / "src"
@@ -122,6 +123,7 @@ def test_a_deep_tree_through_ingest_api_fsck_export_bag_and_recover(root, short_
     assert run_tinyfs("fsck", root).returncode == 0
 
 
+@pytest.mark.mount
 @needs_fuse
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_a_deep_tree_commits_through_the_mount(mnt, root, depth):
@@ -135,6 +137,7 @@ def test_a_deep_tree_commits_through_the_mount(mnt, root, depth):
     assert read_at(mnt / "resources" / "deep", deep) == b"at the bottom\n"
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_a_commit_failing_unexpectedly_never_stays_committing(root, tmp_path):
     """A commit that fails with an error nobody planned for (here: the head another process committed
@@ -173,6 +176,7 @@ def _one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
         assert word in r.stderr, r.stderr
 
 
+@pytest.mark.core
 def test_message_creator_and_label_limits_in_the_api_and_the_cli(root, tmp_path):
     src = tmp_path / "f.txt"
     src.write_bytes(b"x")
@@ -204,6 +208,7 @@ def _bag(where: Path, info: dict[str, str]) -> Path:
     return where
 
 
+@pytest.mark.core
 def test_bag_info_limits_in_ingest_bag(root, tmp_path):
     big = _bag(tmp_path / "big", {"External-Description": "d" * 100})
     with open(big / "bag-info.txt", "a") as f:     # (refused on its size, before it is read or validated)
@@ -222,6 +227,7 @@ def test_bag_info_limits_in_ingest_bag(root, tmp_path):
     check_archive_ok(root)
 
 
+@pytest.mark.core
 def test_event_values_are_bounded(root):
     archive = ArchiveRoot(root)
     record = archive.events.append("commit.failed", "r", None, error="e" * 100_000, paths=["p" * 50_000])
@@ -229,6 +235,7 @@ def test_event_values_are_bounded(root):
     assert len((root / "events.jsonl").read_text().splitlines()[-1]) < 2 * EVENT_TEXT_MAX + 1000
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_transaction_metadata_limits_in_the_mount(mnt, root):
     t = mnt / "transactions" / "r"
@@ -246,6 +253,7 @@ def test_transaction_metadata_limits_in_the_mount(mnt, root):
 
 # -- paths past PATH_MAX ------------------------------------------------------------------------
 
+@pytest.mark.mount
 @needs_fuse
 def test_a_path_past_4095_bytes_is_refused_when_it_is_made(mnt, root):
     t = mnt / "transactions" / "long"
@@ -287,6 +295,7 @@ def test_a_path_past_4095_bytes_is_refused_when_it_is_made(mnt, root):
 
 # -- the daemon's log -----------------------------------------------------------------------------
 
+@pytest.mark.mount
 @needs_fuse
 def test_the_log_keeps_what_an_operator_needs(mnt, root, tmp_path):
     """Requests a client gets an error for (names not there, taken, too long) are not logged above DEBUG;

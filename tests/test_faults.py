@@ -31,6 +31,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop moun
 
 # -- crash torture ------------------------------------------------------------------------------
 
+@pytest.mark.mount
 @needs_fuse
 def test_crash_torture_reduced(tmp_path):
     """30 trials of scripts/torture: mount, CLI and API commits killed at random instants."""
@@ -107,6 +108,7 @@ def full_mount(small_fs, tmp_path):
         yield m
 
 
+@pytest.mark.mount
 @needs_fuse
 @needs_root
 def test_writes_on_a_full_disk_fail_with_enospc_and_the_commit_waits_for_space(full_mount):
@@ -138,6 +140,7 @@ def test_writes_on_a_full_disk_fail_with_enospc_and_the_commit_waits_for_space(f
     check_archive_ok(m.root)
 
 
+@pytest.mark.mount
 @needs_fuse
 @needs_root
 def test_a_commit_that_cannot_complete_on_a_full_disk_leaves_the_transaction(full_mount, small_fs):
@@ -173,6 +176,7 @@ def test_a_commit_that_cannot_complete_on_a_full_disk_leaves_the_transaction(ful
     check_archive_ok(m.root)
 
 
+@pytest.mark.core
 @needs_root
 def test_ingest_on_a_full_disk_is_one_line_and_commits_nothing(small_fs, tmp_path):
     root = small_fs / "archive"
@@ -209,6 +213,7 @@ def test_ingest_on_a_full_disk_is_one_line_and_commits_nothing(small_fs, tmp_pat
     assert (ArchiveRoot(root).state("r").files.keys()) == {"first.txt", "small.txt"}
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_worm_commit_killed_after_its_bag_is_read_only_leaves_the_transaction_writable(tmp_path):
     """Staged blobs are hard links of the new bag's files, which worm mode makes 0444 before the final
@@ -276,6 +281,7 @@ def crashable(root, tmp_path):
     check_archive_ok(root)
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_bytes_rewritten_before_a_kill_are_not_committed_with_their_old_digest(crashable):
     """A file hashed at its close, opened again, rewritten in place (same size) and fsynced; the daemon is
@@ -310,6 +316,7 @@ def test_bytes_rewritten_before_a_kill_are_not_committed_with_their_old_digest(c
     check_archive_ok(m.root)
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_a_write_that_returned_survives_a_kill_of_the_daemon(crashable):
     """SPEC 5: every operation that had returned survives a kill -9 of the daemon (hence no writeback
@@ -330,6 +337,7 @@ def test_a_write_that_returned_survives_a_kill_of_the_daemon(crashable):
     assert (t / "f.txt").read_bytes() == b"written, and write() returned\n"
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_no_stale_digest_when_a_file_changes_right_after_its_close(crashable):
     """A file written out of order is hashed in the background after its close. A truncate or a rewrite
@@ -357,6 +365,7 @@ def test_no_stale_digest_when_a_file_changes_right_after_its_close(crashable):
     check_archive_ok(m.root)
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_killing_the_committing_mv_does_not_cut_the_commit(crashable):
     """kill -9 of `mv` during the rename: the kernel does not interrupt a FUSE request the daemon has

@@ -29,6 +29,8 @@ from tinyfs.core.errors import NotFound
 from tinyfs.core.export import export
 from tinyfs.core.layout import ArchiveRoot
 
+pytestmark = pytest.mark.core
+
 SIZE = 3 * CHUNK + 123          # several reads of CHUNK, then a short last one
 FLIPPED = 1000
 

@@ -58,6 +58,7 @@ def one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
 
 # -- names ----------------------------------------------------------------------------------------
 
+@pytest.mark.mount
 @needs_fuse
 def test_names_that_are_not_utf8_are_eilseq(mnt):
     t = mnt / "transactions" / "names"
@@ -77,6 +78,7 @@ def test_names_that_are_not_utf8_are_eilseq(mnt):
     assert os.listdir(mnt / "resources" / "names") == ["ok.txt"]
 
 
+@pytest.mark.core
 def test_ingest_refuses_names_that_are_not_utf8(root, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
@@ -94,6 +96,7 @@ def test_ingest_refuses_names_that_are_not_utf8(root, tmp_path):
     check_archive_ok(root)
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_names_of_255_bytes_work_and_256_are_enametoolong(mnt, root):
     t = mnt / "transactions" / "long-names"
@@ -150,6 +153,7 @@ def _read_deep(top: Path, names: list[str], leaf: str) -> bytes:
         os.close(fd)
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_paths_of_4000_bytes_through_the_mount(mnt, root):
     t = mnt / "transactions" / "deep"
@@ -190,6 +194,7 @@ def _retag(bag: Path) -> None:
     (bag / "tagmanifest-sha256.txt").write_text("".join(lines))
 
 
+@pytest.mark.core
 def test_unsafe_paths_in_a_bag_are_refused(root, tmp_path):
     secret = tmp_path / "outside.txt"
     secret.write_text("secret\n")
@@ -226,6 +231,7 @@ def test_unsafe_paths_in_a_bag_are_refused(root, tmp_path):
 
 # -- special files, hard links, symlink loops ------------------------------------------------------
 
+@pytest.mark.mount
 @needs_fuse
 def test_fifos_device_nodes_and_sockets_are_eperm_in_the_mount(mnt):
     t = mnt / "transactions" / "special"
@@ -243,6 +249,7 @@ def test_fifos_device_nodes_and_sockets_are_eperm_in_the_mount(mnt):
     os.rmdir(t)
 
 
+@pytest.mark.core
 def test_ingest_refuses_fifos_and_device_nodes(root, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -278,6 +285,7 @@ def _stored_files(root: Path, rid: str) -> list[Path]:
     return [p for p in (archive.instance_dir(rid, archive.head(rid)) / "data").rglob("*") if p.is_file()]
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_hard_links_are_one_inode_recorded_and_stored_once(mnt, root, tmp_path):
     """A hard link is two entries with one digest, stored once, and a link group (mount and ingest alike)."""
@@ -321,6 +329,7 @@ def test_hard_links_are_one_inode_recorded_and_stored_once(mnt, root, tmp_path):
     assert state.hardlinks == (("src/one.txt", "src/sub/two.txt", "src/three.txt"),)
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_hard_links_to_files_of_the_base_state(mnt, root):
     """The same through a transaction on an existing resource, where the linked file is a base file
@@ -360,6 +369,7 @@ def _loops(d: Path) -> dict[str, str]:
     return links
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_symlink_loops_are_stored_as_links_never_followed(mnt, root, tmp_path):
     t = mnt / "transactions" / "loops"
@@ -387,6 +397,7 @@ def test_symlink_loops_are_stored_as_links_never_followed(mnt, root, tmp_path):
 
 # -- many entries ----------------------------------------------------------------------------------
 
+@pytest.mark.mount
 @needs_fuse
 def test_a_directory_of_many_entries_in_one_transaction(mnt, root):
     t = mnt / "transactions" / "many"
@@ -441,6 +452,7 @@ def _stored_bytes(root: Path, rid: str, path: str) -> bytes:
     return archive.stored_path(rid, doc.stored[doc.state.files[path].digest]).read_bytes()
 
 
+@pytest.mark.core
 def test_a_file_rewritten_while_it_is_committed_is_never_stored_torn(root, tmp_path):
     """Another process rewrites the file in place (all A, all B, ...) while the CLI or the API commits
     it: the commit stores all A or all B, with the digest of those bytes, or fails and stores nothing."""
@@ -485,6 +497,7 @@ def test_a_file_rewritten_while_it_is_committed_is_never_stored_torn(root, tmp_p
     assert _stored_bytes(root, "moving-0", "moving.bin") == src.read_bytes()
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_mount_and_cli_commit_the_same_resource_at_once(mnt, root, tmp_path):
     t = mnt / "transactions" / "both"
@@ -569,6 +582,7 @@ def _fsck_lines(root: Path) -> tuple[int, list[str]]:
     return r.returncode, r.stdout.splitlines()
 
 
+@pytest.mark.core
 def test_fsck_names_the_exact_path_and_problem(root, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import tinyfs.core
+
+pytestmark = pytest.mark.core
 
 FORBIDDEN = ("pyfuse3", "trio", "tinyfs.fs", "tinyfs.cli")
 

@@ -17,6 +17,8 @@ from tinyfs.fs.held import HeldTrees
 from tinyfs.fs.inodes import KEYED_INOS
 from tinyfs.fs.ops import NODE_BYTES, Operations
 
+pytestmark = pytest.mark.adapter
+
 
 class Ctx:
     def __init__(self, uid=0, gid=0, umask=0o022):

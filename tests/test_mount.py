@@ -16,8 +16,10 @@ import pytest
 from conftest import check_archive_ok, mounted, run_tinyfs
 from mounting import Mounted, check_archive, listing, tinyfs_argv, tree
 
-pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
-                                reason="needs FUSE")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"), reason="needs FUSE"),
+]
 
 
 def source_tree(base: Path, n: int = 30) -> Path:

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from mounting import Mounted
 
-pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
-                                reason="needs FUSE")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"), reason="needs FUSE"),
+]
 NOBODY = 65534
 PYTHON = "/usr/bin/python3"      # (the venv's interpreter may be out of another user's reach)
 

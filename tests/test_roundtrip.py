@@ -140,6 +140,7 @@ def round_trip(tinyfs, root: Path, rid: str, work: Path) -> None:
     assert recorded(root, f"{rid}-from-tar") == want
 
 
+@pytest.mark.core
 def test_cli_ingest_records_every_kind_of_entry_and_round_trips(tmp_path, root, tinyfs, archive_ok):
     src = make_full_tree(tmp_path / "src")
     want = tree_state(src)
@@ -152,6 +153,7 @@ def test_cli_ingest_records_every_kind_of_entry_and_round_trips(tmp_path, root, 
     archive_ok(root)
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_mount_cp_a_deposit_records_every_kind_of_entry_and_round_trips(mnt, root, tmp_path, tinyfs):
     src = make_full_tree(tmp_path / "src")
@@ -182,6 +184,7 @@ def st(path: Path) -> tuple[int, int]:
     return s.st_ino, s.st_nlink
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_a_link_group_of_the_base_is_one_inode_in_a_transaction(mnt, root, tmp_path, tinyfs):
     src = tmp_path / "src"
@@ -217,6 +220,7 @@ def test_a_link_group_of_the_base_is_one_inode_in_a_transaction(mnt, root, tmp_p
     assert ArchiveRoot(root).head("r") == head
 
 
+@pytest.mark.mount
 @needs_fuse
 @pytest.mark.parametrize("client", ["tar", "rsync"])
 def test_tar_x_and_rsync_H_deposits_record_link_groups(mnt, root, tmp_path, client):
@@ -231,6 +235,7 @@ def test_tar_x_and_rsync_H_deposits_record_link_groups(mnt, root, tmp_path, clie
     assert recorded(root, "book")["hardlinks"] == tree_state(src)["hardlinks"]
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_a_browsed_tree_shows_a_changed_link_group_at_once(mnt, root, tmp_path, tinyfs):
     src = tmp_path / "src"
@@ -252,6 +257,7 @@ def test_a_browsed_tree_shows_a_changed_link_group_at_once(mnt, root, tmp_path, 
     assert st(view / "b")[0] != st(view / "a")[0]
 
 
+@pytest.mark.core
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
 def test_the_owner_of_an_export_validates_it_without_root(tmp_path, root, tinyfs):
     """A file or directory its owner may not read would make bagit.py, run by the bag's owner, call the

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.mount
+
 SOAK = Path(__file__).resolve().parent.parent / "scripts" / "soak"
 CACHE_MIB = 8
 # The first seconds of work load modules, start worker threads (each with its own glibc arena) and fill

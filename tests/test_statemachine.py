@@ -31,8 +31,10 @@ from mounting import Mounted
 
 from tinyfs.core.layout import ArchiveRoot
 
-pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
-                                reason="needs FUSE")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"), reason="needs FUSE"),
+]
 
 EXAMPLES = int(os.environ.get("TINYFS_SM_EXAMPLES", "12"))
 STEPS = int(os.environ.get("TINYFS_SM_STEPS", "30"))

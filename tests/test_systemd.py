@@ -149,6 +149,7 @@ def mnt(tmp_path, root):
 
 # -- the unit files ----------------------------------------------------------------------------
 
+@pytest.mark.core
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze missing (apt-get install systemd)")
 def test_units_pass_systemd_analyze_verify(tmp_path):
     """`systemd-analyze verify` on every unit, instantiated as NAME=test (what `systemctl start` loads).
@@ -178,6 +179,7 @@ def unit_settings(name: str) -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.core
 def test_service_unit_keeps_the_mount_visible_and_stops_cleanly():
     s = unit_settings("tinyfs@.service")
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
@@ -210,6 +212,7 @@ def exec_start_pre(mnt: Path) -> subprocess.CompletedProcess:
     return run(["/bin/sh", "-c", script], env={**os.environ, "MOUNTPOINT": str(mnt)})
 
 
+@pytest.mark.core
 def test_exec_start_pre_is_harmless_on_a_plain_directory(tmp_path):
     """Nothing mounted: it does nothing and succeeds. (On dead and live mounts: test_kill_9_* below.)"""
     r = exec_start_pre(tmp_path)
@@ -218,6 +221,7 @@ def test_exec_start_pre_is_harmless_on_a_plain_directory(tmp_path):
     assert r.returncode == 0 and not r.stderr, r.stderr
 
 
+@pytest.mark.core
 def test_install_systemd_into_destdir(tmp_path):
     dest = tmp_path / "dest"
     r = run([PROJECT / "scripts" / "install-systemd", "books", "/srv/books", "/mnt/books"],
@@ -236,6 +240,7 @@ def test_install_systemd_into_destdir(tmp_path):
 
 # -- options as mount(8) and mount.fuse3 pass them -------------------------------------------------
 
+@pytest.mark.core
 def test_parse_options_takes_what_mount_fuse3_passes():
     # `mount -t fuse.tinyfs SRC MNT -o allow_other` runs `tinyfs SRC MNT -o rw,allow_other,dev,suid`
     assert parse_options("rw,allow_other,dev,suid") == ["allow_other"]
@@ -251,6 +256,7 @@ def test_parse_options_takes_what_mount_fuse3_passes():
             parse_options(bad)
 
 
+@pytest.mark.core
 def test_cache_mib_sets_the_daemons_cache_memory():
     assert parse_options("allow_other,cache_mib=32") == ["allow_other", "cache_mib=32"]
     assert parse_options("cache_mib=32,cache_mib=0064") == ["cache_mib=64"]       # the last one wins
@@ -261,6 +267,7 @@ def test_cache_mib_sets_the_daemons_cache_memory():
             parse_options(bad)
 
 
+@pytest.mark.core
 @pytest.mark.skipif(os.geteuid() != 0, reason="checks the system-wide link scripts/setup makes (as root)")
 def test_mount_fuse3_finds_the_helper_on_the_default_path():
     """mount.fuse3 runs `/bin/sh -c 'tinyfs' SRC MNT -o OPTS` with mount's PATH; systemd's default PATH
@@ -300,6 +307,7 @@ def wait_ready(proc: subprocess.Popen, mnt: Path, listener: NotifyListener, log:
             return
 
 
+@pytest.mark.mount
 @needs_root_fuse
 def test_ready_only_when_mount_answers_and_sigterm_lets_a_commit_finish(root, mnt, tmp_path):
     log = tmp_path / "daemon.log"
@@ -369,6 +377,7 @@ def test_ready_only_when_mount_answers_and_sigterm_lets_a_commit_finish(root, mn
     check_archive(root)
 
 
+@pytest.mark.mount
 @needs_root_fuse
 def test_sigint_unmounts_and_exits_0(root, mnt, tmp_path):
     log = tmp_path / "daemon.log"
@@ -416,6 +425,7 @@ def unmount_and_check_daemon_ends(root: Path, mnt: Path) -> None:
     assert "unmounted" in log and "Traceback" not in log, log
 
 
+@pytest.mark.mount
 @needs_root_fuse
 @pytest.mark.skipif(not shutil.which("mount.fuse3"), reason="mount.fuse3 missing (apt-get install fuse3)")
 def test_mount_t_fuse_tinyfs_and_umount(root, mnt, tmp_path):
@@ -434,6 +444,7 @@ def test_mount_t_fuse_tinyfs_and_umount(root, mnt, tmp_path):
     check_archive(root)
 
 
+@pytest.mark.mount
 @needs_root_fuse
 @pytest.mark.skipif(not shutil.which("mount.fuse3"), reason="mount.fuse3 missing (apt-get install fuse3)")
 def test_mount_from_an_fstab_line(root, mnt, tmp_path):
@@ -455,6 +466,7 @@ def test_mount_from_an_fstab_line(root, mnt, tmp_path):
     unmount_and_check_daemon_ends(root, mnt)
 
 
+@pytest.mark.mount
 @needs_root_fuse
 @pytest.mark.skipif(not shutil.which("mount.fuse3"), reason="mount.fuse3 missing (apt-get install fuse3)")
 def test_mount_failures_are_one_line_and_non_zero(root, mnt, tmp_path):
@@ -495,6 +507,7 @@ def assert_dead(mnt: Path) -> None:
         assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED), call
 
 
+@pytest.mark.mount
 @needs_root_fuse
 def test_kill_9_leaves_a_dead_mount_that_the_next_mount_clears(root, mnt, tmp_path):
     m = Mounted(root, mnt, tmp_path / "first.log").start()
@@ -529,6 +542,7 @@ def test_kill_9_leaves_a_dead_mount_that_the_next_mount_clears(root, mnt, tmp_pa
     check_archive(root)
 
 
+@pytest.mark.core
 def test_units_use_only_configured_variables():
     """Every ${VAR} the units use is one the configuration file defines (a typo would expand to '')."""
     for name in UNIT_FILES:

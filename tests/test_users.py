@@ -34,6 +34,7 @@ PYTHON = "/usr/bin/python3"
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 pytestmark = [
+    pytest.mark.mount,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (useradd, runuser, allow_other)"),
     pytest.mark.skipif(not all(shutil.which(t) for t in ("useradd", "userdel", "runuser", "fusermount3"))
                        or not os.path.exists("/dev/fuse"), reason="needs useradd, runuser and FUSE"),

@@ -75,6 +75,7 @@ def damaged(root, tmp_path):
         assert not m.tracebacks(), m.tracebacks()[-3000:]
 
 
+@pytest.mark.mount
 def test_a_damaged_file_fails_at_its_end_and_is_recorded(damaged, root, tmp_path):
     m, files, iid = damaged
     f = m / "resources" / "book" / "damaged.bin"
@@ -102,6 +103,7 @@ def test_a_damaged_file_fails_at_its_end_and_is_recorded(damaged, root, tmp_path
     assert "fixity failed: resource book, damaged.bin" in log
 
 
+@pytest.mark.mount
 def test_the_same_stored_bytes_fail_in_every_view(damaged, root):
     m, files, iid = damaged
     for path in (m / "instances" / "book" / iid / "damaged.bin",
@@ -111,6 +113,7 @@ def test_the_same_stored_bytes_fail_in_every_view(damaged, root):
     assert [e["detail"]["path"] for e in fixity_events(root)] == ["damaged.bin"]   # one stored file, one name
 
 
+@pytest.mark.mount
 def test_intact_files_read_whole_and_random_reads_are_served_as_stored(damaged, root):
     m, files, iid = damaged
     for view in (m / "resources" / "book", m / "instances" / "book" / iid,
@@ -127,6 +130,7 @@ def test_intact_files_read_whole_and_random_reads_are_served_as_stored(damaged, 
     assert fixity_events(root) == []
 
 
+@pytest.mark.mount
 def test_reads_out_of_order_that_end_at_the_end_are_verified(damaged, root):
     """Chunks read out of order, each no further ahead than a readahead, ending at the end of the file."""
     m, files, iid = damaged
@@ -155,6 +159,7 @@ def test_reads_out_of_order_that_end_at_the_end_are_verified(damaged, root):
     assert [e["detail"]["path"] for e in fixity_events(root)] == ["damaged.bin"]
 
 
+@pytest.mark.mount
 def test_a_base_file_read_in_a_transaction_is_verified(damaged, root):
     m, files, iid = damaged
     t = m / "transactions" / "book"
@@ -167,6 +172,7 @@ def test_a_base_file_read_in_a_transaction_is_verified(damaged, root):
     subprocess.run(["rm", "-rf", str(t)], check=True)     # roll back
 
 
+@pytest.mark.mount
 def test_a_write_to_a_damaged_base_file_fails_and_copies_nothing(damaged, root):
     """Copy-on-write copies a base file's stored bytes into the transaction: damaged ones would be
     committed as new bytes with a good digest of their own. The write fails instead, nothing changes."""
@@ -194,6 +200,7 @@ def _head_state(root: Path, rid: str) -> dict:
     return {p: {"digest": e.digest} for p, e in archive.state(rid).files.items()}
 
 
+@pytest.mark.mount
 def test_a_large_intact_file_read_sequentially_verifies(mnt, root, tmp_path):
     """64 MiB through resources/ and instances/ with cat and cp: many concurrent reads, no false alarm."""
     data = os.urandom(64 * MIB)
@@ -231,6 +238,7 @@ def _run_check(tmp_path: Path, stored: bytes, recorded: bytes, reads: list[tuple
     return trio.run(main)
 
 
+@pytest.mark.adapter
 def test_check_follows_reads_in_any_order_within_the_gap(tmp_path):
     data = os.urandom(10 * MIB + 5)
     chunks = [(off, MIB) for off in range(0, len(data), MIB)]
@@ -246,6 +254,7 @@ def test_check_follows_reads_in_any_order_within_the_gap(tmp_path):
     assert _run_check(tmp_path, bytes(bad), data, shuffled).state == BAD
 
 
+@pytest.mark.adapter
 def test_check_ends_at_a_far_jump_and_catches_a_wrong_size(tmp_path):
     data = os.urandom(GAP + 3 * MIB)
     jump = [(0, MIB), (GAP + 2 * MIB, MIB)]                           # random access: served, not judged

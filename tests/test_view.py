@@ -14,6 +14,8 @@ from tinyfs import Archive
 from tinyfs.core.errors import NotFound
 from tinyfs.fs.ops import Operations
 
+pytestmark = pytest.mark.adapter
+
 
 class Ctx:
     def __init__(self, uid=0, gid=0, umask=0o022):

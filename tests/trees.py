@@ -20,7 +20,7 @@ def errno_of(fn, *args, **kw) -> int:
 
 
 def acceptance_tree(base: Path, n_small: int = 20) -> Path:
-    """The acceptance suite's make_tree (../shared/acceptance/tinyfs_acceptance.py), copied: odd names, an
+    """The tree the acceptance suite (kept outside the project) deposits, copied here: odd names, an
     empty file, a hard-linked pair, a symlink, a user xattr, a file owned by another user (as root), and
     client-set times on a file and a directory."""
     base.mkdir(parents=True)
