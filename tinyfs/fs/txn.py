@@ -159,7 +159,7 @@ class OpenTxn:
         self.free = FreeSpace()
         self._base_stored: dict[str, str] | None = None   # digest -> stored path, of the base instance
         # (errno, message, what decided it) of the last failed commit, when only the transaction's content
-        # and the resource's instances decided it (Operations._known_failure)
+        # and the resource's instances decided it (root.RootTree._known_failure)
         self.failure: tuple[int, str, tuple] | None = None
 
     # -- base bytes -----------------------------------------------------------
