@@ -87,7 +87,8 @@ class CommitRequest:
     message: str = ""
     creator: str = ""
     label: str | None = None
-    marker: Callable[[str], None] | None = None   # told the new iid just before the final rename
+    # told the new iid once the bag is durable, just before the rename that publishes it (raising aborts)
+    before_publish: Callable[[str], None] | None = None
     # The link groups of the whole target state (what was one inode in the transaction), made against
     # `base`; None: the base's groups, less the paths the changes touch.
     hardlinks: tuple[Group, ...] | None = None
@@ -223,8 +224,8 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
         write_new(stage / "resource.json",
                   f'{{"created": "{doc.created}", "id": "{req.rid}"}}\n'.encode(), 0o444 if worm else 0o644)
     bagwrite.syncfs(stage)                      # every payload byte and tag file of the new bag, in one call
-    if req.marker:
-        req.marker(iid)
+    if req.before_publish:
+        req.before_publish(iid)
     if head is None:
         resource_dir.parent.mkdir(parents=True, exist_ok=True)
         fsync_dir(resource_dir.parent.parent)
