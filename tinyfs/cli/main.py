@@ -290,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    _add_setup_commands(command)
+    _add_reading_commands(command)
+    _add_repair_commands(command)
+    return parser
+
+
+# command(name, handler, help) -> the subcommand's parser, in the order of `tinyfs --help`
+Command = Callable[[str, Callable, str], argparse.ArgumentParser]
+
+
+def _add_setup_commands(command: Command) -> None:
+    """Making an archive, mounting it, committing without a mount."""
     p = command("init", cmd_init, "create an archive")
     p.usage = "tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable]"
     p.add_argument("root", metavar="ROOT", nargs="?")     # (may come after --digest: see _root_and_digests)
@@ -317,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", "-l")
     p.add_argument("--creator", "-c")
 
+
+def _add_reading_commands(command: Command) -> None:
+    """Listing, reading, checking and exporting what the archive holds."""
     p = command("ls", cmd_ls, "list resources, or a resource's instances (iid, created, label, message)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID", nargs="?")
@@ -345,13 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", "-i", metavar="IID|LABEL")
     p.add_argument("--tar", action="store_true", help="write DEST as a tar file (.tar, .tar.gz, .tar.xz ...)")
 
+
+def _add_repair_commands(command: Command) -> None:
+    """Cleaning up after crashes; deleting (dynamic mode)."""
     p = command("recover", cmd_recover, "finish or undo interrupted commits")
     p.add_argument("root", metavar="ROOT")
 
     p = command("purge", cmd_purge, "delete a resource (dynamic mode only)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID")
-    return parser
 
 
 def _fstab_parser() -> argparse.ArgumentParser:
