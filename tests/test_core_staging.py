@@ -259,7 +259,7 @@ def test_a_removal_in_a_transaction_staged_before_the_overlay_is_committed(tmp_p
     from tinyfs import Archive
     from tinyfs.core.commit import commit
     from tinyfs.core.layout import ArchiveRoot
-    from tinyfs.fs.txn import OpenTxn
+    from tinyfs.core.request import commit_request
 
     archive = Archive.init(tmp_path / "archive")
     with archive.new("r") as txn:
@@ -277,6 +277,97 @@ def test_a_removal_in_a_transaction_staged_before_the_overlay_is_committed(tmp_p
     staging.close()
     staging = Staging.open(root.transactions / "r", lambda iid: root.state("r", iid))
     staging.unlink(staging.lookup(ROOT, "d"), "b.txt")
-    result = commit(root, OpenTxn(root, "r", staging).commit_request(0))
+    result = commit(root, commit_request(staging, "r", 0))
     assert result.removed == 1
     assert sorted(root.state("r").files) == ["a.txt"]
+
+
+def _staged_on_a_head(tmp_path):
+    """An archive with resource r (a.txt, b.txt, d/c.txt) and a transaction staged on its head."""
+    from tinyfs import Archive
+    from tinyfs.core.layout import ArchiveRoot
+
+    archive = Archive.init(tmp_path / "archive")
+    with archive.new("r") as txn:
+        for path in ("a.txt", "b.txt", "d/c.txt"):
+            txn.add_bytes(path, path.encode())
+    root = ArchiveRoot(tmp_path / "archive")
+    head = root.head("r")
+    staging = Staging.create(root.transactions / "r", "r", head, lambda iid: root.state("r", iid), 1000, 1000)
+    return root, head, staging
+
+
+def test_a_commit_request_names_changes_and_removals_only(tmp_path):
+    """The walk of a staged tree gives what changed since the base: a new file (its blob, linkable), a
+    removal (None), a renamed base file (its base entry at the new path, None at the old), the directory
+    it went into (its new mtime); an untouched file is no change. The request carries the transaction's metadata and the uid's name as creator."""
+    import pwd
+
+    from tinyfs.core.commit import NewFile, commit
+    from tinyfs.core.request import commit_request
+
+    root, head, staging = _staged_on_a_head(tmp_path)
+    new = staging.make(ROOT, "new.txt", "f", 0o640, 1000, 1000)
+    (staging.blob_path(new)).write_bytes(b"fresh\n")
+    staging.update(new, size=6)
+    staging.unlink(ROOT, "a.txt")
+    staging.rename(ROOT, "b.txt", staging.lookup(ROOT, "d"), "b.txt")
+    staging.set_meta("message", "why")
+    request = commit_request(staging, "r", 0)
+
+    assert request.rid == "r" and request.base == head and request.walked and not request.full
+    assert request.message == "why" and request.label is None
+    assert request.creator == pwd.getpwuid(0).pw_name
+    assert sorted(request.changes) == ["a.txt", "b.txt", "d", "d/b.txt", "new.txt"]
+    assert isinstance(request.changes["d"], DirEntry)          # its mtime: a name came in
+    assert request.changes["a.txt"] is None and request.changes["b.txt"] is None
+    assert request.changes["d/b.txt"] == root.state("r").files["b.txt"]
+    fresh = request.changes["new.txt"]
+    assert isinstance(fresh, NewFile) and fresh.linkable and fresh.size == 6 and fresh.mode == 0o640
+    assert fresh.source == f"{staging.blobs}/{new}" and fresh.digests is None
+    result = commit(root, request)
+    assert (result.added, result.changed, result.removed) == (2, 0, 2)
+    assert sorted(root.state("r").files) == ["d/b.txt", "d/c.txt", "new.txt"]
+    assert Staging.open(staging.path).get_meta("committing") == result.instance   # before_publish marked it
+
+
+def test_a_commit_request_takes_sizes_from_the_caller_and_refuses_incomplete_bytes(tmp_path):
+    """A mount knows a newer size than the row for a file open in it (`size_of`); a blob a write failed
+    to fill is refused with its path (Incomplete, EIO), before anything is committed."""
+    import errno
+
+    import pytest
+
+    from tinyfs.core.errors import Incomplete
+    from tinyfs.core.request import commit_request
+
+    root, head, staging = _staged_on_a_head(tmp_path)
+    ino = staging.make(ROOT, "big.bin", "f", 0o644, 1000, 1000)
+    request = commit_request(staging, "r", 1000, size_of=lambda i, node: 42 if i == ino else node.size)
+    assert request.changes["big.bin"].size == 42
+    staging.update(ino, incomplete=1)
+    with pytest.raises(Incomplete) as e:
+        commit_request(staging, "r", 1000)
+    assert e.value.errno == errno.EIO and e.value.path == "big.bin"
+    assert root.head("r") == head
+
+
+def test_a_file_still_open_for_writing_is_busy_with_its_path(tmp_path):
+    """What the mount asks before a commit: an inode open for writing makes it EBUSY (Busy), by type."""
+    import errno
+
+    import pytest
+
+    from tinyfs.core.errors import Busy
+    from tinyfs.core.request import check_not_writing
+
+    _root, _head, staging = _staged_on_a_head(tmp_path)
+    ino = staging.make(staging.lookup(ROOT, "d"), "open.bin", "f", 0o644, 1000, 1000)
+    check_not_writing(staging, [])
+    with pytest.raises(Busy) as e:
+        check_not_writing(staging, [ino])
+    assert e.value.errno == errno.EBUSY and e.value.path == "d/open.bin"
+    staging.unlink(staging.lookup(ROOT, "d"), "open.bin")
+    with pytest.raises(Busy) as e:                   # unlinked, still open: its writer is waited for too
+        check_not_writing(staging, [ino])
+    assert e.value.path == "?"

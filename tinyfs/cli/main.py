@@ -290,13 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    _add_archive_commands(command)
+    _add_setup_commands(command)
     _add_reading_commands(command)
+    _add_repair_commands(command)
     return parser
 
 
-def _add_archive_commands(command: Callable) -> None:
-    """init, mount, umount, ingest: making an archive and putting material in."""
+# command(name, handler, help) -> the subcommand's parser, in the order of `tinyfs --help`
+Command = Callable[[str, Callable, str], argparse.ArgumentParser]
+
+
+def _add_setup_commands(command: Command) -> None:
+    """Making an archive, mounting it, committing without a mount."""
     p = command("init", cmd_init, "create an archive")
     p.usage = "tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable]"
     p.add_argument("root", metavar="ROOT", nargs="?")     # (may come after --digest: see _root_and_digests)
@@ -325,8 +330,8 @@ def _add_archive_commands(command: Callable) -> None:
     p.add_argument("--creator", "-c")
 
 
-def _add_reading_commands(command: Callable) -> None:
-    """ls, cat, events, fsck, export, recover, purge: reading, checking and keeping an archive."""
+def _add_reading_commands(command: Command) -> None:
+    """Listing, reading, checking and exporting what the archive holds."""
     p = command("ls", cmd_ls, "list resources, or a resource's instances (iid, created, label, message)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID", nargs="?")
@@ -355,6 +360,9 @@ def _add_reading_commands(command: Callable) -> None:
     p.add_argument("--instance", "-i", metavar="IID|LABEL")
     p.add_argument("--tar", action="store_true", help="write DEST as a tar file (.tar, .tar.gz, .tar.xz ...)")
 
+
+def _add_repair_commands(command: Command) -> None:
+    """Cleaning up after crashes; deleting (dynamic mode)."""
     p = command("recover", cmd_recover, "finish or undo interrupted commits")
     p.add_argument("root", metavar="ROOT")
 

@@ -283,7 +283,7 @@ class Transaction:
         new_files = {p: c for p, c in self._changes.items() if isinstance(c, NewFile)}
         req = CommitRequest(self.rid, self.base, dict(self._changes), message=self.message,
                             creator=self.creator, label=self.label,
-                            marker=(lambda _iid: verify(new_files)) if verify else None,
+                            before_publish=(lambda _iid: verify(new_files)) if verify else None,
                             hardlinks=self._link_groups(), root=self.root)
         try:
             self.result = commit(self._root, req, progress)

@@ -1,15 +1,21 @@
 """Turning a transaction into a new instance: atomic, durable, deduplicated.
 
-Order of work (SPEC sections 3-6):
-  1. Under the resource lock, stage the new bag in transactions/.commit-<rid>-<iid>/.
-  2. Resolve digests of new bytes (hashing on all cores where the writer did not already).
-  3. Diff against the transaction's base, apply the changes on top of the head
-     (ESTALE when a path changed on both sides), check the label.
-  4. Place each new digest's bytes once (hard link of a staged blob, or a copy
-     made while hashing), write tag files and instance.json, syncfs.
-  5. One rename into resources/, fsync the parent: the instance exists whole or not at all.
-  6. Log the event. A crash anywhere before 5 leaves only a .commit-* directory,
-     which `recover` deletes; after 5 it leaves leftovers `recover` also deletes.
+Under the resource lock, in transactions/.commit-<rid>-<iid>/ (the stage), the phases of
+`_commit_locked` (SPEC sections 3-6), each a function of its own:
+  read_base_and_head  the state the changes were made against, and the head (ESTALE: base gone)
+  hash_new_files      every new file gets all configured digests (on all cores; a user's file is
+                      copied into the stage while it is hashed)
+  merge_request       the changes applied on top of the head (ESTALE when a path changed on both
+                      sides), checked; then the label; nothing to commit ends here
+  plan_bag            which digests the new bag stores (once per resource), under which names
+  place_payload       hard links of staged blobs (or the copies) into the bag's data/
+  write_tags          manifests, bag-info.txt, instance.json
+  flush               one syncfs: every byte of the stage is durable; `before_publish` is told
+  publish             one rename into resources/, its directory fsynced: the instance exists
+                      whole or not at all
+  record              caches, dynamic mode's older instances, the event
+A crash anywhere before `publish` leaves only the stage, which `recover` deletes; after it,
+leftovers `recover` also deletes.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 from . import bagwrite, tree
 from .digests import copy_and_hash, hash_file, parallel
 from .durable import fsync_dir, write_new
-from .errors import Forbidden, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
+from .errors import Forbidden, Inconsistent, LabelTaken, NameTooLong, NotFound, Stale
 from .ids import PATH_MAX, check_rid, new_instance_id, parent_of
 from .layout import ArchiveRoot
 from .limits import check_metadata
@@ -87,7 +93,8 @@ class CommitRequest:
     message: str = ""
     creator: str = ""
     label: str | None = None
-    marker: Callable[[str], None] | None = None   # told the new iid just before the final rename
+    # told the new iid once the bag is durable, just before the rename that publishes it (raising aborts)
+    before_publish: Callable[[str], None] | None = None
     # The link groups of the whole target state (what was one inode in the transaction), made against
     # `base`; None: the base's groups, less the paths the changes touch.
     hardlinks: tuple[Group, ...] | None = None
@@ -125,7 +132,30 @@ def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], N
 
 def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, iid: str, stage: Path,
                    progress) -> CommitResult:
-    cfg = archive.config
+    """The phases of a commit, in order; nothing is visible to readers before `publish`."""
+    base_state, head_doc = read_base_and_head(archive, req, head)
+    head_state = head_doc.state if head_doc else State()
+    pending = stage / "pending"
+    pending.mkdir()
+    new_files = hash_new_files(req.changes, archive.config.digests, pending, progress)
+    merged, delta = merge_request(req, base_state, head_state, head, archive.config.primary)
+    if req.label is not None and req.label in archive.labels(req.rid):
+        raise LabelTaken(f"label {req.label!r} is already used by resource {req.rid!r}")
+    if _nothing_to_commit(req, head, merged, head_state):
+        archive.events.append("transaction.unchanged", req.rid, head)
+        shutil.rmtree(stage)
+        return CommitResult(None)
+    plan = plan_bag(archive, req.rid, head, head_doc, merged, new_files, stage, iid)
+    place_payload(plan)
+    shutil.rmtree(pending)
+    doc = write_tags(archive, req, head, head_doc, merged, plan)
+    flush(archive, req, stage, doc, new_resource=head is None)
+    publish(archive, req.rid, iid, stage, new_resource=head is None)
+    return record(archive, req, head_state, delta, plan, doc)
+
+
+def read_base_and_head(archive: ArchiveRoot, req: CommitRequest, head: str | None) -> tuple[State, InstanceDoc | None]:
+    """The state the changes were made against, and the head's document: ESTALE when the base is gone."""
     if req.base is not None and head is None:
         raise Stale(f"resource {req.rid!r} no longer exists")
     try:
@@ -133,13 +163,14 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     except NotFound:
         raise Stale(f"instance {req.base} of {req.rid!r}, which the changes were made against, "
                     "no longer exists (dynamic mode replaced it)") from None
-    head_doc = archive.instance(req.rid, head) if head else None
-    head_state = head_doc.state if head_doc else State()
+    return base_state, archive.instance(req.rid, head) if head else None
 
-    pending = stage / "pending"
-    pending.mkdir()
-    new_files = _resolve_digests(req.changes, cfg.digests, pending, progress)
-    changes = {p: (c.entry(cfg.primary) if isinstance(c, NewFile) else c) for p, c in req.changes.items()}
+
+def merge_request(req: CommitRequest, base_state: State, head_state: State, head: str | None,
+                  primary: str) -> tuple[State, dict[str, Entry | None]]:
+    """(the new state, the delta from the base): the request's changes, made against its base, applied on
+    top of the head and checked. Every NewFile has its digests by now (hash_new_files)."""
+    changes = {p: (c.entry(primary) if isinstance(c, NewFile) else c) for p, c in req.changes.items()}
     delta = state_changes(base_state, changes) if req.full else _drop_noops(base_state, changes)
     groups = link_groups(req.hardlinks) if req.hardlinks is not None else _surviving(base_state.hardlinks, delta)
     merged = _merge(base_state, head_state, delta, req.rid, head_is_base=head == req.base, groups=groups)
@@ -148,48 +179,49 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
         _check_tree(merged)
     _check_groups(merged)
     _check_lengths(delta)
+    return merged, delta
 
-    if req.label is not None and req.label in archive.labels(req.rid):
-        raise LabelTaken(f"label {req.label!r} is already used by resource {req.rid!r}")
-    if head is not None and _same_state(merged, head_state) and req.label is None:
-        archive.events.append("transaction.unchanged", req.rid, head)
-        shutil.rmtree(stage)
-        return CommitResult(None)
-    if head is None and not merged.entries():
-        archive.events.append("transaction.unchanged", req.rid, None)
-        shutil.rmtree(stage)
-        return CommitResult(None)
 
+def _nothing_to_commit(req: CommitRequest, head: str | None, merged: State, head_state: State) -> bool:
+    """An existing resource whose state (and label) would not change; a new one with nothing in it."""
+    if head is None:
+        return not merged.entries()
+    return _same_state(merged, head_state) and req.label is None
+
+
+# (os.link or os.rename, source, destination): how one payload file gets into the new bag
+Placement = tuple[Callable, str | os.PathLike, str]
+
+
+@dataclass
+class BagPlan:
+    """Where every payload file of the new bag comes from, decided before anything is written."""
+
+    iid: str                               # the new instance
+    bag: Path                              # its bag in the stage: <stage>/instances/<iid>
+    stored: dict[str, str]                 # digest -> stored path (from the resource) of every file of the new state
+    to_store: list[str]                    # the digests this bag stores itself; earlier bags store the rest
+    sources: dict[str, NewFile]            # digest -> the new file that brings its bytes
+    placements: list[Placement] = field(default_factory=list)
+    payload: dict[str, dict[str, str]] = field(default_factory=dict)   # "data/..." -> digests (manifests)
+    total: int = 0                         # payload bytes
+
+
+def plan_bag(archive: ArchiveRoot, rid: str, head: str | None, head_doc: InstanceDoc | None, merged: State,
+             new_files: list[NewFile], stage: Path, iid: str) -> BagPlan:
+    """Which digests the new bag stores, under which names, from which sources (reads only)."""
+    cfg = archive.config
     dynamic = cfg.mode == "dynamic"
-    res_rel = Path("instances") / iid
-    inst = stage / res_rel
-    (inst / "data").mkdir(parents=True)
-    stored: dict[str, str] = {}
-    if head_doc and not dynamic:
-        wanted = {f.digest for f in merged.files.values()}
-        stored = {d: p for d, p in head_doc.stored.items() if d in wanted}
-    sources = _sources_by_digest(new_files, cfg.primary)
-    to_store = sorted({f.digest for f in merged.files.values()} - set(stored))
-    if to_store and head_doc and not dynamic:   # bytes the head dropped may still be stored further back
-        stored.update(_stored_earlier(archive, req.rid, head, set(to_store), cfg.primary))
-        to_store = [d for d in to_store if d not in stored]
-    first_path: dict[str, str] = {}
-    wanted = set(to_store)      # (reused: the digests that need a place in this bag)
-    for path in sorted(p for p, f in merged.files.items() if f.digest in wanted):
-        first_path.setdefault(merged.files[path].digest, path)
-    names = _stored_names({d: first_path[d] for d in to_store}, archive, req.rid, iid, stage)
-    payload: dict[str, dict[str, str]] = {}
-    total = 0
-    made_dirs: set[str] = set()
-    inst_str = os.fspath(inst)          # plain strings here: Path objects were a third of a 10,000-file commit
-    placements: list[tuple[Callable, str | os.PathLike, str]] = []    # (os.link or os.rename, source, dest)
+    stored, to_store = _already_stored(archive, rid, head, None if dynamic else head_doc, merged, cfg.primary)
+    bag = stage / "instances" / iid
+    plan = BagPlan(iid, bag, stored, to_store, _sources_by_digest(new_files, cfg.primary))
+    first_path = _first_paths(merged, set(to_store))
+    names = _stored_names({d: first_path[d] for d in to_store}, archive, rid, iid, stage)
+    bag_str = os.fspath(bag)          # plain strings here: Path objects were a third of a 10,000-file commit
+    placements, payload, sources = plan.placements, plan.payload, plan.sources
     for digest in to_store:
         rel = names[digest]
-        dest = f"{inst_str}/{rel}"
-        parent = dest.rpartition("/")[0]
-        if parent not in made_dirs:
-            tree.makedirs(parent)
-            made_dirs.add(parent)
+        dest = f"{bag_str}/{rel}"
         if digest in sources:
             src = sources[digest]
             placements.append((os.link if src.linkable else os.rename, src.source, dest))
@@ -197,62 +229,125 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
             size = src.size
         else:  # dynamic mode: bytes kept from the instance being replaced
             old_rel = head_doc.stored[digest]
-            placements.append((os.link, archive.stored_path(req.rid, old_rel), dest))
-            payload[rel] = _manifest_digests(archive, req.rid, old_rel, cfg.digests)
+            placements.append((os.link, archive.stored_path(rid, old_rel), dest))
+            payload[rel] = _manifest_digests(archive, rid, old_rel, cfg.digests)
             size = merged.files[first_path[digest]].size
-        stored[digest] = f"{res_rel}/{rel}"
-        total += size
-    _place(placements)
-    shutil.rmtree(pending)
+        stored[digest] = f"instances/{iid}/{rel}"
+        plan.total += size
+    return plan
 
+
+def _already_stored(archive: ArchiveRoot, rid: str, head: str | None, head_doc: InstanceDoc | None,
+                    merged: State, primary: str) -> tuple[dict[str, str], list[str]]:
+    """(digest -> stored path, for the files of `merged` whose bytes the head or an earlier instance stores;
+    the other digests, sorted). `head_doc` None: nothing is looked up (a new resource; dynamic mode)."""
+    needed = {f.digest for f in merged.files.values()}
+    stored: dict[str, str] = {}
+    if head_doc:
+        stored = {d: p for d, p in head_doc.stored.items() if d in needed}
+    to_store = sorted(needed - set(stored))
+    if to_store and head_doc:   # bytes the head dropped may still be stored further back
+        stored.update(_stored_earlier(archive, rid, head, set(to_store), primary))
+        to_store = [d for d in to_store if d not in stored]
+    return stored, to_store
+
+
+def _first_paths(state: State, digests: set[str]) -> dict[str, str]:
+    """digest -> the first path (sorted) of `state` with those bytes, for each of `digests`."""
+    first: dict[str, str] = {}
+    for path in sorted(p for p, f in state.files.items() if f.digest in digests):
+        first.setdefault(state.files[path].digest, path)
+    return first
+
+
+def place_payload(plan: BagPlan) -> None:
+    """The bag's data/ directories, then every payload file linked (or moved) into place."""
+    (plan.bag / "data").mkdir(parents=True)
+    made_dirs: set[str] = set()
+    for _op, _source, dest in plan.placements:
+        parent = dest.rpartition("/")[0]
+        if parent not in made_dirs:
+            tree.makedirs(parent)
+            made_dirs.add(parent)
+    _place(plan.placements)
+
+
+def write_tags(archive: ArchiveRoot, req: CommitRequest, head: str | None, head_doc: InstanceDoc | None,
+               merged: State, plan: BagPlan) -> InstanceDoc:
+    """The bag's tag files and instance.json (not yet durable: see `flush`); worm mode makes it read-only."""
+    cfg = archive.config
+    iid = plan.iid
     doc = InstanceDoc(iid, req.rid, head, utc_now(), req.message or "", req.creator or "", req.label,
-                      cfg.primary, merged, stored)   # (unsorted: instance.json sorts)
-    info = bagwrite.bag_info(req.rid, total, len(payload), [
+                      cfg.primary, merged, plan.stored)   # (unsorted: instance.json sorts)
+    info = bagwrite.bag_info(req.rid, plan.total, len(plan.payload), [
         ("Internal-Sender-Description", doc.message), ("Contact-Name", doc.creator),
         ("Tinyfs-Label", doc.label or ""), ("Tinyfs-Instance", iid), ("Tinyfs-Previous", head or "")])
     worm = cfg.mode == "worm"
     document = doc.to_json_bytes(previous=head_doc)     # (re-encodes only what changed since the head)
-    bagwrite.write_tag_files(inst, cfg.digests, payload, info, {"instance.json": document},
+    bagwrite.write_tag_files(plan.bag, cfg.digests, plan.payload, info, {"instance.json": document},
                              mode=0o444 if worm else 0o644)
     if worm:
-        _make_read_only(inst)
-    counts = _counts(head_state, merged, delta)
+        _make_read_only(plan.bag)
+    return doc
 
-    resource_dir = archive.resource_dir(req.rid)
-    if head is None:
-        write_new(stage / "resource.json",
-                  f'{{"created": "{doc.created}", "id": "{req.rid}"}}\n'.encode(), 0o444 if worm else 0o644)
+
+def flush(archive: ArchiveRoot, req: CommitRequest, stage: Path, doc: InstanceDoc, new_resource: bool) -> None:
+    """Make the whole stage durable (with resource.json for a new resource), then tell the request's
+    `before_publish` which instance is about to appear."""
+    if new_resource:
+        write_new(stage / "resource.json", f'{{"created": "{doc.created}", "id": "{req.rid}"}}\n'.encode(),
+                  0o444 if archive.config.mode == "worm" else 0o644)
     bagwrite.syncfs(stage)                      # every payload byte and tag file of the new bag, in one call
-    if req.marker:
-        req.marker(iid)
-    if head is None:
+    if req.before_publish:
+        req.before_publish(doc.id)
+
+
+def publish(archive: ArchiveRoot, rid: str, iid: str, stage: Path, new_resource: bool) -> None:
+    """The atomic step: one rename into resources/ (the stage for a new resource, else its new bag), and
+    the directory that gained the name made durable. The instance exists whole or not at all."""
+    resource_dir = archive.resource_dir(rid)
+    if new_resource:
         resource_dir.parent.mkdir(parents=True, exist_ok=True)
         fsync_dir(resource_dir.parent.parent)
         fsync_dir(resource_dir.parent)
         os.rename(stage, resource_dir)          # the atomic step for a new resource
         fsync_dir(resource_dir.parent)
     else:
-        os.rename(inst, resource_dir / res_rel)  # the atomic step for a new instance
+        os.rename(stage / "instances" / iid, resource_dir / "instances" / iid)  # the atomic step for a new instance
         fsync_dir(resource_dir / "instances")
         shutil.rmtree(stage)
+
+
+def record(archive: ArchiveRoot, req: CommitRequest, head_state: State, delta: dict[str, Entry | None],
+           plan: BagPlan, doc: InstanceDoc) -> CommitResult:
+    """After the publication: immutability, the caches, dynamic mode's older instances, the event."""
+    cfg = archive.config
+    iid = doc.id
+    counts = _counts(head_state, doc.state, delta)
     if cfg.immutable:
-        for src in sources.values():
-            if src.linkable:   # an immutable file could not lose its staging name later: drop it now
-                try:
-                    os.unlink(src.source)
-                except OSError:
-                    pass
-        set_immutable_tree(resource_dir / res_rel)
+        _make_immutable(archive.instance_dir(req.rid, iid), plan.sources.values())
     archive.remember(req.rid, iid, doc)         # (after the rename: the instance exists)
-    if not dynamic:
-        _note_stored(archive, req.rid, head, iid, to_store)
-    if dynamic and head is not None:
+    if cfg.mode != "dynamic":
+        _note_stored(archive, req.rid, doc.previous, iid, plan.to_store)
+    elif doc.previous is not None:
         drop_older_instances(archive, req.rid, iid)
-    result = CommitResult(iid, *counts, bytes_stored=total, files_stored=len(payload))
+    result = CommitResult(iid, *counts, bytes_stored=plan.total, files_stored=len(plan.payload))
     archive.events.append("transaction.committed", req.rid, iid, added=result.added, changed=result.changed,
-                          removed=result.removed, bytes_stored=total, files_stored=len(payload),
+                          removed=result.removed, bytes_stored=plan.total, files_stored=len(plan.payload),
                           label=req.label, message=doc.message)
     return result
+
+
+def _make_immutable(bag: Path, sources) -> None:
+    """chattr +i on the published bag; its payload's staging names go first (an immutable file could not
+    lose them later)."""
+    for src in sources:
+        if src.linkable:
+            try:
+                os.unlink(src.source)
+            except OSError:
+                pass
+    set_immutable_tree(bag)
 
 
 PLACE_CHUNK = 256     # placements per thread hand-off
@@ -272,7 +367,7 @@ def _place(placements: list[tuple[Callable, str | os.PathLike, str]]) -> None:
     parallel(place, [placements[i:i + PLACE_CHUNK] for i in range(0, len(placements), PLACE_CHUNK)])
 
 
-def _resolve_digests(changes: dict[str, Change], algorithms, pending: Path, progress) -> list[NewFile]:
+def hash_new_files(changes: dict[str, Change], algorithms, pending: Path, progress) -> list[NewFile]:
     """Give every NewFile all configured digests: hash staged blobs that lack them; copy users' files
     into `pending` while hashing them (one read pass), all on every core."""
     todo = [c for c in changes.values() if isinstance(c, NewFile)]
@@ -292,7 +387,7 @@ def _resolve_digests(changes: dict[str, Change], algorithms, pending: Path, prog
         elif nf.digests is None or not all(a in nf.digests for a in algorithms):
             nf.digests = hash_file(nf.source, algorithms, progress)
             if os.stat(nf.source).st_size != nf.size:
-                raise TinyfsError(f"{nf.label}: changed while it was being committed", path=nf.label)
+                raise Inconsistent(f"{nf.label}: changed while it was being committed", path=nf.label)
 
     work = [(n, nf) for n, nf in enumerate(todo)
             if not nf.linkable or nf.digests is None or not all(a in nf.digests for a in algorithms)]
@@ -423,8 +518,8 @@ def _check_groups(state: State) -> None:
     problems = group_problems(state)
     if problems:
         path, why = problems[0]
-        raise TinyfsError(f"{path}: {why} (hard links must show one file: did it change during the commit?)",
-                          path=path)
+        raise Inconsistent(f"{path}: {why} (hard links must show one file: did it change during the commit?)",
+                      path=path)
 
 
 

@@ -58,7 +58,18 @@ class Stale(TinyfsError):
 
 
 class Busy(TinyfsError):
+    """Someone else holds what the operation needs: a resource being committed, a file still open for
+    writing in the transaction being committed."""
+
     errno = _errno.EBUSY
+
+
+class Inconsistent(TinyfsError):
+    """What a commit read does not hold together: a file's size is not the one it was hashed at, or paths
+    that hard links make one file are recorded differently. Most often bytes changed during the commit;
+    nothing was committed, and committing again reads them anew."""
+
+    errno = _errno.EIO
 
 
 class Forbidden(TinyfsError):

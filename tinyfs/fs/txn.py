@@ -11,21 +11,21 @@ import errno
 import json
 import logging
 import os
-import pwd
 import stat
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from ..core.commit import CommitRequest, NewFile
+from ..core.commit import CommitRequest
 from ..core.digests import MultiHash, hash_file
 from ..core.durable import start_writeback
-from ..core.errors import Incomplete
 from ..core.fixity import FixityError, record_failure
 from ..core.layout import ArchiveRoot
-from ..core.model import DirEntry, LinkEntry, link_groups
-from ..core.staging import ROOT, Node, Staging, node_entry
+from ..core.model import DirEntry, LinkEntry
+from ..core.request import commit_request
+from ..core.staging import ROOT, Node, Staging
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,14 @@ class OpenFile:
     progress: object = None    # a trio.Event the feeder sets after each batch it hashed (txntree.py)
 
 
+class WriteStamp(NamedTuple):
+    """Which bytes a background hash read: the writer's generation (OpenTxn.generations) and the file's
+    version (OpenFile.version) when it started. Its digests are recorded only if both are still current."""
+
+    generation: int
+    version: int
+
+
 class OpenTxn:
     """transactions/<rid> while the mount runs."""
 
@@ -149,7 +157,6 @@ class OpenTxn:
         self.gid = int(staging.get_meta("gid"))
         self.token = staging.get_meta("created")       # distinguishes successive transactions of one rid
         self.files: dict[int, OpenFile] = {}
-        self.hashing: dict[int, int] = {}               # sino -> version being hashed in the background
         # sino -> count of opens for writing; outlives OpenFile (dropped at the last close), so that the
         # digests of a closed writer's bytes, found after another writer opened the file, are not recorded
         self.generations: dict[int, int] = {}
@@ -335,21 +342,17 @@ class OpenTxn:
             self.staging.update(sino, digests=json.dumps(digests))
             return None
         path = self.staging.blob_path(sino)
-        self.hashing[sino] = version
-
-        generation = of.generation
+        stamp = WriteStamp(of.generation, version)
 
         def job():
-            return sino, (generation, version), hash_file(path, self.algorithms)
+            return sino, stamp, hash_file(path, self.algorithms)
         return job
 
-    def digest_done(self, sino: int, version: tuple[int, int], digests: dict[str, str]) -> None:
-        self.hashing.pop(sino, None)
-        generation, version = version
-        if self.generations.get(sino, 0) != generation:
+    def digest_done(self, sino: int, stamp: WriteStamp, digests: dict[str, str]) -> None:
+        if self.generations.get(sino, 0) != stamp.generation:
             return  # opened for writing again meanwhile
         of = self.files.get(sino)
-        if of is not None and of.version != version:
+        if of is not None and of.version != stamp.version:
             return  # written again meanwhile
         node = self.staging.node(sino)
         if node is not None and node.blob:
@@ -357,57 +360,10 @@ class OpenTxn:
 
     # -- commit -------------------------------------------------------------------
     def commit_request(self, committer: int) -> CommitRequest:
-        """The changes since the base, from the staging. Runs in a worker thread while the transaction
-        is committing: every change of it fails with EBUSY until the commit ends, so the walk reads one
-        state (the connection is shared with the loop's readers; sqlite3.threadsafety is 3 here).
-        An inode untouched since the base and still at its base path is no change; a base path no
-        longer in the tree is a removal. A transaction staged before the overlay has every entry as a
-        row and no base tree to tell removals: it hands over its whole tree (`full`), as it used to.
-        The paths that are one inode form the link groups of the new state.
-        The creator is user.tinyfs.creator, else the name of `committer` (the uid that renames it)."""
-        tree = self.staging.tree
-        blobs = os.fspath(self.staging.blobs)
-        xattrs = self.staging.all_xattrs()
-        changes: dict = {}
-        at_home: set[int] = set()
-        grouped_at_home: set[str] = set()    # base paths of a base link group still at home
-        first_path: dict[int, str] = {}
-        linked: dict[int, list[str]] = {}    # inode -> its paths, for inodes met more than once
-        for path, sino, node in self.staging.walk():
-            first = first_path.setdefault(sino, path)
-            if first is not path:
-                linked.setdefault(sino, [first]).append(path)
-            if node is None:                 # untouched since the base (its directory may have moved)
-                group = tree.group.get(sino)
-                if group is None and tree.path[sino] == path:
-                    at_home.add(sino)
-                elif group is not None and path in group:
-                    grouped_at_home.add(path)
-                else:
-                    changes[path] = tree.entry[sino]
-                continue
-            x = {k: v for k, v in xattrs.get(node.id, {}).items() if k.startswith("user.")}
-            entry = node_entry(node, x)
-            if entry is None:
-                if node.incomplete:
-                    raise Incomplete(f"{path}: its stored bytes are incomplete (a write failed); "
-                                     "rewrite or delete it", path=path)
-                digests = json.loads(node.digests) if node.digests else None
-                changes[path] = NewFile(f"{blobs}/{node.id}", self.size_of(node.id, node), node.mode,
-                                        node.mtime_ns, x, digests=digests, linkable=True)
-            else:
-                changes[path] = entry
-        for sino in tree.entry.keys() - at_home:
-            for path in tree.group.get(sino, (tree.path[sino],)):
-                if path not in grouped_at_home:
-                    changes.setdefault(path, None)
-        meta = {k: self.staging.get_meta(k) for k in ("message", "creator", "label")}
-        return CommitRequest(self.rid, self.base, changes, full=not self.staging.overlay, walked=True,
-                             message=meta["message"],
-                             creator=meta["creator"] or user_name(committer), label=meta["label"] or None,
-                             marker=lambda iid: Staging.mark_committing(self.staging.path, iid),
-                             hardlinks=link_groups(linked.values()),
-                             root=self.staging.root_entry())
+        """The changes since the base (core.request), with the sizes of files open here. Runs in a worker
+        thread while the transaction is committing: every change of it fails with EBUSY until the commit
+        ends (the connection is shared with the loop's readers; sqlite3.threadsafety is 3 here)."""
+        return commit_request(self.staging, self.rid, committer, self.size_of)
 
     def close(self) -> None:
         for of in self.files.values():
@@ -419,16 +375,7 @@ class OpenTxn:
         self.closed = True
         self.staging.close()
         # the kernel may hold nodes of this transaction (and with them this object) for a while yet
-        self.generations, self.hashing, self._base_stored = {}, {}, None
-
-
-def user_name(uid: int) -> str:
-    """The login name of `uid`, or the uid itself where it has none (a removed account, a container's).
-    (The lookup may ask a directory service: callers run it in a worker thread.)"""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+        self.generations, self._base_stored = {}, None
 
 
 _KIND_BITS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}
@@ -436,10 +383,6 @@ _KIND_BITS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}
 
 def kind_bits(node: Node) -> int:
     return _KIND_BITS[node.kind]
-
-
-def now_ns() -> int:
-    return time.time_ns()
 
 
 __all__ = ["OpenTxn", "OpenFile", "Opener", "fail", "kind_bits", "setid_bits_to_clear", "ROOT", "DirEntry",
