@@ -17,9 +17,10 @@ import stat
 import trio
 
 from ..core.commit import commit
-from ..core.errors import Busy, Forbidden, Incomplete, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
+from ..core.errors import Forbidden, Incomplete, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
 from ..core.ids import is_rid
 from ..core.limits import EVENT_TEXT_MAX
+from ..core.request import check_not_writing
 from ..core.staging import Staging, refresh_sizes
 from .files import FileHandle, PlainFile
 from .tree import LONG, SHORT, Attr, Listing, Node, Services, Tree, fail
@@ -274,10 +275,7 @@ class RootTree(Tree):
         hashes are done. The walk runs in a worker: for a 10,000-file transaction it takes 70-100 ms, which
         the loop spends serving other clients (every change of this transaction fails with EBUSY meanwhile)."""
         txn = tree.txn
-        writing = txn.open_for_writing()
-        if writing:
-            path = next((p for p, sino, _row in txn.staging.walk() if sino in writing), "?")
-            raise Busy(f"{path}: still open for writing", path=path)
+        check_not_writing(txn.staging, txn.open_for_writing())
         await tree.jobs.idle()
         txn.staging.set_meta("state", "committing")
         return await trio.to_thread.run_sync(txn.commit_request, committer)

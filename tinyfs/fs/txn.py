@@ -23,9 +23,9 @@ from ..core.digests import MultiHash, hash_file
 from ..core.durable import start_writeback
 from ..core.fixity import FixityError, record_failure
 from ..core.layout import ArchiveRoot
-from ..core.model import DirEntry, LinkEntry
 from ..core.request import commit_request
-from ..core.staging import ROOT, Node, Staging
+from ..core.staging import Node, Staging
+from .tree import fail
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,6 @@ def setid_bits_to_clear(mode: int, file_gid: int, opener: Opener) -> int:
     if mode & stat.S_ISGID and (mode & stat.S_IXGRP or (file_gid != opener.gid and file_gid not in opener.groups)):
         clear |= stat.S_ISGID
     return clear
-
-
-def fail(code: int, message: str = "") -> OSError:
-    return OSError(code, message or os.strerror(code))
 
 
 @dataclass(eq=False)
@@ -385,5 +381,4 @@ def kind_bits(node: Node) -> int:
     return _KIND_BITS[node.kind]
 
 
-__all__ = ["OpenTxn", "OpenFile", "Opener", "fail", "kind_bits", "setid_bits_to_clear", "ROOT", "DirEntry",
-           "LinkEntry"]
+__all__ = ["OpenTxn", "OpenFile", "Opener", "WriteStamp", "kind_bits", "setid_bits_to_clear"]

@@ -518,9 +518,9 @@ class StagedFile(FileHandle):
                 return
             job = txn.digest_job(of)
             if job is not None:
-                sino, version, digests = await trio.to_thread.run_sync(job)
+                sino, stamp, digests = await trio.to_thread.run_sync(job)
                 if not txn.closed:
-                    txn.digest_done(sino, version, digests)
+                    txn.digest_done(sino, stamp, digests)
         except FileNotFoundError:
             pass  # deleted meanwhile
         except Exception:
