@@ -35,6 +35,8 @@ from tinyfs.core.ids import new_instance_id
 from tinyfs.core.layout import ArchiveRoot
 from tinyfs.core.model import DirEntry, FileEntry, State
 
+pytestmark = pytest.mark.core
+
 
 def sha512(data: bytes) -> str:
     return hashlib.sha512(data).hexdigest()
