@@ -11,6 +11,9 @@ from mounting import Mounted, tinyfs_argv
 
 from tinyfs import Archive
 
+# the S3 store fixtures (seaweed, s3_env, bucket, locked_bucket) live in tests/seaweed.py
+pytest_plugins = ("seaweed",)
+
 
 def run_tinyfs(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run the installed `tinyfs` command; text output captured."""
