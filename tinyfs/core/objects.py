@@ -110,6 +110,8 @@ class ObjectStore:
     def put_new(self, key: str, body: bytes | BinaryIO, *, retain_until: datetime | None = None) -> str | None:
         """Write `key` only if no object has it; ObjectExists if one does (never retried).
 
+        A file `body` must be seekable: a retried request sends it again from the start.
+
         With `retain_until` (timezone-aware) the object is written under Object Lock
         COMPLIANCE retention until then. Returns the new version id (None unversioned).
         """
@@ -149,6 +151,8 @@ class ObjectStore:
             self._raise(e, key)
 
     def head(self, key: str) -> ObjectInfo:
+        """Size, ETag, version and lock of `key`. A HEAD answer has no body, so in a missing
+        bucket this says NoSuchObject; `bucket_exists` tells the two apart."""
         try:
             r = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
         except (bx.ClientError, bx.BotoCoreError) as e:
