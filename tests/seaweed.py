@@ -9,7 +9,8 @@ Fixtures (registered by conftest.py):
 
 The store runs in one process group under a tmp directory on free ports (the S3
 identity from a `-s3.config` JSON with a random key pair) and is stopped at the
-end of the session; `stop()` checks that no process is left. `weed` writes its
+end of the session; `stop()` checks that no process is left, and a test process
+killed outright takes `weed` with it (PR_SET_PDEATHSIG). `weed` writes its
 gRPC unix sockets to /tmp whatever it is told; `stop()` removes the ones of its
 ports.
 """
@@ -46,6 +47,14 @@ def weed_binary() -> str:
 def weed_env() -> dict[str, str]:
     """master.toml's settings as WEED_* variables: a bucket's first write grows one volume, not 7."""
     return {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies, even by SIGKILL itself."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_ports(n: int) -> list[int]:
@@ -105,7 +114,8 @@ class Seaweed:
         started = time.monotonic()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv(*extra), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True, env=weed_env())
+                                         stderr=subprocess.STDOUT, start_new_session=True, env=weed_env(),
+                                         preexec_fn=die_with_parent)
         try:
             self.wait_ready()
         except BaseException:
