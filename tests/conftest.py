@@ -11,6 +11,9 @@ from mounting import Mounted, tinyfs_argv
 
 from tinyfs import Archive
 
+# the S3 store fixtures (seaweed, s3_env, bucket, locked_bucket) live in tests/seaweed.py
+pytest_plugins = ("seaweed",)
+
 TIERS = ("core", "adapter", "mount")      # pyproject.toml describes them; `slow` is not a tier
 
 

@@ -98,3 +98,66 @@ class TooLarge(TinyfsError):
     """A value past one of the limits of tinyfs.core.limits (a message, a creator, a bag-info.txt)."""
 
     errno = _errno.E2BIG
+
+
+class StoreError(TinyfsError):
+    """The object store failed a request; the message names endpoint, bucket and key, never a secret.
+
+    `code` is the store's error code (or the kind of network failure), for logs and tests.
+    """
+
+    errno = _errno.EIO
+
+    def __init__(self, message: str, *, code: str = "", path: str | None = None):
+        super().__init__(message, path=path)
+        self.code = code
+
+
+class StoreUnreachable(StoreError):
+    """No answer from the endpoint (refused, timed out, unknown host) after the retries."""
+
+    errno = _errno.EHOSTUNREACH
+
+
+class StoreAccessDenied(StoreError):
+    """Missing or wrong credentials, or a policy that refuses the request."""
+
+    errno = _errno.EACCES
+
+
+class NoSuchBucket(StoreError):
+    errno = _errno.ENOENT
+
+
+class NoSuchObject(StoreError, NotFound):
+    errno = _errno.ENOENT
+
+
+class ObjectExists(StoreError, AlreadyExists):
+    """A create-only write (If-None-Match: *) found the key taken: another writer was first."""
+
+    errno = _errno.EEXIST
+
+
+class ObjectRetained(StoreError, Forbidden):
+    """The store refuses to delete an object version under Object Lock retention."""
+
+    errno = _errno.EPERM
+
+
+class NoObjectLock(StoreError):
+    """The bucket has no Object Lock, so the store cannot enforce WORM."""
+
+    errno = _errno.EOPNOTSUPP
+
+
+class NoConditionalWrites(StoreError):
+    """The store ignores If-None-Match on writes, so two writers could both take one key."""
+
+    errno = _errno.EOPNOTSUPP
+
+
+class StoreFull(StoreError):
+    """The store says it has no room (507 Insufficient Storage, a quota)."""
+
+    errno = _errno.ENOSPC

@@ -1,0 +1,307 @@
+"""A small typed client over boto3 for what an archive needs from an S3 bucket.
+
+Create-only writes (`If-None-Match: *`), writes under Object Lock COMPLIANCE
+retention, whole and ranged reads, head, sorted paginated listing, delete, and
+the bucket checks an archive makes before it trusts a store. Keys are relative
+to the store's prefix.
+
+Credentials come only from boto3's usual chain (AWS_* variables, the shared
+files, a profile, an instance role); this module never stores, logs or puts
+them into a message. Every failure is one `StoreError` subclass whose message
+names the endpoint, bucket and key and the store's error code, never the
+store's own message text (AWS echoes request details there).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, BinaryIO, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+import botocore.exceptions as bx
+from botocore.config import Config
+
+from .errors import (
+    NoConditionalWrites,
+    NoObjectLock,
+    NoSuchBucket,
+    NoSuchObject,
+    ObjectExists,
+    ObjectRetained,
+    StoreAccessDenied,
+    StoreError,
+    StoreFull,
+    StoreUnreachable,
+)
+
+# Standard retry mode retries throttling, 5xx and connection errors with jittered
+# backoff; 3 attempts keep an unreachable endpoint under a few seconds.  A 412
+# PreconditionFailed is not retryable there, so a lost create race fails at once.
+MAX_ATTEMPTS = 3
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 60.0
+PAGE_SIZE = 1000  # S3's own maximum for ListObjectsV2
+
+DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+          "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403"}
+FULL = {"InsufficientStorage", "XMinioStorageFull", "QuotaExceeded", "ServiceQuotaExceeded"}
+MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
+NO_LOCK = {"ObjectLockConfigurationNotFoundError"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or a head tells of one object (`retain_until` only from head)."""
+
+    key: str
+    size: int
+    etag: str
+    version_id: str | None = None
+    lock_mode: str | None = None
+    retain_until: datetime | None = None
+
+
+def redact(endpoint: str | None) -> str:
+    """The endpoint as it may be shown: without user:password@ and without a query."""
+    if not endpoint:
+        return "AWS S3"
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def error_code(exc: bx.ClientError) -> tuple[str, int]:
+    """(S3 error code, HTTP status) of a ClientError."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def attempts_of(exc: bx.ClientError) -> int:
+    """How many requests boto3 sent before giving up (1 = no retry)."""
+    return 1 + int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+
+
+class ObjectStore:
+    """One bucket (and key prefix) of an S3 service, by endpoint URL or AWS's default."""
+
+    def __init__(self, bucket: str, *, prefix: str = "", endpoint: str | None = None,
+                 region: str | None = None, session: boto3.Session | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint = endpoint
+        session = session or boto3.Session()
+        self.client = session.client(
+            "s3", endpoint_url=endpoint, region_name=region or session.region_name or "us-east-1",
+            config=Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
+                          connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                          s3={"addressing_style": "path" if endpoint else "auto"}))
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.where()})"
+
+    # -- objects -------------------------------------------------------------
+
+    def put_new(self, key: str, body: bytes | BinaryIO, *, retain_until: datetime | None = None) -> str | None:
+        """Write `key` only if no object has it; ObjectExists if one does (never retried).
+
+        A file `body` must be seekable: a retried request sends it again from the start.
+
+        With `retain_until` (timezone-aware) the object is written under Object Lock
+        COMPLIANCE retention until then. Returns the new version id (None unversioned).
+        """
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key), "Body": body,
+                                "IfNoneMatch": "*"}
+        if retain_until is not None:
+            args.update(ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=retain_until)
+        try:
+            return self.client.put_object(**args).get("VersionId")
+        except bx.ClientError as e:
+            if retain_until is not None and error_code(e)[0] == "InvalidRequest":
+                self._fail(NoObjectLock, "the bucket refused a retained write: Object Lock is not enabled",
+                           key, "InvalidRequest")
+            self._raise(e, key)
+        except bx.BotoCoreError as e:
+            self._raise(e, key)
+
+    def get(self, key: str, *, offset: int = 0, length: int | None = None,
+            version_id: str | None = None) -> bytes:
+        """The object's bytes, or `length` of them from `offset` (fewer at the end, b"" past it)."""
+        if length == 0:
+            return b""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key)}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            args["Range"] = f"bytes={offset}-{end}"
+        if version_id:
+            args["VersionId"] = version_id
+        try:
+            with self.client.get_object(**args)["Body"] as body:
+                return body.read()
+        except bx.ClientError as e:
+            if error_code(e)[0] == "InvalidRange":  # offset at or past the end, as a file read
+                return b""
+            self._raise(e, key)
+        except bx.BotoCoreError as e:
+            self._raise(e, key)
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size, ETag, version and lock of `key`. A HEAD answer has no body, so in a missing
+        bucket this says NoSuchObject; `bucket_exists` tells the two apart."""
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._raise(e, key)
+        return ObjectInfo(key, r["ContentLength"], r.get("ETag", "").strip('"'), r.get("VersionId"),
+                          r.get("ObjectLockMode"), r.get("ObjectLockRetainUntilDate"))
+
+    def list(self, prefix: str = "", *, page_size: int = PAGE_SIZE) -> Iterator[ObjectInfo]:
+        """Every object under `prefix`, in ascending key order, one page request at a time.
+
+        S3 lists in UTF-8 binary order; pagination depends on it, so a store that
+        breaks the order is an error rather than a listing that may skip keys.
+        """
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._full(prefix), PaginationConfig={"PageSize": page_size})
+        last = b""
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    if key.encode() <= last:
+                        self._fail(StoreError, f"listing out of order after {last.decode()!r}", key, "Order")
+                    last = key.encode()
+                    yield ObjectInfo(key[len(self.prefix):], item["Size"], item.get("ETag", "").strip('"'))
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._raise(e, prefix)
+
+    def delete(self, key: str, *, version_id: str | None = None) -> None:
+        """Delete the object (that version with `version_id`); ObjectRetained if its lock forbids."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key)}
+        if version_id:
+            args["VersionId"] = version_id
+        try:
+            self.client.delete_object(**args)
+        except bx.ClientError as e:
+            if error_code(e)[0] == "AccessDenied" and self._retained(key, version_id):
+                self._fail(ObjectRetained, "the store keeps this version under Object Lock retention",
+                           key, "AccessDenied")
+            self._raise(e, key)
+        except bx.BotoCoreError as e:
+            self._raise(e, key)
+
+    # -- the bucket ----------------------------------------------------------
+
+    def bucket_exists(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except bx.ClientError as e:
+            if error_code(e)[0] in {"404", "NoSuchBucket", "NotFound"}:
+                return False
+            self._raise(e, None)
+        except bx.BotoCoreError as e:
+            self._raise(e, None)
+        return True
+
+    def object_lock_enabled(self) -> bool:
+        try:
+            conf = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except bx.ClientError as e:
+            if error_code(e)[0] in NO_LOCK:
+                return False
+            self._raise(e, None)
+        except bx.BotoCoreError as e:
+            self._raise(e, None)
+        return conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    def conditional_writes_honoured(self) -> bool:
+        """Try it: create a scratch key twice; the second must be refused. The key is removed after."""
+        key = f".tinyfs-probe/{uuid.uuid4().hex}"
+        versions = [self.put_new(key, b"probe")]
+        try:
+            versions.append(self.put_new(key, b"probe"))
+        except ObjectExists:
+            return True
+        finally:
+            for version in versions:
+                self._delete_quietly(key, version)
+        return False
+
+    def check(self, *, object_lock: bool) -> None:
+        """Raise the typed error for the first thing that makes this bucket unfit for an archive."""
+        if not self.bucket_exists():
+            self._fail(NoSuchBucket, "no such bucket", None, "NoSuchBucket")
+        if object_lock and not self.object_lock_enabled():
+            self._fail(NoObjectLock, "Object Lock is not enabled on the bucket (WORM needs it)", None,
+                       "ObjectLockConfigurationNotFoundError")
+        if not self.conditional_writes_honoured():
+            self._fail(NoConditionalWrites, "the store ignores If-None-Match: two writers could take one key",
+                       None, "NoConditionalWrites")
+
+    # -- helpers -------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        return self.prefix + key
+
+    def where(self, key: str | None = None) -> str:
+        """endpoint, bucket and key as error messages show them."""
+        place = f"s3://{self.bucket}/{self._full(key) if key is not None else self.prefix}"
+        return f"{place} at {redact(self.endpoint)}"
+
+    def _retained(self, key: str, version_id: str | None) -> bool:
+        try:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key)}
+            if version_id:
+                args["VersionId"] = version_id
+            r = self.client.get_object_retention(**args)
+        except (bx.ClientError, bx.BotoCoreError):
+            return False
+        return bool(r.get("Retention", {}).get("Mode"))
+
+    def _delete_quietly(self, key: str, version_id: str | None) -> None:
+        """Best effort: a bucket with a default retention keeps even the probe."""
+        try:
+            self.delete(key, version_id=version_id)
+        except StoreError:
+            pass
+
+    def _fail(self, kind: type[StoreError], what: str, key: str | None, code: str) -> NoReturn:
+        raise kind(f"{self.where(key)}: {what}", code=code)
+
+    def _raise(self, exc: Exception, key: str | None) -> NoReturn:
+        """Translate a boto3 failure into its StoreError (chained to nothing: no store text leaks)."""
+        kind, what, code = classify(exc)
+        if isinstance(exc, bx.ClientError) and kind in (StoreError, StoreFull):
+            what += f" after {attempts_of(exc)} attempt(s)"
+        if kind is NoSuchBucket or (key is None and kind is NoSuchObject):
+            kind, what = NoSuchBucket, "no such bucket"
+        raise kind(f"{self.where(key)}: {what}", code=code) from None
+
+
+def classify(exc: Exception) -> tuple[type[StoreError], str, str]:
+    """(error class, what happened, code) for a boto3 exception."""
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return StoreAccessDenied, "no AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, " \
+                                  "~/.aws/credentials or AWS_PROFILE)", type(exc).__name__
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ConnectionClosedError
+                  | bx.ReadTimeoutError):
+        return StoreUnreachable, f"no answer from the endpoint ({type(exc).__name__})", type(exc).__name__
+    if not isinstance(exc, bx.ClientError):
+        return StoreError, f"request failed ({type(exc).__name__})", type(exc).__name__
+    code, status = error_code(exc)
+    if code == "PreconditionFailed" or status == 412:
+        return ObjectExists, "the key exists already (If-None-Match refused the write)", code
+    if code == "NoSuchBucket":
+        return NoSuchBucket, "no such bucket", code
+    if code in MISSING_KEY:
+        return NoSuchObject, "no such key", code
+    if code in DENIED:
+        return StoreAccessDenied, f"access denied ({code}): check the AWS credentials and the bucket policy", code
+    if code in FULL or status == 507:
+        return StoreFull, f"the store is full ({code or status})", code or str(status)
+    return StoreError, f"the store failed the request ({code or 'no code'}, HTTP {status})", code
