@@ -53,6 +53,7 @@ def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@pytest.mark.slow
 def test_quick_bench_reports_every_workload(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run(
@@ -91,6 +92,7 @@ def test_quick_bench_reports_every_workload(tmp_path):
     assert "| workload |" in r.stdout
 
 
+@pytest.mark.slow
 def test_reads_only_bench_measures_the_reads_of_the_named_tinyfs_against_a_base(tmp_path):
     """--reads times only the read workloads (the data deposited untimed); --tinyfs picks the command,
     --base mounts a second one beside it and reports the ratio of the two per repetition."""

@@ -182,6 +182,7 @@ def test_a_listing_of_resources_that_read_a_head_before_a_commit_shows_the_commi
 
 
 @pytest.mark.mount
+@pytest.mark.slow
 def test_commit_rounds_of_real_files_never_lag(tmp_path):
     """30 rounds of real deposits (cp -a of 5,000 real files, first commits of new resources, then later
     commits to them), on a mount without and one with allow_other, while another process lists

@@ -144,6 +144,7 @@ def _digests(root: Path):
     return {p: f.digest for p, f in archive.state("r").files.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,rounds", [("preservation", 14), ("dynamic", 8)])
 def test_kill_9_during_ingest(tmp_path, mode, rounds):
     rng = random.Random(f"tinyfs-{mode}")

@@ -84,6 +84,7 @@ def short_tmp():
 # -- deep trees ---------------------------------------------------------------------------------
 
 @pytest.mark.core
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_a_deep_tree_through_ingest_api_fsck_export_bag_and_recover(root, short_tmp, depth):
     src = short_tmp / "src"

@@ -32,6 +32,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop moun
 # -- crash torture ------------------------------------------------------------------------------
 
 @pytest.mark.mount
+@pytest.mark.slow
 @needs_fuse
 def test_crash_torture_reduced(tmp_path):
     """30 trials of scripts/torture: mount, CLI and API commits killed at random instants."""

@@ -398,6 +398,7 @@ def test_symlink_loops_are_stored_as_links_never_followed(mnt, root, tmp_path):
 # -- many entries ----------------------------------------------------------------------------------
 
 @pytest.mark.mount
+@pytest.mark.slow
 @needs_fuse
 def test_a_directory_of_many_entries_in_one_transaction(mnt, root):
     t = mnt / "transactions" / "many"
@@ -498,6 +499,7 @@ def test_a_file_rewritten_while_it_is_committed_is_never_stored_torn(root, tmp_p
 
 
 @pytest.mark.mount
+@pytest.mark.slow
 @needs_fuse
 def test_mount_and_cli_commit_the_same_resource_at_once(mnt, root, tmp_path):
     t = mnt / "transactions" / "both"

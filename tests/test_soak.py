@@ -29,6 +29,7 @@ SLACK_MIB = 12
 TOTAL_MIB = 48
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged depositor (setpriv) and drop_caches need root")
 def test_a_short_soak_stays_bounded(tmp_path):
     figures_file = tmp_path / "soak.json"

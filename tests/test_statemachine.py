@@ -269,6 +269,7 @@ class Transaction(RuleBasedStateMachine):
             assert read_tree(self.t) == self.model
 
 
+@pytest.mark.slow
 def test_transactions_follow_the_model(tmp_path):
     root = tmp_path / "archive"
     run_tinyfs("init", root)
