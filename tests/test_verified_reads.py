@@ -15,7 +15,7 @@ import pytest
 import trio
 from conftest import mounted, run_tinyfs
 
-from tinyfs.fs.verify import BAD, GAP, GOOD, OFF, Expected, ReadCheck
+from tinyfs.fs.verify import BAD, GAP, GOOD, OFF, STEP, Expected, ReadCheck
 
 pytestmark = pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"),
                                 reason="needs FUSE")
@@ -262,3 +262,35 @@ def test_check_ends_at_a_far_jump_and_catches_a_wrong_size(tmp_path):
     assert _run_check(tmp_path, data + b"x", data, [(0, len(data) + 4096)]).state == BAD    # longer
     assert _run_check(tmp_path, data[:-1], data, [(0, len(data))]).state == BAD            # shorter
     assert _run_check(tmp_path, data + b"x", data, [(0, len(data))]).state == BAD          # the rest is read
+
+
+def test_the_worker_follows_the_prefix_in_one_hand_off(tmp_path, monkeypatch):
+    """The worker hashes as far as the prefix is taken when it gets there, not STEP at a time with a return to
+    the loop in between (each return waited for the busy loop to start the next step)."""
+    data = os.urandom(12 * STEP)
+    path = tmp_path / "stored"
+    path.write_bytes(data)
+    expected = Expected("r", None, "f", "instances/x/data/f", "sha512", sha512(data), len(data))
+    hand_offs = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kw):
+        hand_offs.append(fn)
+        return await run_sync(fn, *args, **kw)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+
+    async def main() -> ReadCheck:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            async with trio.open_nursery() as nursery:
+                check = ReadCheck(expected, len(data))
+                for off in range(0, len(data), MIB):          # all taken before the worker starts
+                    check.take(off, os.pread(fd, MIB, off), MIB, fd, nursery)
+                assert check.behind
+                await check.wait_for_hasher()
+                assert await check.verdict()
+                return check
+        finally:
+            os.close(fd)
+    assert trio.run(main).state == GOOD
+    assert len(hand_offs) == 1

@@ -49,6 +49,7 @@ DROPPED = {"defaults", "auto", "noauto", "_netdev", "nofail", "user", "nouser", 
            "strictatime", "nostrictatime", "lazytime", "nolazytime", "exec", "dev", "suid", "silent", "loud",
            "foreground", "log", "comment"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+READ_AHEAD_KIB = 1024   # the largest request libfuse takes (see raise_read_ahead)
 DEAD = (errno.ENOTCONN, errno.ECONNABORTED)   # a mount whose daemon is gone
 
 
@@ -243,9 +244,28 @@ async def _announce_ready(mnt: Path) -> None:
     The worker is abandoned on cancel: if a signal ends the loop before the stat was answered, the
     stat would otherwise wait for an answer that never comes, and the unmount with it.
     """
-    await trio.to_thread.run_sync(os.stat, mnt, abandon_on_cancel=True)
+    st = await trio.to_thread.run_sync(os.stat, mnt, abandon_on_cancel=True)
+    raise_read_ahead(st.st_dev)
     sd_notify("READY=1\nSTATUS=serving")
     log.info("ready")
+
+
+def raise_read_ahead(dev: int, kib: int = READ_AHEAD_KIB) -> None:
+    """Let the kernel read ahead `kib` on this mount (its bdi's read_ahead_kb) instead of the 128 KiB it
+    starts a FUSE mount with: sequential reads then come as 1 MiB requests (libfuse's largest) instead of
+    256 KiB ones, a quarter of the requests for the same bytes (a cold 1 GiB read: 0.61 s of daemon CPU
+    instead of 1.08 s; docs/design.md, "Verified reads through the mount"). Only root may write it;
+    otherwise the kernel's default stays. Called once the mount has answered a request: the kernel sets
+    the read-ahead again when the daemon answers FUSE_INIT."""
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path) as f:
+            if int(f.read()) >= kib:
+                return
+        with open(path, "w") as f:
+            f.write(str(kib))
+    except (OSError, ValueError) as e:
+        log.info("read-ahead of the mount left as the kernel set it (%s: %s)", path, e)
 
 
 async def _watch_signals(ops: Operations, early: _EarlySignals) -> None:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 GAP = 4 << 20           # a read this far ahead of the hashed prefix is read-ahead, not random access
 INLINE = 64 << 10       # buffers up to this size are hashed on the loop when nothing is queued
 MAX_QUEUED = 16 << 20   # bytes served but not yet hashed, per handle, before its reads wait for the hasher
-STEP = 4 << 20          # bytes the worker hashes per hand-off (waiting reads are woken that often)
+STEP = 4 << 20          # waiting reads are woken each time the worker has hashed this much more
 _local = threading.local()
 
 RUNNING, OFF, GOOD, BAD = "running", "off", "good", "bad"
@@ -145,14 +145,15 @@ class ReadCheck:
 
     # -- the feeding task and its worker thread ----------------------------------------------------
     async def _drain(self, fd: int) -> None:
-        """Have a worker thread hash the taken prefix, a few MiB a hand-off, until it has caught up. The
-        worker reads the bytes again from the stored file (`fd`, its own descriptor) into a buffer it
-        reuses, from the page cache the serving reads just filled: holding the served buffers for it
-        instead made every read allocate fresh memory, and the page faults cost the loop more than the
-        hash cost the worker (256 MiB: 0.27 s of loop CPU against 0.45 s of hashing)."""
+        """Have a worker thread hash the taken prefix until it has caught up with it. The worker reads the
+        bytes again from the stored file (`fd`, its own descriptor) into a buffer it reuses, from the page
+        cache the serving reads just filled: holding the served buffers for it instead made every read
+        allocate fresh memory, and the page faults cost the loop more than the hash cost the worker (256
+        MiB: 0.27 s of loop CPU against 0.45 s of hashing)."""
+        token = trio.lowlevel.current_trio_token()
         try:
             while self.state == RUNNING and not self.broken and self.hashed < self.hashed_to:
-                await trio.to_thread.run_sync(self._hash_to, fd, min(self.hashed_to, self.hashed + STEP))
+                await trio.to_thread.run_sync(self._hash_taken, fd, token)
                 self._wake()
         except Exception:
             log.exception("verifying %s of %s", self.expected.path, self.expected.rid)
@@ -166,18 +167,25 @@ class ReadCheck:
         self._progress.set()
         self._progress = trio.Event()
 
-    def _hash_to(self, fd: int, target: int) -> None:
-        """(worker thread) Hash the stored bytes [hashed, target), unless the handle is given up."""
+    def _hash_taken(self, fd: int, token: trio.lowlevel.TrioToken) -> None:
+        """(worker thread) Hash the stored bytes from `hashed` on, following `hashed_to` as the loop moves
+        it, until caught up (or the handle is given up); wake the waiting reads every STEP. One hand-off
+        per catch-up rather than per STEP: returning to the loop between steps left the worker idle while
+        the busy loop got round to starting the next one."""
         buf, view = _buffer()
-        pos = self.hashed
+        pos = woken = self.hashed
         try:
-            while pos < target and self.state == RUNNING:
-                n = os.preadv(fd, [view[:min(CHUNK, target - pos)]], pos)
+            while self.state == RUNNING and pos < self.hashed_to:
+                n = os.preadv(fd, [view[:min(len(buf), self.hashed_to - pos)]], pos)
                 if n <= 0:
                     self.broken = True            # the stored file ends early
                     break
                 self.hasher.update(view[:n])
                 pos += n
+                self.hashed = pos
+                if pos - woken >= STEP:
+                    woken = pos
+                    token.run_sync_soon(self._wake)
         except OSError as e:
             log.warning("verifying %s of %s: reading the stored file: %s", self.expected.path,
                         self.expected.rid, e)
