@@ -12,6 +12,7 @@ import pytest
 from tinyfs.fs.mount import READ_AHEAD_KIB
 
 pytestmark = [
+    pytest.mark.mount,
     pytest.mark.skipif(not shutil.which("fusermount3") or not os.path.exists("/dev/fuse"), reason="needs FUSE"),
     pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a bdi's read_ahead_kb"),
 ]

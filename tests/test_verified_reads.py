@@ -264,6 +264,7 @@ def test_check_ends_at_a_far_jump_and_catches_a_wrong_size(tmp_path):
     assert _run_check(tmp_path, data + b"x", data, [(0, len(data))]).state == BAD          # the rest is read
 
 
+@pytest.mark.adapter
 def test_the_worker_follows_the_prefix_in_one_hand_off(tmp_path, monkeypatch):
     """The worker hashes as far as the prefix is taken when it gets there, not STEP at a time with a return to
     the loop in between (each return waited for the busy loop to start the next step)."""
