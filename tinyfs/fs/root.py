@@ -26,11 +26,12 @@ from .files import FileHandle, PlainFile
 from .tree import LONG, SHORT, Attr, Listing, Node, Services, Tree, fail
 from .txn import OpenTxn
 from .txntree import Jobs, TxnTree
-from .view import AipTree, InstancesTree, StateTree
+from .view import AipTree, InstancesTree, Section, StateTree
 
 log = logging.getLogger(__name__)
 
-TOP = ("resources", "instances", "aip", "transactions", "commit", "events.jsonl")
+SECTIONS = ("resources", "instances", "aip")        # a directory per resource, each shown by its tree
+TOP = (*SECTIONS, "transactions", "commit", "events.jsonl")
 WRITABLE = ("transactions", "commit")
 # Errors a commit may meet that would mean something else to the client of a rename: answered as EIO
 NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -48,6 +49,11 @@ class RootTree(Tree):
         self.states = StateTree(services)
         self.instances = InstancesTree(services, self.states)
         self.aip = AipTree(services)
+        # The read-only sections of the top level: each tree answers for the directory of a resource in
+        # it (`resource_root`, `resource_roots`). A new section is a tree with those two calls, and a name
+        # here and in SECTIONS.
+        self.sections: dict[str, Section] = {"resources": self.states, "instances": self.instances,
+                                             "aip": self.aip}
         self.txns: dict[str, TxnTree] = {}
         self.commits = Jobs()                    # commits running (a shutdown lets them finish)
         self.root = Node(self, ("root",))
@@ -79,19 +85,10 @@ class RootTree(Tree):
             if txn is None:
                 raise NotFound(name)
             return txn.root()
-        if parent.path == "resources":
-            head = self.archive.head(name)
-            if head is None:
-                self.states.forget_head(name)    # purged (dynamic mode): a resource made again starts anew
-                raise NotFound(name)
-            return self.states.root(name, head, current=True)
-        if parent.path == "instances":
-            if not self.archive.head(name):
-                raise NotFound(name)
-            return self.instances.node(name)
-        if parent.path == "aip" and self.archive.resource_dir(name).is_dir():
-            return self.aip.node(name)
-        raise NotFound(name)
+        node = self.sections[parent.path].resource_root(name)
+        if node is None:
+            raise NotFound(name)
+        return node
 
     async def children(self, node: Node) -> Listing:
         if node is self.root:
@@ -100,16 +97,8 @@ class RootTree(Tree):
             return self._transactions()
         if node.path == "commit":
             return []
-        return await trio.to_thread.run_sync(self._resources, node.path)
-
-    def _resources(self, top: str) -> Listing:
-        """(worker thread) resources/, instances/ or aip/: one entry per resource."""
-        rids = self.archive.resource_ids()
-        if top == "resources":
-            return [(rid, self.states.root(rid, head, current=True), None) for rid in rids
-                    if (head := self.archive.head(rid))]
-        make = self.instances.node if top == "instances" else self.aip.node
-        return [(rid, make(rid), None) for rid in rids]
+        section = self.sections[node.path]
+        return await trio.to_thread.run_sync(lambda: [(rid, root, None) for rid, root in section.resource_roots()])
 
     def _transactions(self) -> Listing:
         names = sorted(n for n in os.listdir(self.archive.transactions)

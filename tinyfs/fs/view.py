@@ -20,6 +20,7 @@ import os
 import stat
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -32,6 +33,15 @@ from .tree import LONG, SHORT, Attr, Head, Listing, Node, Services, Tree, fail
 from .verify import Expected, expected_of_aip, expected_of_state
 
 VIRTUAL_FILE_XATTRS = ("user.tinyfs.digest", "user.tinyfs.instance")
+
+
+class Section(Protocol):
+    """A tree shown as one directory of the top level with an entry per resource (resources/, instances/,
+    aip/): the root of a resource in it, None if the resource has none there; every (rid, root)."""
+
+    def resource_root(self, rid: str) -> Node | None: ...
+
+    def resource_roots(self) -> list[tuple[str, Node]]: ...
 
 
 def created_ns(iid: str) -> int:
@@ -96,6 +106,19 @@ class StateTree(ReadOnlyTree):
     def forget_head(self, rid: str) -> None:
         """resources/<rid> is gone, or starts anew at its next lookup."""
         self.heads.pop(rid, None)
+
+    # -- the section resources/ ------------------------------------------------------------------------
+    def resource_root(self, rid: str) -> Node | None:
+        head = self.archive.head(rid)
+        if head is None:
+            self.forget_head(rid)    # purged (dynamic mode): a resource made again starts anew
+            return None
+        return self.root(rid, head, current=True)
+
+    def resource_roots(self) -> list[tuple[str, Node]]:
+        """(worker thread)"""
+        return [(rid, self.root(rid, head, current=True)) for rid in self.archive.resource_ids()
+                if (head := self.archive.head(rid))]
 
     # -- the Tree calls ------------------------------------------------------------------------------
     def attrs(self, node: Node) -> Attr:
@@ -277,6 +300,12 @@ class InstancesTree(ReadOnlyTree):
     def node(self, rid: str) -> Node:
         return Node(self, instances_key(rid), rid=rid)
 
+    def resource_root(self, rid: str) -> Node | None:
+        return self.node(rid) if self.archive.head(rid) else None
+
+    def resource_roots(self) -> list[tuple[str, Node]]:
+        return [(rid, self.node(rid)) for rid in self.archive.resource_ids()]
+
     def _label(self, rid: str, label: str, iid: str) -> Node:
         return Node(self, ("label", rid, label, iid), rid=rid, iid=iid, path=label)
 
@@ -322,6 +351,12 @@ class AipTree(ReadOnlyTree):
 
     def node(self, rid: str, path: str = "") -> Node:
         return Node(self, ("aip", rid, path), rid=rid, path=path)
+
+    def resource_root(self, rid: str) -> Node | None:
+        return self.node(rid) if self.archive.resource_dir(rid).is_dir() else None
+
+    def resource_roots(self) -> list[tuple[str, Node]]:
+        return [(rid, self.node(rid)) for rid in self.archive.resource_ids()]
 
     def _disk_path(self, node: Node):
         where = self.archive.resource_dir(node.rid)
