@@ -120,7 +120,7 @@ class State:
     hardlinks: tuple[Group, ...] = ()      # link groups (`link_groups` form when written by tinyfs)
     root: DirEntry | None = None
     _groups: dict[str, Group] | None = field(default=None, compare=False, repr=False)
-    _children: dict[str, list] | None = field(default=None, compare=False, repr=False)
+    _children: dict[str, list] | None = field(default=None, init=False, compare=False, repr=False)
 
     def group_of(self, path: str) -> Group | None:
         """The link group of a path, if it has one (the index is built at the first question)."""
@@ -182,6 +182,19 @@ class InstanceDoc:
     # The encoded line of every entry, by section, once this document has been written (`to_json_bytes`):
     # the next instance of the resource re-encodes only the entries that are not the same objects.
     encoded: dict[str, dict] | None = field(default=None, compare=False, repr=False)
+    _payload: dict[str, tuple[str, int, str]] | None = field(default=None, init=False, compare=False, repr=False)
+
+    def payload(self) -> dict[str, tuple[str, int, str]]:
+        """stored path -> (digest, size, a logical path) of the files this instance stores itself (its bag's
+        data/), built at the first question: a document does not change once read."""
+        if self._payload is None:
+            own = f"instances/{self.id}/"
+            index: dict[str, tuple[str, int, str]] = {}
+            for path, entry in self.state.entries().items():
+                if isinstance(entry, FileEntry) and self.stored[entry.digest].startswith(own):
+                    index.setdefault(self.stored[entry.digest], (entry.digest, entry.size, path))
+            self._payload = index
+        return self._payload
 
     def to_json_bytes(self, previous: InstanceDoc | None = None) -> bytes:
         """Sorted keys (SPEC 4), one line per entry: `diff` of two instances shows what changed, and

@@ -29,7 +29,7 @@ import trio
 from ..core.digests import CHUNK
 from ..core.fixity import FixityError, record_failure
 from ..core.layout import ArchiveRoot
-from ..core.model import FileEntry, InstanceDoc
+from ..core.model import FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -218,27 +218,11 @@ def expected_of_aip(archive: ArchiveRoot, rid: str, path: str) -> Expected | Non
     if len(parts) < 4 or parts[0] != "instances" or parts[2] != "data":
         return None
     doc = archive.instance(rid, parts[1])
-    found = _payload_index(doc).get(path)
+    found = doc.payload().get(path)
     if found is None:
         return None
     digest, size, logical = found
     return Expected(rid, parts[1], logical, path, doc.digest, digest, size)
-
-
-def _payload_index(doc: InstanceDoc) -> dict[str, tuple[str, int, str]]:
-    """stored path -> (digest, size, a logical path) of the files this instance stores itself; cached on
-    the document, which never changes (and goes with it when the archive's cache drops it)."""
-    index = getattr(doc, "_payload_index", None)
-    if index is None:
-        index = {}
-        own = f"instances/{doc.id}/"
-        for path, entry in doc.state.entries().items():
-            if isinstance(entry, FileEntry):
-                stored = doc.stored[entry.digest]
-                if stored.startswith(own):
-                    index.setdefault(stored, (entry.digest, entry.size, path))
-        doc._payload_index = index
-    return index
 
 
 def fixity_failed(archive: ArchiveRoot, expected: Expected, found: str) -> None:
