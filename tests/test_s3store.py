@@ -181,6 +181,14 @@ def test_racing_publishers_on_one_head_one_wins_the_chain_stays_linear_nothing_l
     assert names == {f"from-{i}" for i in range(4)}
 
 
+def test_a_claim_whose_answer_was_lost_is_still_ours(s3_env, bucket, tmp_path):
+    store = host(s3_env, bucket, tmp_path / "cache")
+    iid = publish(store, tmp_path, "r", {"a": b"a"})
+    # boto3 resends a PUT whose answer was lost; the resend finds the claim taken (412): by us
+    store._claim("r", store._known_chain("r")[0])
+    assert store.head("r") == iid and store.stored_file("r", f"instances/{iid}/data/a").read_bytes() == b"a"
+
+
 # -- crashes -------------------------------------------------------------------------------------------
 
 

@@ -320,15 +320,16 @@ class S3Store:
         body = (json.dumps(claim.to_json(), sort_keys=True) + "\n").encode()
         try:
             self.objects.put_new(key, body, retain_until=_retain_until(self.config))
-        except StoreError as e:
-            # A create that reached the store but whose answer was lost (a retry then sees 412): ask.
+        except StoreError:
+            # A create that reached the store but whose answer was lost (a retry then sees 412) is
+            # ours all the same: ask which instance the claim names before deciding anything.
             winner = self._read_claim_quietly(rid, claim.previous)
-            if winner is None or winner.instance != claim.instance:
-                if isinstance(e, ObjectExists):
-                    self._remove_unclaimed(rid, claim.instance)
-                    raise Stale(f"resource {rid!r}: another committer published after "
-                                f"{claim.previous or 'nothing'} first") from None
-                raise
+            if winner is None:
+                raise                       # outcome unknown: nothing removed (recover decides later)
+            if winner.instance != claim.instance:
+                self._remove_unclaimed(rid, claim.instance)
+                raise Stale(f"resource {rid!r}: another committer published after "
+                            f"{claim.previous or 'nothing'} first") from None
         known = self._known_chain(rid)
         if (known[-1].instance if known else None) == claim.previous:
             self._learn_chain(rid, known + [claim])
