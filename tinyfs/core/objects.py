@@ -14,6 +14,7 @@ store's own message text (AWS echoes request details there).
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ MAX_ATTEMPTS = 3
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 60.0
 PAGE_SIZE = 1000  # S3's own maximum for ListObjectsV2
+CHUNK = 1 << 20   # a streamed download's read size
 
 DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
           "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403"}
@@ -63,6 +65,8 @@ class ObjectInfo:
     version_id: str | None = None
     lock_mode: str | None = None
     retain_until: datetime | None = None
+    modified: datetime | None = None  # from a listing
+    delete_marker: bool = False       # from a listing of versions
 
 
 def redact(endpoint: str | None) -> str:
@@ -176,9 +180,70 @@ class ObjectStore:
                     if key.encode() <= last:
                         self._fail(StoreError, f"listing out of order after {last.decode()!r}", key, "Order")
                     last = key.encode()
-                    yield ObjectInfo(key[len(self.prefix):], item["Size"], item.get("ETag", "").strip('"'))
+                    yield ObjectInfo(key[len(self.prefix):], item["Size"], item.get("ETag", "").strip('"'),
+                                     modified=item.get("LastModified"))
         except (bx.ClientError, bx.BotoCoreError) as e:
             self._raise(e, prefix)
+
+    def list_names(self, prefix: str) -> Iterator[str]:
+        """The next path segment of every key under `prefix` (which ends in "/"), once each, sorted:
+        S3's common prefixes with Delimiter "/", so a listing of 10,000 resources is 10 pages, not one
+        page per 1,000 of their objects."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._full(prefix), Delimiter="/")
+        start = len(self._full(prefix))
+        try:
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    yield common["Prefix"][start:].rstrip("/")
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._raise(e, prefix)
+
+    def list_versions(self, prefix: str) -> list[ObjectInfo]:
+        """Every version and delete marker under `prefix`; those of one key newest first (S3's order).
+        On a bucket without versioning each object is one entry with version id "null"."""
+        found: list[ObjectInfo] = []
+        pages = self.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=self._full(prefix))
+        try:
+            for page in pages:
+                entries = [(v, False) for v in page.get("Versions", [])]
+                entries += [(m, True) for m in page.get("DeleteMarkers", [])]
+                for item, marker in entries:
+                    found.append(ObjectInfo(item["Key"][len(self.prefix):], item.get("Size", 0),
+                                            item.get("ETag", "").strip('"'), item.get("VersionId"),
+                                            modified=item.get("LastModified"), delete_marker=marker))
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._raise(e, prefix)
+        return found
+
+    def versions(self, key: str) -> list[ObjectInfo]:
+        """The versions of exactly `key` (no delete markers), newest first; [] when it has none."""
+        return [v for v in self.list_versions(key) if v.key == key and not v.delete_marker]
+
+    def download(self, key: str, dest: str | os.PathLike, *, version_id: str | None = None) -> int:
+        """Stream the object (that version) into the new file `dest`, CHUNK bytes at a time, never
+        whole in memory; returns its size. `dest` is removed again when the read fails."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key)}
+        if version_id:
+            args["VersionId"] = version_id
+        size = 0
+        try:
+            with open(dest, "xb") as out:
+                try:
+                    body = self.client.get_object(**args)["Body"]  # (its `with` gives the raw stream)
+                    try:
+                        for chunk in body.iter_chunks(CHUNK):
+                            out.write(chunk)
+                            size += len(chunk)
+                    finally:
+                        body.close()
+                except BaseException:
+                    os.unlink(dest)
+                    raise
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._raise(e, key)
+        return size
 
     def delete(self, key: str, *, version_id: str | None = None) -> None:
         """Delete the object (that version with `version_id`); ObjectRetained if its lock forbids."""
