@@ -45,9 +45,24 @@ def cmd_init(args) -> int:
     from ..core.layout import init_archive
 
     root, digests = _root_and_digests(args.root, args.digest)
-    root = init_archive(root, args.mode, digests, args.immutable)
+    if args.store is not None:
+        return _init_on_store(root, digests, args)
+    if args.endpoint is not None or args.retain is not None:
+        raise UsageError("init: --endpoint and --retain go with --store s3://BUCKET/PREFIX")
+    root = init_archive(root, args.mode or "preservation", digests, args.immutable)
     if args.immutable:
         _report_immutable(root)
+    return EXIT_OK
+
+
+def _init_on_store(root: str, digests: list[str] | None, args) -> int:
+    """A working directory attached to an archive in an S3 bucket (a new one, or the one there)."""
+    from ..core.s3archive import init_s3_archive, parse_retention
+
+    if args.immutable:
+        raise UsageError("init: --immutable is for a local archive; on a store, worm retention is the store's")
+    days = parse_retention(args.retain) if args.retain is not None else None
+    init_s3_archive(root, args.store, args.endpoint, mode=args.mode, digests=digests, retention_days=days)
     return EXIT_OK
 
 
@@ -303,13 +318,20 @@ Command = Callable[[str, Callable, str], argparse.ArgumentParser]
 def _add_setup_commands(command: Command) -> None:
     """Making an archive, mounting it, committing without a mount."""
     p = command("init", cmd_init, "create an archive")
-    p.usage = "tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable]"
+    p.usage = ("tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable] "
+               "[--store s3://BUCKET/PREFIX [--endpoint URL] [--retain 10y]]")
     p.add_argument("root", metavar="ROOT", nargs="?")     # (may come after --digest: see _root_and_digests)
-    p.add_argument("--mode", choices=("preservation", "worm", "dynamic"), default="preservation")
+    p.add_argument("--mode", choices=("preservation", "worm", "dynamic"),
+                   help="preservation (default), worm or dynamic; attaching to a store: as the store has it")
     p.add_argument("--digest", action="extend", nargs="+", metavar="ALG",
                    help="digest algorithms, the first sha512 (default) or sha256; repeat the option or "
                         "give a comma list (--digest sha256,sha512)")
     p.add_argument("--immutable", action="store_true", help="worm mode: also chattr +i committed instances")
+    p.add_argument("--store", metavar="s3://BUCKET/PREFIX",
+                   help="keep the archive in an S3 bucket (ROOT is this host's working directory); an archive "
+                        "already there is attached to. Credentials: the AWS variables or files only")
+    p.add_argument("--endpoint", metavar="URL", help="the S3 endpoint (default: AWS)")
+    p.add_argument("--retain", metavar="DAYS|Ny", help="worm on a store: each object's Object Lock retention")
 
     p = command("mount", cmd_mount, "mount an archive")
     p.add_argument("root", metavar="ROOT")

@@ -53,6 +53,8 @@ from .model import (
 log = logging.getLogger(__name__)
 
 COMMIT_PREFIX = ".commit-"
+KEEP_PREFIX = ".api-commit-"   # users' files kept across an object store commit's tries (recover sweeps .api-*)
+PUBLISH_TRIES = 8              # lost races to publish on an object store before a commit fails with ESTALE
 TRASH_PREFIX = ".trash-"
 ALT_DIR = ".tinyfs"
 # Longest absolute path we let a stored file reach (PATH_MAX is 4096 with the NUL).
@@ -111,9 +113,57 @@ class CommitResult:
     files_stored: int = 0
 
 
+class LostClaim(Stale):
+    """Another host published after the same head first (object store): the commit rebases and tries again."""
+
+
 def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], None] | None = None) -> CommitResult:
     check_rid(req.rid)
     check_metadata(req.message, req.creator, req.label)
+    if archive.store is not None:
+        return _commit_to_store(archive, req, progress)
+    return _commit_once(archive, req, progress)
+
+
+def _commit_to_store(archive: ArchiveRoot, req: CommitRequest, progress) -> CommitResult:
+    """The resource lock orders this host's committers only: another host may publish after the same head
+    first (LostClaim). Then the commit rebases onto the new head and tries again, as a local committer that
+    waited for the lock would have merged; ESTALE after PUBLISH_TRIES lost races or a real conflict."""
+    keep = _keep_user_files(archive, req, progress)
+    try:
+        for attempt in range(1, PUBLISH_TRIES + 1):
+            try:
+                return _commit_once(archive, req, progress)
+            except LostClaim as e:
+                log.info("%s: lost the race to publish (try %d of %d): %s", req.rid, attempt, PUBLISH_TRIES, e)
+                if attempt == PUBLISH_TRIES:
+                    archive.events.append("commit.failed", req.rid, None, error=str(e))
+                    raise
+        raise AssertionError("unreachable")
+    finally:
+        if keep is not None:
+            tree.rmtree(keep, ignore_errors=True, force=True)
+
+
+def _keep_user_files(archive: ArchiveRoot, req: CommitRequest, progress) -> Path | None:
+    """Copy (and hash) users' files once, before the first try, so that every try links the same copies
+    (a try moves its copies into its bag, and a lost try's bag is deleted)."""
+    users = {p: c for p, c in req.changes.items() if isinstance(c, NewFile) and not c.linkable}
+    if not users:
+        return None
+    keep = archive.transactions / f"{KEEP_PREFIX}{uuid.uuid4().hex}"
+    keep.mkdir()
+    try:
+        hash_new_files(users, archive.config.digests, keep, progress)
+    except BaseException:
+        tree.rmtree(keep, ignore_errors=True, force=True)
+        raise
+    for nf in users.values():
+        nf.linkable = True
+    return keep
+
+
+def _commit_once(archive: ArchiveRoot, req: CommitRequest, progress) -> CommitResult:
     with archive.resource_lock(req.rid):
         head = archive.head(req.rid)
         iid = new_instance_id(after=head)
@@ -125,7 +175,7 @@ def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], N
             tree.rmtree(stage, ignore_errors=True, force=True)
             if archive.config.mode == "worm":
                 owner_writable(c.source for c in req.changes.values() if isinstance(c, NewFile) and c.linkable)
-            if isinstance(e, Exception):      # (a bug too: the log says the commit failed)
+            if isinstance(e, Exception) and not isinstance(e, LostClaim):  # (a bug too: the log says so)
                 archive.events.append("commit.failed", req.rid, None, error=str(e))
             raise
 
@@ -150,7 +200,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     shutil.rmtree(pending)
     doc = write_tags(archive, req, head, head_doc, merged, plan)
     flush(archive, req, stage, doc, new_resource=head is None)
-    publish(archive, req.rid, iid, stage, new_resource=head is None)
+    publish(archive, req.rid, iid, stage, new_resource=head is None, previous=head)
     return record(archive, req, head_state, delta, plan, doc)
 
 
@@ -302,9 +352,13 @@ def flush(archive: ArchiveRoot, req: CommitRequest, stage: Path, doc: InstanceDo
         req.before_publish(doc.id)
 
 
-def publish(archive: ArchiveRoot, rid: str, iid: str, stage: Path, new_resource: bool) -> None:
+def publish(archive: ArchiveRoot, rid: str, iid: str, stage: Path, new_resource: bool,
+            previous: str | None = None) -> None:
     """The atomic step: one rename into resources/ (the stage for a new resource, else its new bag), and
     the directory that gained the name made durable. The instance exists whole or not at all."""
+    if archive.store is not None:
+        _publish_to_store(archive, rid, iid, stage, previous)
+        return
     resource_dir = archive.resource_dir(rid)
     if new_resource:
         resource_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -316,6 +370,17 @@ def publish(archive: ArchiveRoot, rid: str, iid: str, stage: Path, new_resource:
         os.rename(stage / "instances" / iid, resource_dir / "instances" / iid)  # the atomic step for a new instance
         fsync_dir(resource_dir / "instances")
         shutil.rmtree(stage)
+
+
+def _publish_to_store(archive: ArchiveRoot, rid: str, iid: str, stage: Path, previous: str | None) -> None:
+    """The staged bag uploaded, then claimed after `previous` (docs/store.md); LostClaim when another
+    host's claim came first."""
+    body = (stage / "resource.json").read_bytes() if previous is None else None
+    try:
+        archive.store.publish(rid, iid, previous, stage / "instances" / iid, resource_json=body)
+    except Stale as e:
+        raise LostClaim(str(e)) from None
+    tree.rmtree(stage, ignore_errors=True, force=True)
 
 
 def record(archive: ArchiveRoot, req: CommitRequest, head_state: State, delta: dict[str, Entry | None],
@@ -614,7 +679,7 @@ def _stored_keys(archive: ArchiveRoot, rid: str, head: str, primary: str) -> set
             return known[1]
     keys = set()
     for iid in archive.instance_ids(rid):
-        keys.update(_key(d) for d in bagwrite.read_manifest(archive.instance_dir(rid, iid), primary).values())
+        keys.update(_key(d) for d in archive.manifest(rid, iid, primary).values())
         if iid == head:
             break
     _remember_keys(archive, rid, head, keys)
@@ -654,7 +719,7 @@ def _stored_earlier(archive: ArchiveRoot, rid: str, head: str, wanted: set[str],
     for iid in reversed(archive.instance_ids(rid)):
         if iid == head:
             continue
-        for path, digest in bagwrite.read_manifest(archive.instance_dir(rid, iid), primary).items():
+        for path, digest in archive.manifest(rid, iid, primary).items():
             if digest in wanted and digest not in found:
                 found[digest] = f"instances/{iid}/{path}"
         if len(found) == len(wanted):

@@ -65,7 +65,7 @@ def export(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *, instance:
     """Export the state at `instance` (an id or a label; default: the head) as a bag at `dest`."""
     iid = archive.resolve_instance(rid, instance)
     doc = archive.instance(rid, iid)
-    raw_doc = (archive.instance_dir(rid, iid) / "instance.json").read_bytes()
+    raw_doc = archive.instance_bytes(rid, iid)
     for path in doc.state.entries():
         check_logical_path(path)
     dest = Path(dest).absolute()
@@ -115,8 +115,7 @@ class _Plan:
                 continue
             key = (parts[1], alg)
             if key not in self._manifests:
-                bag = self.archive.resource_dir(self.rid) / parts[0] / parts[1]
-                self._manifests[key] = bagwrite.read_manifest(bag, alg)
+                self._manifests[key] = self.archive.manifest(self.rid, parts[1], alg)
             found = self._manifests[key].get(parts[2])
             if found is None:
                 missing.append(alg)
@@ -268,7 +267,7 @@ def _write_tar(plan: _Plan, dest: Path, advance) -> None:
 
 def _fill_tar(plan: _Plan, tf: tarfile.TarFile, top: str, advance) -> None:
     state = plan.doc.state
-    now_ns = int(os.path.getmtime(plan.archive.instance_dir(plan.rid, plan.doc.id)) * 1e9)
+    now_ns = int(plan.archive.instance_mtime(plan.rid, plan.doc.id) * 1e9)
     tf.addfile(_info(top, tarfile.DIRTYPE, 0o755, now_ns))
     with tempfile.TemporaryDirectory(prefix=".tinyfs-export-tags-") as tags:
         plan.write_tags(Path(tags))

@@ -170,7 +170,17 @@ class FsckReport:
 
 def fsck(archive: ArchiveRoot, rids: list[str] | None = None, fast: bool = False,
          progress: ProgressFactory | None = None, workers: int | None = None) -> FsckReport:
-    """Check the given resources (default: all); log fixity.checked (and fixity.failed per damaged instance)."""
+    """Check the given resources (default: all); log fixity.checked (and fixity.failed per damaged instance).
+    On an object store the store's objects are checked, downloaded afresh (not the read cache's copies)."""
+    if archive.store is not None:
+        from .s3archive import mirrored
+        with mirrored(archive, rids):
+            return _fsck(archive, rids, fast, progress, workers)
+    return _fsck(archive, rids, fast, progress, workers)
+
+
+def _fsck(archive: ArchiveRoot, rids: list[str] | None, fast: bool, progress: ProgressFactory | None,
+          workers: int | None) -> FsckReport:
     report = FsckReport(fast=fast)
     if rids:
         for rid in rids:

@@ -8,6 +8,7 @@ directory each time it is asked.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -16,10 +17,12 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+from .bagwrite import parse_manifest, read_manifest
 from .durable import fsync_dir, write_new
-from .errors import AlreadyExists, Busy, InvalidName, NotAnArchive, NotFound
+from .errors import AlreadyExists, Busy, InvalidName, NoSuchObject, NotAnArchive, NotFound
 from .events import EventLog
 from .ids import check_rid, is_instance_id, is_rid
 from .model import UNKNOWN, DirEntry, InstanceDoc, State, peek_root, utc_now
@@ -86,6 +89,14 @@ class ArchiveRoot:
             raise NotAnArchive(f"{self.root}/tinyfs.json is not valid JSON: {e}") from None
         if doc.get("format") != FORMAT:
             raise NotAnArchive(f"{self.root}: unsupported format {doc.get('format')!r}")
+        # An archive in an object store (tinyfs.json names its address): committed instances live there, and
+        # this directory holds the open transactions, the events and a read cache (docs/store.md).
+        self.store = None
+        if "store" in doc:
+            from .s3archive import open_s3_store
+            self.store = open_s3_store(self.root, doc)
+            doc = {"mode": self.store.config.mode, "digests": self.store.config.digests,
+                   "created": self.store.config.created}
         self.config = Config(doc["mode"], tuple(doc["digests"]), doc["created"], bool(doc.get("immutable")))
         self.events = EventLog(self.root / "events.jsonl")
         self.resources = self.root / "resources"
@@ -101,6 +112,8 @@ class ArchiveRoot:
 
     # -- where things are -------------------------------------------------
     def resource_dir(self, rid: str) -> Path:
+        if self.store is not None:      # only fsck's fresh copy of the resource is ever there (s3archive.mirror)
+            return self.root / "cache" / "mirror" / rid
         h = hashlib.sha256(rid.encode()).hexdigest()
         return self.resources / h[:2] / h[2:4] / rid
 
@@ -109,10 +122,14 @@ class ArchiveRoot:
 
     # -- what exists -------------------------------------------------------
     def exists(self, rid: str) -> bool:
+        if self.store is not None:
+            return is_rid(rid) and self.store.head(rid) is not None
         return is_rid(rid) and (self.resource_dir(rid) / "resource.json").exists()
 
     def resource_ids(self) -> list[str]:
         """Every resource id, sorted. This walks resources/ and is meant for listings, not hot paths."""
+        if self.store is not None:
+            return self.store.resource_ids()
         found = []
         for a in _listdir(self.resources):
             for b in _listdir(self.resources / a):
@@ -121,9 +138,13 @@ class ArchiveRoot:
 
     def instance_ids(self, rid: str) -> list[str]:
         """The resource's instance ids in chain order (UUIDv7 sorts by time)."""
+        if self.store is not None:
+            return self.store.instance_ids(rid) if is_rid(rid) else []
         return sorted(i for i in _listdir(self.resource_dir(rid) / "instances") if is_instance_id(i))
 
     def head(self, rid: str) -> str | None:
+        if self.store is not None:
+            return self.store.head(rid) if is_rid(rid) else None
         ids = self.instance_ids(rid)
         return ids[-1] if ids else None
 
@@ -142,13 +163,37 @@ class ArchiveRoot:
             if cached is not None:
                 self._docs.move_to_end(key)
                 return cached[0]
-        path = self.instance_dir(rid, iid) / "instance.json"
-        try:
-            doc = InstanceDoc.from_json_bytes(path.read_bytes())
-        except FileNotFoundError:
-            raise NotFound(f"no instance {iid} of resource {rid!r}") from None
+        doc = InstanceDoc.from_json_bytes(self.instance_bytes(rid, iid))
         self.remember(rid, iid, doc)
         return doc
+
+    def instance_bytes(self, rid: str, iid: str) -> bytes:
+        """The instance's instance.json as stored; NotFound for an instance that does not exist."""
+        try:
+            return self._instance_json(rid, iid).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no instance {iid} of resource {rid!r}") from None
+
+    def _instance_json(self, rid: str, iid: str) -> Path:
+        """A local file holding the instance's instance.json (for an object store: a cached copy)."""
+        if self.store is not None:
+            return self.store.stored_file(rid, f"instances/{iid}/instance.json")
+        return self.instance_dir(rid, iid) / "instance.json"
+
+    def manifest(self, rid: str, iid: str, alg: str) -> dict[str, str]:
+        """"data/..." path -> digest from the instance bag's manifest for `alg` ({} when it has none)."""
+        if self.store is None:
+            return read_manifest(self.instance_dir(rid, iid), alg)
+        try:
+            return parse_manifest(self.store.read_document(rid, f"instances/{iid}/manifest-{alg}.txt").decode())
+        except NotFound:
+            return {}
+
+    def instance_mtime(self, rid: str, iid: str) -> float:
+        """When the instance was published (its directory's mtime; on an object store: `created`)."""
+        if self.store is not None:
+            return datetime.fromisoformat(self.instance(rid, iid).created.replace("Z", "+00:00")).timestamp()
+        return os.path.getmtime(self.instance_dir(rid, iid))
 
     def root_entry(self, rid: str, iid: str) -> DirEntry | None:
         """The resource root's recorded mode and mtime at an instance (None: none recorded). Listing
@@ -159,7 +204,7 @@ class ArchiveRoot:
         if cached is not None:
             return cached[0].state.root
         try:
-            with open(self.instance_dir(rid, iid) / "instance.json", "rb") as f:
+            with open(self._instance_json(rid, iid), "rb") as f:
                 found = peek_root(f.read(PEEK_BYTES))
         except FileNotFoundError:
             raise NotFound(f"no instance {iid} of resource {rid!r}") from None
@@ -209,7 +254,13 @@ class ArchiveRoot:
         raise NotFound(f"resource {rid!r} has no instance or label {ref!r}")
 
     def stored_path(self, rid: str, relative: str) -> Path:
-        """The file on disk for a `stored` value (relative to the resource directory)."""
+        """The file on disk for a `stored` value (relative to the resource directory); for an object store,
+        a copy in the bounded read cache (open it at once: a later eviction may remove it)."""
+        if self.store is not None:
+            try:
+                return self.store.stored_file(rid, relative)
+            except NoSuchObject:
+                raise FileNotFoundError(errno.ENOENT, "not in the store", relative) from None
         return self.resource_dir(rid) / relative
 
     # -- locks -----------------------------------------------------------

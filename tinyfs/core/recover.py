@@ -56,6 +56,8 @@ def recover(archive: ArchiveRoot) -> list[str]:
             actions.append(f"removed leftover {name}")
         elif name != LOCKS and is_rid(name):
             actions.extend(_finish_mount_transaction(archive, name))
+    if archive.store is not None:     # what unpublished attempts of any host left in the store
+        actions.extend(archive.store.recover())
     if archive.config.mode == "dynamic":
         for rid in archive.resource_ids():
             if len(archive.instance_ids(rid)) > 1:

@@ -246,6 +246,21 @@ class S3Store:
         key, version = self._where(rid, relpath)
         self.files.drop(_cache_name(key, version))
 
+    def published_files(self, rid: str, iid: str) -> list[str]:
+        """The paths (relative to the resource) of a published instance's objects: those its claim records
+        on a versioned bucket, else what a listing of the instance's prefix finds now (fsck compares them
+        with the manifests, so an object added or removed by hand shows there)."""
+        claim = self._claim_of(rid, iid)
+        if claim.versions:
+            return sorted(rel for rel in claim.versions if rel.startswith(f"instances/{iid}/"))
+        base = f"resources/{rid}/"
+        return [info.key[len(base):] for info in self.objects.list(f"{base}instances/{iid}/")]
+
+    def fetch_fresh(self, rid: str, relpath: str, dest: Path) -> int:
+        """Download a published path from the store into the new file `dest`, past the cache (fsck)."""
+        key, version = self._where(rid, relpath)
+        return self.objects.download(key, dest, version_id=version)
+
     def _where(self, rid: str, relpath: str) -> tuple[str, str | None]:
         """The key of a published path and the version to read; NotFound for an unpublished instance."""
         check_rid(rid)
