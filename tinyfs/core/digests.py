@@ -24,7 +24,7 @@ WRITEBACK_CHUNK = 16 << 20   # see durable.start_writeback
 _local = threading.local()
 
 
-def _buffer() -> tuple[bytearray, memoryview]:
+def thread_buffer() -> tuple[bytearray, memoryview]:
     """This thread's read buffer: allocating (and zeroing) one per file cost more than hashing a 4 KiB
     file."""
     try:
@@ -52,7 +52,7 @@ class MultiHash:
 def hash_file(path: str | os.PathLike, algorithms: Sequence[str],
               progress: Callable[[int], None] | None = None) -> dict[str, str]:
     hasher = MultiHash(algorithms)
-    buf, view = _buffer()
+    buf, view = thread_buffer()
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             hasher.update(view[:n])
@@ -80,7 +80,7 @@ def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, algorithms: Se
         size = 0
         with open(src, "rb", buffering=0) as fin, open(dst, "wb" if attempt else "xb", buffering=0) as fout:
             before = _settled_fingerprint(fin.fileno())
-            buf, view = _buffer()
+            buf, view = thread_buffer()
             while n := fin.readinto(buf):
                 hasher.update(view[:n])
                 fout.write(view[:n])

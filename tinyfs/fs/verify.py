@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import trio
 
-from ..core.digests import CHUNK
+from ..core.digests import thread_buffer
 from ..core.fixity import FixityError, record_failure
 from ..core.layout import ArchiveRoot
 from ..core.model import FileEntry
@@ -37,7 +36,6 @@ GAP = 4 << 20           # a read this far ahead of the hashed prefix is read-ahe
 INLINE = 64 << 10       # buffers up to this size are hashed on the loop when nothing is queued
 MAX_QUEUED = 16 << 20   # bytes served but not yet hashed, per handle, before its reads wait for the hasher
 STEP = 4 << 20          # waiting reads are woken each time the worker has hashed this much more
-_local = threading.local()
 
 RUNNING, OFF, GOOD, BAD = "running", "off", "good", "bad"
 
@@ -172,7 +170,7 @@ class ReadCheck:
         it, until caught up (or the handle is given up); wake the waiting reads every STEP. One hand-off
         per catch-up rather than per STEP: returning to the loop between steps left the worker idle while
         the busy loop got round to starting the next one."""
-        buf, view = _buffer()
+        buf, view = thread_buffer()
         pos = woken = self.hashed
         try:
             while self.state == RUNNING and pos < self.hashed_to:
@@ -191,16 +189,6 @@ class ReadCheck:
                         self.expected.rid, e)
             self.broken = True
         self.hashed = pos
-
-
-def _buffer() -> tuple[bytearray, memoryview]:
-    """This worker thread's read buffer, reused from file to file."""
-    try:
-        return _local.buf
-    except AttributeError:
-        buf = bytearray(CHUNK)
-        _local.buf = (buf, memoryview(buf))
-        return _local.buf
 
 
 # -- what a read-only node's bytes must be ---------------------------------------------------------------
