@@ -114,18 +114,20 @@ class StoredFile(FileHandle):
     (40 % of the daemon's time). Dynamic mode opens at once: a commit there deletes the replaced
     instance, and an open descriptor keeps its bytes readable."""
 
-    def __init__(self, services: Services, node: Node, path: str, expect: Callable[[], Expected | None]):
+    def __init__(self, services: Services, node: Node, path: Callable[[], str],
+                 expect: Callable[[], Expected | None]):
         self.services, self.ino, self.path, self.expect = services, node.ino, path, expect
-        self.fd = os.open(path, os.O_RDONLY) if services.archive.config.mode == "dynamic" else -1
+        self.fd = os.open(path(), os.O_RDONLY) if services.archive.config.mode == "dynamic" else -1
         self.check: ReadCheck | None | bool = None     # made at the first read (False: not verified)
 
     async def read(self, off: int, size: int) -> bytes:
         if self.fd < 0:
+            path = self.path()
             try:
-                self.fd = os.open(self.path, os.O_RDONLY)
+                self.fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                log.error("stored file missing: %s (run tinyfs fsck)", self.path)
-                raise fail(errno.EIO, f"stored file missing: {self.path}") from None
+                log.error("stored file missing: %s (run tinyfs fsck)", path)
+                raise fail(errno.EIO, f"stored file missing: {path}") from None
         data = os.pread(self.fd, size, off)
         if self.check is None:
             self.check = read_check(self.expect(), self.fd) or False

@@ -69,7 +69,9 @@ class ReadOnlyTree(Tree):
     def _attr(self, mode: int, **fields) -> Attr:
         return Attr(mode, uid=self.services.uid, gid=self.services.gid, **fields)
 
-    def _open_stored(self, node: Node, flags: int, path: str, expect: Callable[[], Expected | None]) -> FileHandle:
+    def _open_stored(self, node: Node, flags: int, path: Callable[[], str],
+                     expect: Callable[[], Expected | None]) -> FileHandle:
+        """(path and expect: called at the first read the page cache cannot answer)"""
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             raise fail(errno.EROFS)
         return StoredFile(self.services, node, path, expect)
@@ -197,7 +199,7 @@ class StateTree(ReadOnlyTree):
     async def open(self, node: Node, flags: int, ctx) -> FileHandle:
         if not isinstance(node.entry, FileEntry):
             raise fail(errno.EISDIR)
-        return self._open_stored(node, flags, self.file_path(node), lambda: expected_of_state(
+        return self._open_stored(node, flags, lambda: self.file_path(node), lambda: expected_of_state(
             self.archive, node.rid, shown_iid(node), node.path, node.entry))
 
     def file_path(self, node: Node) -> str:
@@ -382,7 +384,7 @@ class AipTree(ReadOnlyTree):
         return os.readlink(self._disk_path(node))
 
     async def open(self, node: Node, flags: int, ctx) -> FileHandle:
-        return self._open_stored(node, flags, str(self._disk_path(node)),
+        return self._open_stored(node, flags, lambda: str(self._disk_path(node)),
                                  lambda: expected_of_aip(self.archive, node.rid, node.path))
 
     def held_key(self, node: Node) -> tuple:
