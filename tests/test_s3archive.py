@@ -166,3 +166,16 @@ def test_credentials_never_reach_the_root(tinyfs, s3_env, bucket, tmp_path):
     for path in all_files(a):
         data = path.read_bytes()
         assert s3_env.secret_key.encode() not in data and s3_env.access_key.encode() not in data, path
+
+
+def test_fsck_of_names_the_store_lists_in_its_own_order(tinyfs, s3_env, bucket, tmp_path):
+    """'.' and '-' sort before '/': SeaweedFS lists skel/ before skel.other/, AWS the other way round."""
+    src = tmp_path / "src"
+    for rel in ("skel/dot.bashrc", "skel.other/index.html", "skel-x", "skel/z/y"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    a = tmp_path / "a"
+    init(tinyfs, s3_env, a, bucket)
+    tinyfs("ingest", a, "res", src)
+    tinyfs("fsck", a)                   # exit 0: clean
+    assert tinyfs("cat", a, "res", "src/skel.other/index.html").stdout == "skel.other/index.html"

@@ -254,7 +254,7 @@ class S3Store:
         if claim.versions:
             return sorted(rel for rel in claim.versions if rel.startswith(f"instances/{iid}/"))
         base = f"resources/{rid}/"
-        return [info.key[len(base):] for info in self.objects.list(f"{base}instances/{iid}/")]
+        return sorted(info.key[len(base):] for info in self.objects.list(f"{base}instances/{iid}/"))
 
     def fetch_fresh(self, rid: str, relpath: str, dest: Path) -> int:
         """Download a published path from the store into the new file `dest`, past the cache (fsck)."""
