@@ -36,8 +36,10 @@ def all_files(top: Path) -> list[Path]:
 def test_init_writes_the_address_only_and_a_second_root_attaches(tinyfs, s3_env, bucket, tmp_path):
     init(tinyfs, s3_env, tmp_path / "a", bucket, "--digest", "sha256,md5")
     local = json.loads((tmp_path / "a" / "tinyfs.json").read_text())
+    host = local.pop("host")                # names this host's events in the store
     assert local == {"format": "tinyfs/1", "store": store_url(bucket), "endpoint": s3_env.endpoint}
     init(tinyfs, s3_env, tmp_path / "b", bucket)
+    assert len(host) == 12 and host != json.loads((tmp_path / "b" / "tinyfs.json").read_text())["host"]
     assert Archive(tmp_path / "b").root.config.digests == ("sha256", "md5")
     kinds = [json.loads(line)["event"] for line in (tmp_path / "b" / "events.jsonl").read_text().splitlines()]
     assert kinds == ["archive.attached"]

@@ -26,6 +26,13 @@ class EventLog:
         log.info("event %s %s %s", event, resource or "", instance or "")
         return record
 
+    def view(self) -> Path:
+        """The file the mount shows as events.jsonl: this one (a store's log merges hosts: s3events)."""
+        return self.path
+
+    def last_view(self) -> Path:
+        return self.path
+
     def read(self, start: str | None = None) -> Iterator[dict]:
         """Every event at or after `start` (inclusive), oldest first."""
         since = parse_time(start) if start else None

@@ -92,13 +92,14 @@ class ArchiveRoot:
         # An archive in an object store (tinyfs.json names its address): committed instances live there, and
         # this directory holds the open transactions, the events and a read cache (docs/store.md).
         self.store = None
+        self.events = EventLog(self.root / "events.jsonl")
         if "store" in doc:
-            from .s3archive import open_s3_store
+            from .s3archive import open_s3_store, shared_events
             self.store = open_s3_store(self.root, doc)
+            self.events = shared_events(self.root, doc, self.store)
             doc = {"mode": self.store.config.mode, "digests": self.store.config.digests,
                    "created": self.store.config.created}
         self.config = Config(doc["mode"], tuple(doc["digests"]), doc["created"], bool(doc.get("immutable")))
-        self.events = EventLog(self.root / "events.jsonl")
         self.resources = self.root / "resources"
         self.transactions = self.root / "transactions"
         # (rid, iid) -> (document, its estimated bytes), least recently used first; see remember()

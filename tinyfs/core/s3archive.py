@@ -3,7 +3,7 @@
     ROOT/tinyfs.json    {"format": "tinyfs/1", "store": "s3://BUCKET/PREFIX", "endpoint": URL}: the store's
                         address only; mode, digests and retention are the store's marker's
     ROOT/transactions/  open transactions and commit stages, as for a local archive (one host's)
-    ROOT/events.jsonl   this host's events
+    ROOT/events.jsonl   this host's events (shipped to the store and read merged with the others': s3events)
     ROOT/cache/         the store's bounded read cache and the chains this host has learnt
 
 Credentials are never written here: boto3 finds them in the AWS variables, files or profile.
@@ -12,10 +12,13 @@ Credentials are never written here: boto3 finds them in the AWS variables, files
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +33,7 @@ from .model import utc_now
 
 if TYPE_CHECKING:
     from .layout import ArchiveRoot
+    from .s3events import SharedEventLog
     from .s3store import S3Store
 
 CACHE = "cache"
@@ -111,7 +115,7 @@ def _write_root(root: Path, url: str, endpoint: str | None, store: S3Store, atta
     cfg = store.config
     EventLog(root / "events.jsonl").append("archive.attached" if attached else "archive.created",
                                            mode=cfg.mode, digests=list(cfg.digests), store=url)
-    doc = {"format": FORMAT, "store": url, "endpoint": endpoint}
+    doc = {"format": FORMAT, "store": url, "endpoint": endpoint, "host": secrets.token_hex(6)}
     write_new(root / "tinyfs.json", (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
     fsync_dir(root / "transactions")
     fsync_dir(root)
@@ -125,6 +129,17 @@ def open_s3_store(root: Path, doc: dict) -> S3Store:
     if not isinstance(url, str) or not (endpoint is None or isinstance(endpoint, str)):
         raise NotAnArchive(f"{root}/tinyfs.json: bad store address")
     return open_store(_objects(url, endpoint, doc.get("region")), root / CACHE)
+
+
+def shared_events(root: Path, doc: dict, store: S3Store) -> SharedEventLog:
+    """This host's events.jsonl, shipped to the store and read merged with the other hosts' events. The
+    host is named in tinyfs.json (a root made before that: by its hostname and path)."""
+    from .s3events import SharedEventLog
+
+    host = doc.get("host")
+    if not (isinstance(host, str) and re.fullmatch(r"[0-9a-f]{12}", host)):
+        host = hashlib.sha256(f"{socket.gethostname()}:{root}".encode()).hexdigest()[:12]
+    return SharedEventLog(root / "events.jsonl", store, host)
 
 
 # -- fsck: a fresh copy of what the store holds --------------------------------------------------------

@@ -103,7 +103,7 @@ def init_store(objects: ObjectStore, cache_dir: str | os.PathLike, *, mode: str 
     if existing is None:
         _refuse_unless_empty(objects)
         try:
-            objects.put_new(MARKER, _marker_bytes(wanted), retain_until=_retain_until(wanted))
+            objects.put_new(MARKER, _marker_bytes(wanted), retain_until=retain_until(wanted))
             existing = wanted
         except ObjectExists:           # another host's init won the race: attach to its archive
             existing = _read_marker(objects)
@@ -179,7 +179,7 @@ def _refuse_mismatch(objects: ObjectStore, found: StoreConfig, mode: str | None,
                                  f"not {value!r}")
 
 
-def _retain_until(config: StoreConfig) -> datetime | None:
+def retain_until(config: StoreConfig) -> datetime | None:
     if config.mode != "worm":
         return None
     return datetime.now(UTC) + timedelta(days=config.retention_days)
@@ -308,7 +308,7 @@ class S3Store:
     def _upload_bag(self, rid: str, iid: str, bag: Path) -> dict[str, str]:
         payload, tags = _bag_files(bag)
         base = f"instances/{iid}"
-        retain = _retain_until(self.config)
+        retain = retain_until(self.config)
 
         def upload(rel: str) -> tuple[str, str | None]:
             with open(bag / rel, "rb") as body:
@@ -324,7 +324,7 @@ class S3Store:
         """resource.json, once per resource: a racing first publisher may have written it already."""
         try:
             version = self.objects.put_new(f"resources/{rid}/resource.json", body,
-                                           retain_until=_retain_until(self.config))
+                                           retain_until=retain_until(self.config))
         except ObjectExists:
             return {}
         return {"resource.json": version} if version not in (None, "null") else {}
@@ -334,7 +334,7 @@ class S3Store:
         key = _claim_key(rid, claim.previous)
         body = (json.dumps(claim.to_json(), sort_keys=True) + "\n").encode()
         try:
-            self.objects.put_new(key, body, retain_until=_retain_until(self.config))
+            self.objects.put_new(key, body, retain_until=retain_until(self.config))
         except StoreError:
             # A create that reached the store but whose answer was lost (a retry then sees 412) is
             # ours all the same: ask which instance the claim names before deciding anything.

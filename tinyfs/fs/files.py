@@ -49,8 +49,9 @@ class PlainFile(FileHandle):
 
     keep_cache = False
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, direct_io: bool = False):
         self.fd = os.open(path, os.O_RDONLY)
+        self.direct_io = direct_io
 
     async def read(self, off: int, size: int) -> bytes:
         return os.pread(self.fd, size, off)

@@ -66,7 +66,7 @@ class RootTree(Tree):
             return Attr(stat.S_IFDIR | 0o555, mtime_ns=s.root_mtime, ctime_ns=s.root_mtime, uid=s.uid, gid=s.gid,
                         nlink=2 + 5)
         if node.path == "events.jsonl":
-            st = os.stat(self.archive.events.path)
+            st = os.stat(self.archive.events.last_view())
             return Attr(stat.S_IFREG | 0o444, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
                         uid=s.uid, gid=s.gid, entry_timeout=LONG, attr_timeout=0)
         mode = 0o1777 if node.path in WRITABLE else 0o555
@@ -121,7 +121,10 @@ class RootTree(Tree):
             raise fail(errno.EISDIR)
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             raise fail(errno.EROFS)
-        return PlainFile(str(self.archive.events.path))
+        # on a store, a merged copy of every host's events, made now: its size may differ from the last
+        # getattr's, so direct_io (every read reaches this handle)
+        path = await trio.to_thread.run_sync(self.archive.events.view)
+        return PlainFile(str(path), direct_io=path != self.archive.events.path)
 
     # -- transactions: open, roll back, commit ---------------------------------------------------------
     async def make(self, parent: Node, name: str, kind: str, mode: int, ctx, target: str | None = None) -> Node:
