@@ -181,3 +181,36 @@ def test_fsck_of_names_the_store_lists_in_its_own_order(tinyfs, s3_env, bucket, 
     tinyfs("ingest", a, "res", src)
     tinyfs("fsck", a)                   # exit 0: clean
     assert tinyfs("cat", a, "res", "src/skel.other/index.html").stdout == "skel.other/index.html"
+
+
+def test_fsck_on_a_store_holds_one_resource_at_a_time_on_local_disk(tinyfs, s3_env, bucket, tmp_path):
+    from tinyfs.core.fsck import fsck
+    from tinyfs.core.layout import ArchiveRoot
+
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 4}" / f"f{i}").write_text(str(i) * 100)
+    a = tmp_path / "a"
+    init(tinyfs, s3_env, a, bucket)
+    for rid in ("one", "two", "three"):
+        tinyfs("ingest", a, rid, src)
+    key = f"{PREFIX}/resources/two/" + next(
+        o["Key"].split("/resources/two/")[1] for o in s3_env.raw().list_objects_v2(
+            Bucket=bucket, Prefix=f"{PREFIX}/resources/two/instances/")["Contents"] if o["Key"].endswith("/f7"))
+    s3_env.raw().put_object(Bucket=bucket, Key=key, Body=b"not seven")
+    on_disk = []
+
+    def progress(what, total):
+        on_disk.append(sorted(p.name for p in (a / "cache" / "mirror").iterdir()))
+        return lambda n: None
+
+    report = fsck(ArchiveRoot(a), progress=progress)
+    assert on_disk == [["one"], ["three"], ["two"]]
+    assert not (a / "cache" / "mirror").exists()
+    assert report.resources == 3 and report.files == 120
+    assert {f.resource for f in report.findings} == {"two"}
+    assert [g.stored for g in report.stored] == [key.split("/resources/two/")[1]]
+    assert tinyfs("fsck", a, "one", "three").returncode == 0
+    r = tinyfs("fsck", a, "one", "nope", check=False)
+    assert r.returncode == 2 and "nope" in r.stderr

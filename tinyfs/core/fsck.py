@@ -172,23 +172,40 @@ def fsck(archive: ArchiveRoot, rids: list[str] | None = None, fast: bool = False
          progress: ProgressFactory | None = None, workers: int | None = None) -> FsckReport:
     """Check the given resources (default: all); log fixity.checked (and fixity.failed per damaged instance).
     On an object store the store's objects are checked, downloaded afresh (not the read cache's copies)."""
-    if archive.store is not None:
-        from .s3archive import mirrored
-        with mirrored(archive, rids):
-            return _fsck(archive, rids, fast, progress, workers)
-    return _fsck(archive, rids, fast, progress, workers)
-
-
-def _fsck(archive: ArchiveRoot, rids: list[str] | None, fast: bool, progress: ProgressFactory | None,
-          workers: int | None) -> FsckReport:
     report = FsckReport(fast=fast)
-    if rids:
-        for rid in rids:
-            if not is_rid(rid) or not archive.resource_dir(rid).is_dir():
-                raise NotFound(f"no resource {rid!r} in {archive.root}")
-        rids = list(dict.fromkeys(rids))
+    chosen = _chosen(archive, rids)
+    if archive.store is None:
+        _check(archive, chosen, report, fast, progress, workers)
     else:
-        rids = archive.resource_ids()
+        _check_store(archive, chosen, report, fast, progress, workers)
+    _log(archive, report)
+    return report
+
+
+def _chosen(archive: ArchiveRoot, rids: list[str] | None) -> list[str]:
+    if not rids:
+        return archive.resource_ids()
+    for rid in rids:
+        there = is_rid(rid) and (archive.resource_dir(rid).is_dir() if archive.store is None
+                                 else archive.head(rid) is not None)
+        if not there:
+            raise NotFound(f"no resource {rid!r} in {archive.root}")
+    return list(dict.fromkeys(rids))
+
+
+def _check_store(archive: ArchiveRoot, rids: list[str], report: FsckReport, fast: bool,
+                 progress: ProgressFactory | None, workers: int | None) -> None:
+    """One resource at a time, each from a fresh download of its published objects that is removed after
+    it (s3archive.mirrored): the local disk needs room for the largest resource, not the archive."""
+    from .s3archive import mirrored
+
+    for rid in rids:
+        with mirrored(archive, rid):
+            _check(archive, [rid], report, fast, progress, workers)
+
+
+def _check(archive: ArchiveRoot, rids: list[str], report: FsckReport, fast: bool,
+           progress: ProgressFactory | None, workers: int | None) -> None:
     chains = {rid: archive.instance_ids(rid) for rid in rids}
     jobs = [(rid, iid) for rid in rids for iid in chains[rid]]
     sizes = {job: _oxum_bytes(archive.instance_dir(*job)) for job in jobs}
@@ -198,8 +215,6 @@ def _fsck(archive: ArchiveRoot, rids: list[str] | None, fast: bool, progress: Pr
     bags = _validate_all(archive, sorted(jobs, key=lambda j: -sizes[j]), fast, advance, workers)
     for rid in rids:
         _Resource(archive, rid, chains[rid], bags, report).check()
-    _log(archive, report)
-    return report
 
 
 def _validate_all(archive: ArchiveRoot, jobs: list[tuple[str, str]], fast: bool, advance,

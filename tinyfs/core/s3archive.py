@@ -20,6 +20,7 @@ import secrets
 import shutil
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 CACHE = "cache"
 MIRROR = "mirror"
+MIRROR_THREADS = 8
 _RETAIN = re.compile(r"^([1-9][0-9]{0,4})([dy]?)$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -146,30 +148,35 @@ def shared_events(root: Path, doc: dict, store: S3Store) -> SharedEventLog:
 
 
 @contextmanager
-def mirrored(archive: ArchiveRoot, rids: list[str] | None) -> Iterator[None]:
-    """Download the resources' published objects (past the read cache) to where `resource_dir` points on
+def mirrored(archive: ArchiveRoot, rid: str) -> Iterator[None]:
+    """Download the resource's published objects (past the read cache) to where `resource_dir` points on
     an object store, for fsck to check as it checks a local archive; removed afterwards."""
     top = archive.root / CACHE / MIRROR
     shutil.rmtree(top, ignore_errors=True)
     try:
-        for rid in rids if rids else archive.resource_ids():
-            if not is_rid(rid) or archive.head(rid) is None:
-                raise NotFound(f"no resource {rid!r} in {archive.root}")
-            _mirror_resource(archive.store, rid, top / rid)
+        if not is_rid(rid) or archive.head(rid) is None:
+            raise NotFound(f"no resource {rid!r} in {archive.root}")
+        _mirror_resource(archive.store, rid, top / rid)
         yield
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
 
 def _mirror_resource(store: S3Store, rid: str, dest: Path) -> None:
-    """resource.json and every published instance's objects; an object the store lacks stays absent."""
+    """resource.json and every published instance's objects, MIRROR_THREADS downloads in flight (a small
+    object costs a round trip, not bandwidth); an object the store lacks stays absent."""
     paths = ["resource.json"]
     for iid in store.instance_ids(rid):
         (dest / "instances" / iid).mkdir(parents=True)
         paths.extend(store.published_files(rid, iid))
-    for rel in paths:
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+    for folder in sorted({(dest / rel).parent for rel in paths}):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def fetch(rel: str) -> None:
         try:
             store.fetch_fresh(rid, rel, dest / rel)
         except NoSuchObject:
             pass                        # fsck reports it missing
+
+    with ThreadPoolExecutor(MIRROR_THREADS, thread_name_prefix="mirror") as pool:
+        list(pool.map(fetch, paths))
