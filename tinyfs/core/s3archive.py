@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from .s3store import S3Store
 
 CACHE = "cache"
-MIRROR = "mirror"
 MIRROR_THREADS = 8
 _RETAIN = re.compile(r"^([1-9][0-9]{0,4})([dy]?)$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -151,12 +150,13 @@ def shared_events(root: Path, doc: dict, store: S3Store) -> SharedEventLog:
 def mirrored(archive: ArchiveRoot, rid: str) -> Iterator[None]:
     """Download the resource's published objects (past the read cache) to where `resource_dir` points on
     an object store, for fsck to check as it checks a local archive; removed afterwards."""
-    top = archive.root / CACHE / MIRROR
+    dest = archive.store.resource_dir(rid)
+    top = dest.parent
     shutil.rmtree(top, ignore_errors=True)
     try:
         if not is_rid(rid) or archive.head(rid) is None:
             raise NotFound(f"no resource {rid!r} in {archive.root}")
-        _mirror_resource(archive.store, rid, top / rid)
+        _mirror_resource(archive.store, rid, dest)
         yield
     finally:
         shutil.rmtree(top, ignore_errors=True)

@@ -52,6 +52,7 @@ PROBE_PREFIX = ".tinyfs-probe/"
 UPLOAD_THREADS = 8            # payload objects in flight per publish (boto3 clients are thread-safe)
 RECOVER_AGE = 3600.0          # an unclaimed instance younger than this may belong to a live publish
 CACHE_BYTES = 1 << 30         # default bound of the local read cache
+MIRROR = "mirror"             # under the cache directory: fsck's fresh copy of one resource
 CACHE_KEEP = 1                # the most recently fetched file stays whatever its size
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ def retain_until(config: StoreConfig) -> datetime | None:
 class S3Store:
     """The committed side of one archive in a bucket/prefix, with a local cache directory per host."""
 
+    local = False       # stored files are cached copies; other hosts publish too (store.Store.local)
+
     def __init__(self, objects: ObjectStore, cache_dir: str | os.PathLike, config: StoreConfig, *,
                  cache_bytes: int = CACHE_BYTES):
         self.objects = objects
@@ -202,6 +205,10 @@ class S3Store:
 
     def __repr__(self) -> str:
         return f"S3Store({self.objects.where()})"
+
+    def resource_dir(self, rid: str) -> Path:
+        """Where fsck's fresh copy of the resource is downloaded (s3archive.mirrored); nothing otherwise."""
+        return self.cache_dir / MIRROR / rid
 
     # -- what is published ---------------------------------------------------------------------
 

@@ -349,7 +349,8 @@ class InstancesTree(ReadOnlyTree):
 
 
 class AipTree(ReadOnlyTree):
-    """aip/<rid>: the resource's directory in the archive, as stored."""
+    """aip/<rid>: the resource's directory in the archive, as stored: the store's `resource_dir`, which is
+    the resource itself on a local store (Store.local); an object store's has no directories to serve."""
 
     def node(self, rid: str, path: str = "") -> Node:
         return Node(self, ("aip", rid, path), rid=rid, path=path)
@@ -372,7 +373,7 @@ class AipTree(ReadOnlyTree):
 
     def lookup(self, parent: Node, name: str) -> Node:
         child = f"{parent.path}/{name}" if parent.path else name
-        if not os.path.lexists(self.archive.resource_dir(parent.rid) / child):
+        if not os.path.lexists(self._disk_path(parent) / name):
             raise NotFound(name)
         return self.node(parent.rid, child)
 
