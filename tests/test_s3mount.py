@@ -132,3 +132,35 @@ def test_worm_a_deposit_through_the_mount_is_locked_by_the_store_itself(tinyfs, 
     with mounted(b, tmp_path) as m:
         assert rsync_differences(src, m.mnt / "resources" / "book") == ""
     tinyfs("fsck", b)
+
+
+@pytest.mark.mount
+def test_aip_shows_each_published_bag_whole_from_the_store_and_bagit_validates_it(tinyfs, s3_env, bucket, tmp_path):
+    """aip/<rid> on an object store is made from the published objects (no directories there): every bag
+    read through it, on a host with a cold cache, validates with bagit-python (sizes, every digest)."""
+    import bagit
+
+    src = source_tree(tmp_path / "src")
+    a, b = tmp_path / "a", tmp_path / "b"
+    init(tinyfs, s3_env, a, bucket)
+    first = tinyfs("ingest", a, "book", src).stdout.strip()
+    (src / "added.txt").write_text("a second instance\n")
+    second = tinyfs("ingest", a, "book", src / "added.txt").stdout.strip()
+    init(tinyfs, s3_env, b, bucket)
+    with mounted(b, tmp_path) as m:
+        aip = m.mnt / "aip" / "book"
+        assert sorted(os.listdir(m.mnt / "aip")) == ["book"]
+        assert sorted(os.listdir(aip)) == ["instances", "resource.json"]
+        assert os.listdir(aip / "instances") == [first, second]
+        assert b'"id": "book"' in (aip / "resource.json").read_bytes()
+        for iid in (first, second):
+            bag = aip / "instances" / iid
+            assert {"bagit.txt", "bag-info.txt", "instance.json", "data"} <= set(os.listdir(bag))
+            bagit.Bag(str(bag)).validate()          # Payload-Oxum (st_size of each file) and every manifest
+        assert os.listdir(aip / "instances" / second / "data") == ["added.txt"]
+        big = next((aip / "instances" / first / "data").rglob("big.bin"))
+        assert (big.stat().st_size, big.stat().st_mode & 0o777) == ((src / "big.bin").stat().st_size, 0o444)
+        assert big.read_bytes() == (src / "big.bin").read_bytes()
+        for missing in ("nothing", f"instances/{first}/data/nothing", "instances/0190f5a0-0000-7000-8000-000000000000"):
+            assert not (aip / missing).exists()
+        assert not m.tracebacks()
