@@ -14,6 +14,7 @@ store's own message text (AWS echoes request details there).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ from .errors import (
 MAX_ATTEMPTS = 3
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 60.0
+log = logging.getLogger(__name__)
+
 PAGE_SIZE = 1000  # S3's own maximum for ListObjectsV2
 CHUNK = 1 << 20   # a streamed download's read size
 
@@ -105,6 +108,7 @@ class ObjectStore:
             config=Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
                           connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
                           s3={"addressing_style": "path" if endpoint else "auto"}))
+        self.client.meta.events.register("after-call.s3", self._note_retries)
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.where()})"
@@ -306,6 +310,17 @@ class ObjectStore:
                        None, "NoConditionalWrites")
 
     # -- helpers -------------------------------------------------------------
+
+    def _note_retries(self, http_response, parsed: dict, model, **_) -> None:
+        """One warning line for a request that needed retries: a store that fails now and then (a volume
+        server gone, throttling) shows in the log before it fails a commit, and a create-only write whose
+        retry met its own first attempt (412) is told apart from a lost race."""
+        attempts = 1 + int(parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+        if attempts > 1:
+            status = http_response.status_code
+            outcome = "succeeded" if status < 300 else f"ended {parsed.get('Error', {}).get('Code') or status}"
+            log.warning("%s: %s %s after %d attempts (the store failed the first)", self.where(), model.name,
+                        outcome, attempts)
 
     def _full(self, key: str) -> str:
         return self.prefix + key
