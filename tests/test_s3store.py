@@ -20,7 +20,7 @@ import pytest
 from tinyfs.core.errors import NoObjectLock, NotAnArchive, NotFound, Stale
 from tinyfs.core.ids import new_instance_id
 from tinyfs.core.objects import ObjectStore
-from tinyfs.core.s3store import ConfigMismatch, NotEmpty, S3Store, init_store, open_store
+from tinyfs.core.s3store import UPLOAD_THREADS, ConfigMismatch, NotEmpty, S3Store, init_store, open_store
 
 pytestmark = pytest.mark.core
 
@@ -201,6 +201,21 @@ KILLED_PUBLISHER = textwrap.dedent("""
     store = open_store(ObjectStore(bucket, prefix=prefix, endpoint=endpoint), cache)
     store.publish(rid, iid, store.head(rid), Path(bag))
 """)
+
+
+def test_a_failed_upload_stops_the_publish_without_uploading_the_rest(s3_env, bucket, tmp_path):
+    """A publish fails after the uploads in flight when one fails, not after trying every file (a store
+    that fails every write may take 90 s a request: SeaweedFS unable to place a replica, design.md): the
+    first payload file failing leaves the rest of the bag unsent, and nothing is claimed."""
+    store = host(s3_env, bucket, tmp_path / "cache")
+    iid = new_instance_id()
+    bag = make_bag(tmp_path, "r", iid, None, {f"f{i:03d}": b"x" for i in range(200)})
+    (bag / "data" / "000-unreadable").symlink_to(tmp_path / "nowhere")   # sorts first: fails at once
+    with pytest.raises(FileNotFoundError):
+        store.publish("r", iid, None, bag)
+    sent = [k for k in keys(s3_env, bucket) if f"/instances/{iid}/" in k]
+    assert len(sent) < UPLOAD_THREADS, f"{len(sent)} of 200 objects uploaded after the first failure"
+    assert store.head("r") is None
 
 
 def test_a_publish_killed_before_its_claim_stays_invisible_and_recover_removes_it(s3_env, bucket, tmp_path):

@@ -317,10 +317,22 @@ class S3Store:
         base = f"instances/{iid}"
         retain = retain_until(self.config)
 
+        # Once one upload has failed, the uploads not yet started are not sent: a store failing every
+        # write (SeaweedFS unable to place a replica: 90 s a request with the retries) then fails the
+        # commit after the uploads in flight, not after a second round of them. Workers take the files
+        # in order, so a file skipped comes after the one that failed, whose error `map` raises first.
+        failed = threading.Event()
+
         def upload(rel: str) -> tuple[str, str | None]:
-            with open(bag / rel, "rb") as body:
-                return f"{base}/{rel}", self.objects.put_new(f"resources/{rid}/{base}/{rel}", body,
-                                                             retain_until=retain)
+            if failed.is_set():
+                raise NotSent(rel)
+            try:
+                with open(bag / rel, "rb") as body:
+                    return f"{base}/{rel}", self.objects.put_new(f"resources/{rid}/{base}/{rel}", body,
+                                                                 retain_until=retain)
+            except BaseException:
+                failed.set()
+                raise
 
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             done = list(pool.map(upload, payload))
@@ -490,6 +502,10 @@ def _parse_claim(objects: ObjectStore, key: str, raw: bytes, previous: str | Non
         raise BadClaim(f"{objects.where(key)}: claims {claim.instance!r} after {claim.previous!r}",
                        code="BadClaim")
     return claim
+
+
+class NotSent(Exception):
+    """An upload skipped because another of the same publish failed (never raised out of publish)."""
 
 
 def _bag_files(bag: Path) -> tuple[list[str], list[str]]:
