@@ -75,20 +75,15 @@ def seen(mnt: Mounted, rid: str, files: dict[str, bytes], timeout: float = 10.0)
     return False
 
 
-def total_files(cluster) -> int:
-    return sum(cluster.file_count(i) for i in range(VOLUMES) if i != VICTIM)
+def total_files(cluster, victims: tuple[int, ...]) -> int:
+    return sum(cluster.file_count(i) for i in range(VOLUMES) if i not in victims)
 
 
-def test_a_volume_server_killed_during_a_deposit(cluster, hosts):
-    writer, reader = hosts
-    old = files_of("old", 20)
-    stage(writer, "old", old)
-    writer.commit("old")
-
-    new = files_of("new", DEPOSIT_FILES)
-    stage(writer, "new", new)
-    before = total_files(cluster)
-    outcome: list[BaseException | None] = []
+def commit_while_killing(cluster, writer: Mounted, victims: tuple[int, ...], reads=None) -> OSError | None:
+    """Commit transactions/new of `writer`, SIGKILL the `victims` once a quarter of its files is uploaded,
+    run `reads` (while they are down), and return the commit's error (None: it completed)."""
+    before = total_files(cluster, victims)
+    outcome: list[OSError | None] = []
 
     def commit() -> None:
         try:
@@ -100,25 +95,45 @@ def test_a_volume_server_killed_during_a_deposit(cluster, hosts):
     committer = threading.Thread(target=commit)
     committer.start()
     deadline = time.monotonic() + 30
-    while total_files(cluster) < before + DEPOSIT_FILES // 4:     # the publish is under way
+    while total_files(cluster, victims) < before + DEPOSIT_FILES // 4:     # the publish is under way
         assert committer.is_alive() and time.monotonic() < deadline, "the upload did not start"
         time.sleep(0.02)
-    cluster.kill_volume(VICTIM)
+    for victim in victims:
+        cluster.kill_volume(victim)
     killed_at = time.monotonic()
-    assert seen(reader, "old", old), "committed files unreadable with a volume server down"
+    if reads:
+        reads()
     committer.join(timeout=120)
     assert not committer.is_alive()
-    error = outcome[0]
     retries = writer.log.read_text().count("(the store failed the first)")
-    print(f"\nkilled volume{VICTIM} at {before} + {total_files(cluster) - before} files; commit "
-          f"{'completed' if error is None else f'failed: {error}'} {time.monotonic() - killed_at:.1f} s later; "
-          f"{retries} request(s) needed retries")
+    print(f"\nkilled volume server(s) {victims} {DEPOSIT_FILES // 4}+ files into the deposit: the commit "
+          f"{'completed' if outcome[0] is None else f'failed ({outcome[0]})'} "
+          f"{time.monotonic() - killed_at:.1f} s later; {retries} request(s) needed retries")
+    return outcome[0]
+
+
+def assert_failed_cleanly(writer: Mounted, error: OSError, new: dict[str, bytes]) -> None:
+    assert tree(writer / "transactions" / "new") == new, f"the failed commit ({error}) changed the transaction"
+    assert ArchiveRoot(writer.root).head("new") is None
+
+
+def test_a_volume_server_killed_during_a_deposit(cluster, hosts):
+    writer, reader = hosts
+    old = files_of("old", 20)
+    stage(writer, "old", old)
+    writer.commit("old")
+    new = files_of("new", DEPOSIT_FILES)
+    stage(writer, "new", new)
+
+    def reads():
+        assert seen(reader, "old", old), "committed files unreadable with a volume server down"
+
+    error = commit_while_killing(cluster, writer, (VICTIM,), reads)
     if error is None:
         assert not (writer / "transactions" / "new").exists()
         assert seen(reader, "new", new)
     else:
-        assert tree(writer / "transactions" / "new") == new, "the failed commit changed the transaction"
-        assert ArchiveRoot(writer.root).head("new") is None
+        assert_failed_cleanly(writer, error, new)
 
     cluster.start_volume(VICTIM)
     if error is not None:
