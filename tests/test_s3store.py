@@ -17,7 +17,7 @@ from pathlib import Path
 import botocore.exceptions as bx
 import pytest
 
-from tinyfs.core.errors import NoObjectLock, NotAnArchive, NotFound, Stale
+from tinyfs.core.errors import NoObjectLock, NotAnArchive, NotFound, ObjectExists, Stale
 from tinyfs.core.ids import new_instance_id
 from tinyfs.core.objects import ObjectStore
 from tinyfs.core.s3store import UPLOAD_THREADS, ConfigMismatch, NotEmpty, S3Store, init_store, open_store
@@ -187,6 +187,23 @@ def test_a_claim_whose_answer_was_lost_is_still_ours(s3_env, bucket, tmp_path):
     # boto3 resends a PUT whose answer was lost; the resend finds the claim taken (412): by us
     store._claim("r", store._known_chain("r")[0])
     assert store.head("r") == iid and store.stored_file("r", f"instances/{iid}/data/a").read_bytes() == b"a"
+
+
+def test_an_upload_whose_answer_was_lost_is_still_ours(s3_env, bucket, tmp_path, caplog):
+    """boto3 resends a PUT whose answer was lost; the resend finds the key taken (412) by the first
+    send. Under a new instance id that is this publish's own object: the publish goes on. Sending the
+    whole bag a second time is what every resend would meet."""
+    store = host(s3_env, bucket, tmp_path / "cache")
+    iid = new_instance_id()
+    bag = make_bag(tmp_path, "r", iid, None, {"a.txt": b"alpha", "sub/b.bin": os.urandom(5000)})
+    first = store._upload_bag("r", iid, bag)
+    assert store._upload_bag("r", iid, bag) == first
+    assert "already written by this publish" in caplog.text
+    store.publish("r", iid, None, bag)
+    assert store.stored_file("r", f"instances/{iid}/data/a.txt").read_bytes() == b"alpha"
+    (bag / "data" / "a.txt").write_bytes(b"other")       # not what is stored: not ours, refused
+    with pytest.raises(ObjectExists):
+        store._upload_bag("r", iid, bag)
 
 
 # -- crashes -------------------------------------------------------------------------------------------

@@ -326,10 +326,13 @@ class S3Store:
         def upload(rel: str) -> tuple[str, str | None]:
             if failed.is_set():
                 raise NotSent(rel)
+            key = f"resources/{rid}/{base}/{rel}"
             try:
-                with open(bag / rel, "rb") as body:
-                    return f"{base}/{rel}", self.objects.put_new(f"resources/{rid}/{base}/{rel}", body,
-                                                                 retain_until=retain)
+                try:
+                    with open(bag / rel, "rb") as body:
+                        return f"{base}/{rel}", self.objects.put_new(key, body, retain_until=retain)
+                except ObjectExists:
+                    return f"{base}/{rel}", self._own_upload(key, bag / rel)
             except BaseException:
                 failed.set()
                 raise
@@ -338,6 +341,21 @@ class S3Store:
             done = list(pool.map(upload, payload))
         done += [upload(rel) for rel in tags]          # instance.json is the last of them
         return {rel: version for rel, version in done if version not in (None, "null")}
+
+    def _own_upload(self, key: str, path: Path) -> str | None:
+        """The version of `key`, taken already by a create-only write of this publish's file `path`.
+
+        Nobody else writes under a new instance id: the object is this publisher's own earlier send whose
+        answer was lost (boto3 resent the PUT and met it, 412), and a PUT is whole or absent. Failing
+        here would fail a commit that succeeded. Checked all the same: the size, and the MD5 where the
+        store's ETag is one (a single-part PUT's, unencrypted); otherwise the write is refused again."""
+        info = self.objects.head(key)
+        if not (info.size == path.stat().st_size and (len(info.etag) != 32 or _md5(path) == info.etag)):
+            raise ObjectExists(f"{self.objects.where(key)}: taken by other bytes than this publish's",
+                               code="PreconditionFailed")
+        log.warning("%s: already written by this publish (an answer was lost): kept",
+                    self.objects.where(key))
+        return info.version_id
 
     def _upload_resource_json(self, rid: str, body: bytes) -> dict[str, str]:
         """resource.json, once per resource: a racing first publisher may have written it already."""
@@ -502,6 +520,11 @@ def _parse_claim(objects: ObjectStore, key: str, raw: bytes, previous: str | Non
         raise BadClaim(f"{objects.where(key)}: claims {claim.instance!r} after {claim.previous!r}",
                        code="BadClaim")
     return claim
+
+
+def _md5(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 class NotSent(Exception):
