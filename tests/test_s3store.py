@@ -235,6 +235,15 @@ def test_a_failed_upload_stops_the_publish_without_uploading_the_rest(s3_env, bu
     assert store.head("r") is None
 
 
+def settled_keys(s3_env, bucket: str, part: str) -> list[str]:
+    """The keys holding `part`, once two listings 0.5 s apart agree."""
+    before = None
+    while (now := [k for k in keys(s3_env, bucket) if part in k]) != before:
+        before = now
+        time.sleep(0.5)
+    return now
+
+
 def test_a_publish_killed_before_its_claim_stays_invisible_and_recover_removes_it(s3_env, bucket, tmp_path):
     store = host(s3_env, bucket, tmp_path / "cache")
     head = publish(store, tmp_path, "r", {"kept": b"kept"})
@@ -250,7 +259,7 @@ def test_a_publish_killed_before_its_claim_stays_invisible_and_recover_removes_i
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    uploaded = [k for k in keys(s3_env, bucket) if f"/{iid}/" in k]
+    uploaded = settled_keys(s3_env, bucket, f"/{iid}/")   # PUTs the store had taken may land after the kill
     assert uploaded and not any(k.endswith("instance.json") for k in uploaded), "killed mid-upload"
 
     other = host(s3_env, bucket, tmp_path / "other-host")
