@@ -100,6 +100,44 @@ def test_a_taken_key_is_refused_at_once_and_left_as_it_was(s3_env, bucket):
 # -- Object Lock: the store itself refuses ------------------------------------
 
 
+def small_parts(s: ObjectStore) -> ObjectStore:
+    """Files over 6 MiB sent in 5 MiB parts (S3's smallest part): the multipart path with small files."""
+    s.multipart_over, s.part_bytes = 6 << 20, 5 << 20
+    return s
+
+
+def test_a_file_over_the_threshold_goes_up_in_parts_create_only_and_whole(s3_env, bucket, tmp_path):
+    s = small_parts(store(s3_env, bucket))
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(12 << 20) + b"tail")
+    parts = requests_counted(s, "UploadPart")
+    s.put_new_file("big", src)
+    assert len(parts) == 3
+    assert s.get("big") == src.read_bytes()
+    other = tmp_path / "other"
+    other.write_bytes(os.urandom(7 << 20))
+    with pytest.raises(ObjectExists):           # the completion is create-only, like a PUT
+        s.put_new_file("big", other)
+    assert s.get("big") == src.read_bytes()
+    assert s.unfinished_uploads("") == []        # the refused upload was aborted, its parts deleted
+
+
+def test_a_file_in_parts_is_retained_in_worm_and_an_unfinished_upload_is_found(s3_env, locked_bucket, tmp_path):
+    s = small_parts(store(s3_env, locked_bucket))
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(11 << 20))
+    until = datetime.now(UTC) + timedelta(days=1)
+    version = s.put_new_file("big", src, retain_until=until)
+    info = s.client.head_object(Bucket=locked_bucket, Key="big", VersionId=version)
+    assert info["ObjectLockMode"] == "COMPLIANCE" and info["ContentLength"] == 11 << 20
+    with pytest.raises(bx.ClientError):
+        s.client.delete_object(Bucket=locked_bucket, Key="big", VersionId=version)
+    started = s.client.create_multipart_upload(Bucket=locked_bucket, Key="cut/off")["UploadId"]
+    assert [(k, u) for k, u, _ in s.unfinished_uploads("cut/")] == [("cut/off", started)]
+    s.abort_upload("cut/off", started)
+    assert s.unfinished_uploads("") == []
+
+
 def test_compliance_retained_version_cannot_be_deleted_or_replaced_at_the_store(s3_env, locked_bucket):
     s = store(s3_env, locked_bucket)
     until = datetime.now(UTC) + timedelta(days=2)

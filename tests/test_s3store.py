@@ -365,3 +365,21 @@ def test_the_read_cache_stays_within_its_bound_and_forget_drops_a_bad_copy(s3_en
     assert reader.stored_file("r", f"instances/{iid}/data/f9").read_bytes() == files["f9"]
     restarted = open_store(objects(s3_env, bucket), tmp_path / "reader", cache_bytes=1500)
     assert restarted.files.total <= 1500 and on_disk() <= 1500
+
+
+def test_a_big_file_is_published_in_parts_and_recover_aborts_an_upload_a_crash_left(s3_env, bucket, tmp_path):
+    store = host(s3_env, bucket, tmp_path / "cache")
+    store.objects.multipart_over, store.objects.part_bytes = 6 << 20, 5 << 20
+    big = os.urandom(13 << 20)
+    iid = publish(store, tmp_path, "r", {"big.bin": big, "small": b"s"})
+    reader = host(s3_env, bucket, tmp_path / "reader")
+    assert reader.stored_file("r", f"instances/{iid}/data/big.bin").read_bytes() == big
+    # a publisher killed between its parts and their completion leaves an upload and no object
+    key = f"resources/r/instances/{new_instance_id(after=iid)}/data/cut.bin"
+    started = store.objects.client.create_multipart_upload(Bucket=bucket, Key=f"{PREFIX}/{key}")["UploadId"]
+    store.objects.client.upload_part(Bucket=bucket, Key=f"{PREFIX}/{key}", UploadId=started, PartNumber=1,
+                                     Body=b"x" * (5 << 20))
+    assert store.recover() == []                 # young: perhaps a publish still under way
+    assert store.recover(older_than=0) == [f"aborted an unfinished upload of {key}"]
+    assert store.objects.unfinished_uploads("") == []
+    assert reader.instance_ids("r") == [iid]

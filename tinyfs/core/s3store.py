@@ -329,8 +329,7 @@ class S3Store:
             key = f"resources/{rid}/{base}/{rel}"
             try:
                 try:
-                    with open(bag / rel, "rb") as body:
-                        return f"{base}/{rel}", self.objects.put_new(key, body, retain_until=retain)
+                    return f"{base}/{rel}", self.objects.put_new_file(key, bag / rel, retain_until=retain)
                 except ObjectExists:
                     return f"{base}/{rel}", self._own_upload(key, bag / rel)
             except BaseException:
@@ -411,8 +410,18 @@ class S3Store:
             if not claimed:
                 actions.extend(self._recover_prefix(f"resources/{rid}/resource.json", cutoff,
                                                     f"resource.json of unpublished resource {rid}"))
+        actions.extend(self._abort_unfinished_uploads(cutoff))
         for line in actions:
             log.info("recover: %s", line)
+        return actions
+
+    def _abort_unfinished_uploads(self, cutoff: datetime) -> list[str]:
+        """Multipart uploads a killed publisher began: their parts are invisible (no object) but stored."""
+        actions = []
+        for key, upload_id, started in self.objects.unfinished_uploads("resources/"):
+            if started <= cutoff:
+                self.objects.abort_upload(key, upload_id)
+                actions.append(f"aborted an unfinished upload of {key}")
         return actions
 
     def _recover_prefix(self, prefix: str, cutoff: datetime, what: str) -> list[str]:
