@@ -120,20 +120,35 @@ class StoredFile(FileHandle):
         self.services, self.ino, self.path, self.expect = services, node.ino, path, expect
         self.fd = os.open(path(), os.O_RDONLY) if services.archive.config.mode == "dynamic" else -1
         self.check: ReadCheck | None | bool = None     # made at the first read (False: not verified)
+        self.opening: trio.Lock | None = None
 
     async def read(self, off: int, size: int) -> bytes:
         if self.fd < 0:
-            try:        # (the store may say it is missing, or the open)
-                self.fd = os.open(self.path(), os.O_RDONLY)
-            except FileNotFoundError as e:
-                log.error("stored file missing: %s (run tinyfs fsck)", e.filename)
-                raise fail(errno.EIO, f"stored file missing: {e.filename}") from None
+            await self._open()
         data = os.pread(self.fd, size, off)
         if self.check is None:
             self.check = read_check(self.expect(), self.fd) or False
         if self.check is False:
             return data
         return await self.services.verifier.verified(self.check, self.ino, self.fd, off, size, data)
+
+    async def _open(self) -> None:
+        """On an object store the stored file's path is a download into the read cache (seconds for a big
+        file): it is made in a worker thread, once per handle, while the loop serves other requests."""
+        if self.services.archive.store.local:
+            self.fd = self._open_stored()
+            return
+        self.opening = self.opening or trio.Lock()
+        async with self.opening:
+            if self.fd < 0:     # (another read of this handle may have opened it meanwhile)
+                self.fd = await trio.to_thread.run_sync(self._open_stored)
+
+    def _open_stored(self) -> int:
+        try:        # (the store may say it is missing, or the open)
+            return os.open(self.path(), os.O_RDONLY)
+        except FileNotFoundError as e:
+            log.error("stored file missing: %s (run tinyfs fsck)", e.filename)
+            raise fail(errno.EIO, f"stored file missing: {e.filename}") from None
 
     def release(self) -> None:
         if self.check:

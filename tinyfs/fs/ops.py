@@ -165,7 +165,10 @@ class Operations(pyfuse3.Operations):
             name = decode(raw)
         except TreeError:
             raise fail(errno.ENOENT) from None   # such a name cannot exist here; creating it is EILSEQ
-        return self._entry(parent.tree.lookup(parent, name))
+        tree = parent.tree
+        if tree.lookup_asks_store(parent):
+            return self._entry(await trio.to_thread.run_sync(tree.lookup, parent, name))
+        return self._entry(tree.lookup(parent, name))
 
     async def forget(self, inode_list):
         self.inodes.forget(inode_list)

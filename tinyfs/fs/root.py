@@ -91,6 +91,9 @@ class RootTree(Tree):
             raise NotFound(name)
         return node
 
+    def lookup_asks_store(self, parent: Node) -> bool:
+        return parent.path in self.sections and not self.archive.store.local    # a head query
+
     async def children(self, node: Node) -> Listing:
         if node is self.root:
             return [(name, top, None) for name, top in self.top.items()]
@@ -184,16 +187,16 @@ class RootTree(Tree):
             raise fail(errno.EEXIST)
         if self.services.closing:
             raise fail(errno.EBUSY)
-        head = self.archive.head(rid)
 
         def create():
+            head = self.archive.head(rid)         # (on an object store: a request)
             root = self.archive.state(rid, head).root if head else None   # the root starts as recorded
             staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
                                      ctx.uid, ctx.gid, root=root)
             staging.read_base()       # in this worker thread, not in the first request
-            return staging
+            return staging, head
 
-        staging = await trio.to_thread.run_sync(create)
+        staging, head = await trio.to_thread.run_sync(create)
         tree = self.txns[rid] = TxnTree(self.services, OpenTxn(self.archive, rid, staging))
         self.archive.events.append("transaction.opened", rid, head, uid=ctx.uid, via="mount")
         return tree.root()

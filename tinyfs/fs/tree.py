@@ -128,6 +128,12 @@ class Tree:
     def lookup(self, parent: Node, name: str) -> Node:
         raise fail(errno.ENOENT)
 
+    def lookup_asks_store(self, parent: Node) -> bool:
+        """Does a lookup under `parent` ask an object store (a request over the network, seconds when it is
+        slow)? Then it runs in a worker thread, so that the loop serves other requests meanwhile. Such
+        lookups touch only what is thread-safe: the archive's documents and heads, under their locks."""
+        return False
+
     async def children(self, node: Node) -> Listing:
         """(name, node, attributes or None) of a directory, in the order readdir gives them."""
         raise fail(errno.ENOTDIR)

@@ -67,6 +67,9 @@ class ReadOnlyTree(Tree):
     def _attr(self, mode: int, **fields) -> Attr:
         return Attr(mode, uid=self.services.uid, gid=self.services.gid, **fields)
 
+    def lookup_asks_store(self, parent: Node) -> bool:
+        return not self.archive.store.local      # a head query, or an instance.json not cached yet
+
     def _open_stored(self, node: Node, flags: int, path: Callable[[], str],
                      expect: Callable[[], Expected | None]) -> FileHandle:
         """(path and expect: called at the first read the page cache cannot answer)"""
