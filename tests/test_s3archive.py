@@ -214,3 +214,27 @@ def test_fsck_on_a_store_holds_one_resource_at_a_time_on_local_disk(tinyfs, s3_e
     assert tinyfs("fsck", a, "one", "three").returncode == 0
     r = tinyfs("fsck", a, "one", "nope", check=False)
     assert r.returncode == 2 and "nope" in r.stderr
+
+
+def test_the_mounts_recovery_sends_no_request_to_the_store_and_tinyfs_recover_sweeps_it(tinyfs, s3_env, bucket,
+                                                                                          tmp_path):
+    """The mount starts with recover(store=False): the store's sweep costs requests in proportion to the
+    archive (every resource's chain and instance listing), so a mount of a large archive would wait on it.
+    An unpublished instance stays invisible until `tinyfs recover` removes it."""
+    from tinyfs.core.ids import new_instance_id
+    from tinyfs.core.recover import recover
+
+    init(tinyfs, s3_env, tmp_path / "a", bucket)
+    archive = Archive(tmp_path / "a")
+    for rid in ("one", "two"):
+        with archive.new(rid) as t:
+            t.add_bytes("f.txt", rid.encode())
+    root = archive.root
+    orphan = f"resources/one/instances/{new_instance_id(after=root.head('one'))}/data/f.txt"  # no claim names it
+    s3_env.raw().put_object(Bucket=bucket, Key=f"{PREFIX}/{orphan}", Body=b"never claimed")
+    sent = []
+    root.store.objects.client.meta.events.register("before-send.s3", lambda **kw: sent.append(kw["request"].url))
+    assert recover(root, store=False) == [] and sent == []
+    assert recover(root) == [] and len(sent) >= 3, "a young leftover is left alone, after listing the resources"
+    assert any("orphan" in line or "unpublished instance one/" in line for line in root.store.recover(older_than=0))
+    assert list(root.store.objects.list(orphan)) == []
