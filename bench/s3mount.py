@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ class S3Bench(Bench):
                                              z.mount_reps), run_dir)
         self.s3 = sizes
         self.weed = None
+        self.weed_link: Path | None = None
         self.bucket = ""
         self.downloads = run_dir / "downloads"
         self.setup: dict[str, float] = {}
@@ -102,13 +104,18 @@ class S3Bench(Bench):
             "read-small-warm": f"read {count(z.small)} files, warm (cache)",
             "commit-1g": f"commit alone (mv) vs upload alone, {human(z.big)}",
             "commit-small": f"commit alone (mv) vs upload alone, {count(z.small)} files",
-            "mount-new": f"mount, {count(z.objects)} objects, new host",
-            "mount-again": f"mount, {count(z.objects)} objects, same host again",
+            "mount-new": f"mount, {z.resources} x {count(z.per_resource)} files ({z.objects:,} objects), new host",
+            "mount-again": f"mount, {z.resources} x {count(z.per_resource)} files, same host again",
         })
 
     # -- the store ----------------------------------------------------------------------------------
     def start_store(self) -> None:
-        self.weed = start_seaweed(self.dir / "weed")
+        # weed binds unix sockets in the folder it is given, and a socket's path has room for 107 bytes:
+        # a long --workdir (pytest's tmp_path) makes it fail, so it is given a short link to its folder
+        self.weed_link = Path(tempfile.mkdtemp(prefix="tinyfs-weed-"))
+        (self.dir / "weed").mkdir()
+        (self.weed_link / "w").symlink_to(self.dir / "weed")
+        self.weed = start_seaweed(self.weed_link / "w")
         self.bucket = self.weed.make_bucket(object_lock=False)
         os.environ.update(AWS_ACCESS_KEY_ID=self.weed.access_key, AWS_SECRET_ACCESS_KEY=self.weed.secret_key,
                           AWS_EC2_METADATA_DISABLED="true")
@@ -124,6 +131,8 @@ class S3Bench(Bench):
     def stop_store(self) -> None:
         if self.weed is not None:
             self.weed.stop()
+        if self.weed_link is not None:
+            shutil.rmtree(self.weed_link)   # the link only
 
     def init_root(self, root: Path, prefix: str) -> None:
         run([harness.TINYFS, "init", root, "--store", f"s3://{self.bucket}/{prefix}",
