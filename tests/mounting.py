@@ -18,12 +18,14 @@ def tinyfs_argv() -> list[str]:
 class Mounted:
     """A running mount of `root` on `mnt`; `crash()` kills it like a power cut of the daemon."""
 
-    def __init__(self, root: Path, mnt: Path, log: Path, options: str | None = None):
+    def __init__(self, root: Path, mnt: Path, log: Path, options: str | None = None, wrap: list[str] | None = None):
+        """`wrap`: argv the mount command is run by (e.g. `ip netns exec NS`, tests/netns.py)."""
         self.root, self.mnt, self.log, self.options = root, mnt, log, options
+        self.wrap = wrap or []
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Mounted:
-        argv = [*tinyfs_argv(), "mount", "--foreground", str(self.root), str(self.mnt)]
+        argv = [*self.wrap, *tinyfs_argv(), "mount", "--foreground", str(self.root), str(self.mnt)]
         if self.options:
             argv += ["-o", self.options]
         with open(self.log, "ab") as logf:

@@ -57,12 +57,12 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held together while they are chosen, so no duplicates)."""
+def free_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports on `ip` (held together while they are chosen, so no duplicates)."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
-            s.bind(("127.0.0.1", 0))
+            s.bind((ip, 0))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
@@ -79,10 +79,11 @@ class Seaweed:
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     proc: subprocess.Popen | None = None
     startup_seconds: float = 0.0
+    ip: str = "127.0.0.1"  # where every part listens: another address lets network namespaces reach it
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports[6]}"
+        return f"http://{self.ip}:{self.ports[6]}"
 
     @property
     def log(self) -> Path:
@@ -92,7 +93,7 @@ class Seaweed:
         master, mgrpc, vol, vgrpc, filer, fgrpc, s3, s3grpc = self.ports
         logs = self.base / "logs"
         return [weed_binary(), f"-logdir={logs}", "server", f"-dir={self.base / 'data'}",
-                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+                f"-ip={self.ip}", f"-ip.bind={self.ip}", "-master.telemetry=false",
                 f"-master.port={master}", f"-master.port.grpc={mgrpc}",
                 f"-volume.port={vol}", f"-volume.port.grpc={vgrpc}", "-volume.preStopSeconds=0",
                 "-filer", f"-filer.port={filer}", f"-filer.port.grpc={fgrpc}",
@@ -184,10 +185,10 @@ class Seaweed:
         assert not self.alive(), f"weed (pid {self.proc.pid}) still running after stop"
 
 
-def start_seaweed(base: Path, *extra: str, tries: int = 3) -> Seaweed:
-    """A started store; new ports on a retry, in case another process took one in between."""
+def start_seaweed(base: Path, *extra: str, tries: int = 3, ip: str = "127.0.0.1") -> Seaweed:
+    """A started store listening on `ip`; new ports on a retry, in case another process took one in between."""
     for attempt in range(1, tries + 1):
-        store = Seaweed(base / f"try{attempt}", free_ports(8))
+        store = Seaweed(base / f"try{attempt}", free_ports(8, ip), ip=ip)
         try:
             return store.start(*extra)
         except RuntimeError:
@@ -204,16 +205,22 @@ def seaweed(tmp_path_factory):
     store.stop()
 
 
-@pytest.fixture
-def s3_env(seaweed, monkeypatch, tmp_path):
-    """The store's credentials in AWS_* variables; no other AWS configuration is visible."""
+def use_identity(store, monkeypatch, tmp_path: Path) -> None:
+    """`store`'s credentials in AWS_* variables (of this process and what it starts); no other AWS
+    configuration is visible."""
     for name in [n for n in os.environ if n.startswith("AWS_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", store.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store.secret_key)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch, tmp_path):
+    """The store's credentials in AWS_* variables; no other AWS configuration is visible."""
+    use_identity(seaweed, monkeypatch, tmp_path)
     return seaweed
 
 

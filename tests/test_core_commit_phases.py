@@ -114,7 +114,7 @@ def test_place_write_tags_and_flush_make_a_whole_bag_nobody_sees_until_publish(a
     assert told == [stage.iid]                               # told after the flush, before the rename
     bagit.Bag(str(plan.bag)).validate()                      # a complete bag, still in the stage
     assert archive.instance_ids("r")[-1] == stage.head       # ... which nobody sees yet
-    publish(archive, "r", stage.iid, stage.path, new_resource=False)
+    publish(archive, "r", stage.iid, stage.path, previous=stage.head)
     assert not stage.path.exists()
     assert ArchiveRoot(archive.root).head("r") == stage.iid
     result = record(archive, req, head_state, delta, plan, doc)
@@ -133,7 +133,7 @@ def test_a_new_resource_is_published_by_renaming_the_whole_stage(tmp_path):
     doc = write_tags(root, req, None, head_doc, merged, plan)
     flush(root, req, stage.path, doc, new_resource=True)
     assert (stage.path / "resource.json").exists() and "fresh" not in root.resource_ids()
-    publish(root, "fresh", stage.iid, stage.path, new_resource=True)
+    publish(root, "fresh", stage.iid, stage.path, previous=None)
     assert not stage.path.exists() and root.instance_ids("fresh") == [stage.iid]
     record(root, req, head_state, delta, plan, doc)
     check_archive_ok(root.root)

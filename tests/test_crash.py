@@ -15,7 +15,7 @@ import pytest
 from conftest import check_archive_ok, run_tinyfs
 from mounting import tinyfs_argv
 
-import tinyfs.core.commit as commit_module
+import tinyfs.core.localstore as localstore_module
 from tinyfs import Archive
 from tinyfs.core import bagwrite
 from tinyfs.core.events import EventLog
@@ -35,7 +35,7 @@ TARGETS = {
     "os.rename": (os, "rename"),
     "write_tag_files": (bagwrite, "write_tag_files"),
     "syncfs": (bagwrite, "syncfs"),
-    "fsync_dir": (commit_module, "fsync_dir"),
+    "fsync_dir": (localstore_module, "fsync_dir"),      # the publish's (LocalStore.publish)
     "events.append": (EventLog, "append"),
 }
 

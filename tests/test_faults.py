@@ -45,6 +45,20 @@ def test_crash_torture_reduced(tmp_path):
     assert "30 trials" in [x for x in lines if x.startswith("torture: 30")][0]
 
 
+@pytest.mark.mount
+@pytest.mark.slow
+@needs_fuse
+def test_crash_torture_reduced_on_an_s3_store(tmp_path):
+    """12 trials of `scripts/torture --store s3` (its own SeaweedFS): the kill lands in the uploads too."""
+    seed = os.environ.get("TINYFS_TORTURE_SEED", "20261204")
+    r = subprocess.run([str(HERE / "scripts" / "torture"), "--store", "s3", "--trials", "12", "--via", "all",
+                        "--seed", seed, "--workdir", str(tmp_path), "--max-mb", "8", "--small", "100"],
+                       capture_output=True, text=True, timeout=900)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and lines and " 0 failures" in lines[-1], r.stdout[-5000:] + r.stderr[-3000:]
+    assert lines[-1].startswith("torture: 12 trials") and "store s3" in lines[-1]
+
+
 # -- a full disk ------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -97,6 +98,44 @@ def test_a_taken_key_is_refused_at_once_and_left_as_it_was(s3_env, bucket):
 
 
 # -- Object Lock: the store itself refuses ------------------------------------
+
+
+def small_parts(s: ObjectStore) -> ObjectStore:
+    """Files over 6 MiB sent in 5 MiB parts (S3's smallest part): the multipart path with small files."""
+    s.multipart_over, s.part_bytes = 6 << 20, 5 << 20
+    return s
+
+
+def test_a_file_over_the_threshold_goes_up_in_parts_create_only_and_whole(s3_env, bucket, tmp_path):
+    s = small_parts(store(s3_env, bucket))
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(12 << 20) + b"tail")
+    parts = requests_counted(s, "UploadPart")
+    s.put_new_file("big", src)
+    assert len(parts) == 3
+    assert s.get("big") == src.read_bytes()
+    other = tmp_path / "other"
+    other.write_bytes(os.urandom(7 << 20))
+    with pytest.raises(ObjectExists):           # the completion is create-only, like a PUT
+        s.put_new_file("big", other)
+    assert s.get("big") == src.read_bytes()
+    assert s.unfinished_uploads("") == []        # the refused upload was aborted, its parts deleted
+
+
+def test_a_file_in_parts_is_retained_in_worm_and_an_unfinished_upload_is_found(s3_env, locked_bucket, tmp_path):
+    s = small_parts(store(s3_env, locked_bucket))
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(11 << 20))
+    until = datetime.now(UTC) + timedelta(days=1)
+    version = s.put_new_file("big", src, retain_until=until)
+    info = s.client.head_object(Bucket=locked_bucket, Key="big", VersionId=version)
+    assert info["ObjectLockMode"] == "COMPLIANCE" and info["ContentLength"] == 11 << 20
+    with pytest.raises(bx.ClientError):
+        s.client.delete_object(Bucket=locked_bucket, Key="big", VersionId=version)
+    started = s.client.create_multipart_upload(Bucket=locked_bucket, Key="cut/off")["UploadId"]
+    assert [(k, u) for k, u, _ in s.unfinished_uploads("cut/")] == [("cut/off", started)]
+    s.abort_upload("cut/off", started)
+    assert s.unfinished_uploads("") == []
 
 
 def test_compliance_retained_version_cannot_be_deleted_or_replaced_at_the_store(s3_env, locked_bucket):
@@ -252,6 +291,66 @@ def test_an_unreachable_endpoint_fails_within_seconds(s3_env):
     assert f"127.0.0.1:{port}" in text and "hunter2" not in text and "someone" not in text
 
 
+class DroppingProxy:
+    """A TCP proxy to a store that closes its first `drop` connections once a request has arrived on
+    them, unanswered (a connection lost mid-request: a gateway restarting, a volume server gone behind
+    it), and forwards every later one both ways."""
+
+    def __init__(self, endpoint: str, drop: int):
+        self.target = endpoint.removeprefix("http://").split(":")
+        self.drop = drop
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:      # closed
+                return
+            if self.drop > 0:
+                self.drop -= 1
+                conn.recv(65536)
+                conn.close()
+                continue
+            upstream = socket.create_connection((self.target[0], int(self.target[1])))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_request_that_needed_retries_is_one_warning_line(s3_env, bucket, caplog):
+    proxy = DroppingProxy(s3_env.endpoint, drop=2)
+    try:
+        s = ObjectStore(bucket, endpoint=proxy.endpoint)
+        with caplog.at_level(logging.WARNING, logger="tinyfs.core.objects"):
+            s.put_new("k", b"through a flaky network")
+            s.get("k")
+    finally:
+        proxy.close()
+    assert s3_env.raw().get_object(Bucket=bucket, Key="k")["Body"].read() == b"through a flaky network"
+    lines = [r.getMessage() for r in caplog.records if r.name == "tinyfs.core.objects"]
+    assert lines == [f"s3://{bucket}/ at {proxy.endpoint}: PutObject succeeded after 3 attempts "
+                     "(the store failed the first)"], lines    # the GET needed none: no line
+
+
 @pytest.mark.parametrize("variable, value", [("AWS_SECRET_ACCESS_KEY", "not-the-secret-0123456789"),
                                              ("AWS_ACCESS_KEY_ID", "AKIAUNKNOWN")])
 def test_wrong_credentials_are_access_denied(s3_env, bucket, monkeypatch, caplog, variable, value):
@@ -319,12 +418,12 @@ def test_stores_that_say_they_are_full_give_enospc(code, status):
 
 def test_a_large_download_comes_in_ranges_pinned_to_one_version(s3_env, locked_bucket, bucket, tmp_path,
                                                                  monkeypatch):
-    """Over PART bytes, download fetches ranges in parallel (PART made small here, the protocol is the same):
+    """Over RANGE_BYTES, download fetches ranges in parallel (made small here, the protocol is the same):
     the file is the object byte for byte, a version asked for is read in every range even when a newer
-    one shadows it, and an empty object and one of exactly PART bytes download too."""
+    one shadows it, and an empty object and one of exactly RANGE_BYTES download too."""
     from tinyfs.core import objects
 
-    monkeypatch.setattr(objects, "PART", 1 << 20)
+    monkeypatch.setattr(objects, "RANGE_BYTES", 1 << 20)
     s = store(s3_env, locked_bucket)
     old, new = os.urandom(5 * (1 << 20) + 12345), os.urandom(5 * (1 << 20) + 12345)
     first = s.put_new("big", old)

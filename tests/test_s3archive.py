@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -214,6 +215,24 @@ def test_fsck_on_a_store_holds_one_resource_at_a_time_on_local_disk(tinyfs, s3_e
     assert tinyfs("fsck", a, "one", "three").returncode == 0
     r = tinyfs("fsck", a, "one", "nope", check=False)
     assert r.returncode == 2 and "nope" in r.stderr
+
+
+def test_init_cache_bounds_this_hosts_read_cache(tinyfs, s3_env, bucket, tmp_path):
+    r = init(tinyfs, s3_env, tmp_path / "bad", bucket, "--cache", "lots", check=False)
+    assert r.returncode == 2 and "bad cache size" in r.stderr and not (tmp_path / "bad").exists()
+    a, b = tmp_path / "a", tmp_path / "b"
+    init(tinyfs, s3_env, a, bucket)
+    init(tinyfs, s3_env, b, bucket, "--cache", "3M")
+    assert json.loads((b / "tinyfs.json").read_text())["cache_bytes"] == 3 << 20
+    files = []
+    for n in range(6):
+        files.append(tmp_path / f"f{n}.bin")
+        files[-1].write_bytes(os.urandom(1 << 20))
+    tinyfs("ingest", a, "big", *files)
+    for f in files:
+        assert tinyfs("cat", b, "big", f.name, text=False).stdout == f.read_bytes()
+    cached = sum(p.stat().st_size for p in (b / "cache" / "files").rglob("*") if p.is_file())
+    assert 1 << 20 <= cached <= 3 << 20
 
 
 def test_the_mounts_recovery_sends_no_request_to_the_store_and_tinyfs_recover_sweeps_it(tinyfs, s3_env, bucket,

@@ -17,10 +17,10 @@ from pathlib import Path
 import botocore.exceptions as bx
 import pytest
 
-from tinyfs.core.errors import NoObjectLock, NotAnArchive, NotFound, Stale
+from tinyfs.core.errors import NoObjectLock, NotAnArchive, NotFound, ObjectExists, Stale
 from tinyfs.core.ids import new_instance_id
 from tinyfs.core.objects import ObjectStore
-from tinyfs.core.s3store import ConfigMismatch, NotEmpty, S3Store, init_store, open_store
+from tinyfs.core.s3store import UPLOAD_THREADS, ConfigMismatch, NotEmpty, S3Store, init_store, open_store
 
 pytestmark = pytest.mark.core
 
@@ -189,6 +189,23 @@ def test_a_claim_whose_answer_was_lost_is_still_ours(s3_env, bucket, tmp_path):
     assert store.head("r") == iid and store.stored_file("r", f"instances/{iid}/data/a").read_bytes() == b"a"
 
 
+def test_an_upload_whose_answer_was_lost_is_still_ours(s3_env, bucket, tmp_path, caplog):
+    """boto3 resends a PUT whose answer was lost; the resend finds the key taken (412) by the first
+    send. Under a new instance id that is this publish's own object: the publish goes on. Sending the
+    whole bag a second time is what every resend would meet."""
+    store = host(s3_env, bucket, tmp_path / "cache")
+    iid = new_instance_id()
+    bag = make_bag(tmp_path, "r", iid, None, {"a.txt": b"alpha", "sub/b.bin": os.urandom(5000)})
+    first = store._upload_bag("r", iid, bag)
+    assert store._upload_bag("r", iid, bag) == first
+    assert "already written by this publish" in caplog.text
+    store.publish("r", iid, None, bag)
+    assert store.stored_file("r", f"instances/{iid}/data/a.txt").read_bytes() == b"alpha"
+    (bag / "data" / "a.txt").write_bytes(b"other")       # not what is stored: not ours, refused
+    with pytest.raises(ObjectExists):
+        store._upload_bag("r", iid, bag)
+
+
 # -- crashes -------------------------------------------------------------------------------------------
 
 
@@ -201,6 +218,30 @@ KILLED_PUBLISHER = textwrap.dedent("""
     store = open_store(ObjectStore(bucket, prefix=prefix, endpoint=endpoint), cache)
     store.publish(rid, iid, store.head(rid), Path(bag))
 """)
+
+
+def test_a_failed_upload_stops_the_publish_without_uploading_the_rest(s3_env, bucket, tmp_path):
+    """A publish fails after the uploads in flight when one fails, not after trying every file (a store
+    that fails every write may take 90 s a request: SeaweedFS unable to place a replica, design.md): the
+    first payload file failing leaves the rest of the bag unsent, and nothing is claimed."""
+    store = host(s3_env, bucket, tmp_path / "cache")
+    iid = new_instance_id()
+    bag = make_bag(tmp_path, "r", iid, None, {f"f{i:03d}": b"x" for i in range(200)})
+    (bag / "data" / "000-unreadable").symlink_to(tmp_path / "nowhere")   # sorts first: fails at once
+    with pytest.raises(FileNotFoundError):
+        store.publish("r", iid, None, bag)
+    sent = [k for k in keys(s3_env, bucket) if f"/instances/{iid}/" in k]
+    assert len(sent) < UPLOAD_THREADS, f"{len(sent)} of 200 objects uploaded after the first failure"
+    assert store.head("r") is None
+
+
+def settled_keys(s3_env, bucket: str, part: str) -> list[str]:
+    """The keys holding `part`, once two listings 0.5 s apart agree."""
+    before = None
+    while (now := [k for k in keys(s3_env, bucket) if part in k]) != before:
+        before = now
+        time.sleep(0.5)
+    return now
 
 
 def test_a_publish_killed_before_its_claim_stays_invisible_and_recover_removes_it(s3_env, bucket, tmp_path):
@@ -218,7 +259,7 @@ def test_a_publish_killed_before_its_claim_stays_invisible_and_recover_removes_i
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    uploaded = [k for k in keys(s3_env, bucket) if f"/{iid}/" in k]
+    uploaded = settled_keys(s3_env, bucket, f"/{iid}/")   # PUTs the store had taken may land after the kill
     assert uploaded and not any(k.endswith("instance.json") for k in uploaded), "killed mid-upload"
 
     other = host(s3_env, bucket, tmp_path / "other-host")
@@ -324,6 +365,24 @@ def test_the_read_cache_stays_within_its_bound_and_forget_drops_a_bad_copy(s3_en
     assert reader.stored_file("r", f"instances/{iid}/data/f9").read_bytes() == files["f9"]
     restarted = open_store(objects(s3_env, bucket), tmp_path / "reader", cache_bytes=1500)
     assert restarted.files.total <= 1500 and on_disk() <= 1500
+
+
+def test_a_big_file_is_published_in_parts_and_recover_aborts_an_upload_a_crash_left(s3_env, bucket, tmp_path):
+    store = host(s3_env, bucket, tmp_path / "cache")
+    store.objects.multipart_over, store.objects.part_bytes = 6 << 20, 5 << 20
+    big = os.urandom(13 << 20)
+    iid = publish(store, tmp_path, "r", {"big.bin": big, "small": b"s"})
+    reader = host(s3_env, bucket, tmp_path / "reader")
+    assert reader.stored_file("r", f"instances/{iid}/data/big.bin").read_bytes() == big
+    # a publisher killed between its parts and their completion leaves an upload and no object
+    key = f"resources/r/instances/{new_instance_id(after=iid)}/data/cut.bin"
+    started = store.objects.client.create_multipart_upload(Bucket=bucket, Key=f"{PREFIX}/{key}")["UploadId"]
+    store.objects.client.upload_part(Bucket=bucket, Key=f"{PREFIX}/{key}", UploadId=started, PartNumber=1,
+                                     Body=b"x" * (5 << 20))
+    assert store.recover() == []                 # young: perhaps a publish still under way
+    assert store.recover(older_than=0) == [f"aborted an unfinished upload of {key}"]
+    assert store.objects.unfinished_uploads("") == []
+    assert reader.instance_ids("r") == [iid]
 
 
 def test_a_new_host_lists_resources_by_reading_first_claims_at_once_and_keeps_them(s3_env, bucket, tmp_path):

@@ -47,8 +47,8 @@ def cmd_init(args) -> int:
     root, digests = _root_and_digests(args.root, args.digest)
     if args.store is not None:
         return _init_on_store(root, digests, args)
-    if args.endpoint is not None or args.retain is not None:
-        raise UsageError("init: --endpoint and --retain go with --store s3://BUCKET/PREFIX")
+    if args.endpoint is not None or args.retain is not None or args.cache is not None:
+        raise UsageError("init: --endpoint, --retain and --cache go with --store s3://BUCKET/PREFIX")
     root = init_archive(root, args.mode or "preservation", digests, args.immutable)
     if args.immutable:
         _report_immutable(root)
@@ -57,12 +57,14 @@ def cmd_init(args) -> int:
 
 def _init_on_store(root: str, digests: list[str] | None, args) -> int:
     """A working directory attached to an archive in an S3 bucket (a new one, or the one there)."""
-    from ..core.s3archive import init_s3_archive, parse_retention
+    from ..core.s3archive import init_s3_archive, parse_cache_size, parse_retention
 
     if args.immutable:
         raise UsageError("init: --immutable is for a local archive; on a store, worm retention is the store's")
     days = parse_retention(args.retain) if args.retain is not None else None
-    init_s3_archive(root, args.store, args.endpoint, mode=args.mode, digests=digests, retention_days=days)
+    cache = parse_cache_size(args.cache) if args.cache is not None else None
+    init_s3_archive(root, args.store, args.endpoint, mode=args.mode, digests=digests, retention_days=days,
+                    cache_bytes=cache)
     return EXIT_OK
 
 
@@ -319,7 +321,7 @@ def _add_setup_commands(command: Command) -> None:
     """Making an archive, mounting it, committing without a mount."""
     p = command("init", cmd_init, "create an archive")
     p.usage = ("tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable] "
-               "[--store s3://BUCKET/PREFIX [--endpoint URL] [--retain 10y]]")
+               "[--store s3://BUCKET/PREFIX [--endpoint URL] [--retain 10y] [--cache 1G]]")
     p.add_argument("root", metavar="ROOT", nargs="?")     # (may come after --digest: see _root_and_digests)
     p.add_argument("--mode", choices=("preservation", "worm", "dynamic"),
                    help="preservation (default), worm or dynamic; attaching to a store: as the store has it")
@@ -332,6 +334,7 @@ def _add_setup_commands(command: Command) -> None:
                         "already there is attached to. Credentials: the AWS variables or files only")
     p.add_argument("--endpoint", metavar="URL", help="the S3 endpoint (default: AWS)")
     p.add_argument("--retain", metavar="DAYS|Ny", help="worm on a store: each object's Object Lock retention")
+    p.add_argument("--cache", metavar="SIZE", help="on a store: the bound of this host's read cache (default 1G)")
 
     p = command("mount", cmd_mount, "mount an archive")
     p.add_argument("root", metavar="ROOT")

@@ -68,15 +68,6 @@ def _hash_all(tags: dict[str, bytes], algorithms: Sequence[str]) -> dict[str, di
     return out
 
 
-def read_manifest(bag: Path, alg: str) -> dict[str, str]:
-    """"data/..." path -> hex digest from one manifest of a bag tinyfs wrote (paths never encoded there)."""
-    try:
-        text = (bag / f"manifest-{alg}.txt").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    return parse_manifest(text)
-
-
 def parse_manifest(text: str) -> dict[str, str]:
     """"data/..." path -> hex digest from the text of a manifest tinyfs wrote."""
     out = {}

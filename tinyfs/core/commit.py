@@ -11,11 +11,11 @@ Under the resource lock, in transactions/.commit-<rid>-<iid>/ (the stage), the p
   place_payload       hard links of staged blobs (or the copies) into the bag's data/
   write_tags          manifests, bag-info.txt, instance.json
   flush               one syncfs: every byte of the stage is durable; `before_publish` is told
-  publish             one rename into resources/, its directory fsynced: the instance exists
-                      whole or not at all
+  publish             the store's publish (a local store: one rename into resources/, its
+                      directory fsynced): the instance exists whole or not at all
   record              caches, dynamic mode's older instances, the event
 A crash anywhere before `publish` leaves only the stage, which `recover` deletes; after it,
-leftovers `recover` also deletes.
+leftovers `recover` also deletes (an object store's unclaimed uploads: its own `recover`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import bagwrite, tree
 from .digests import copy_and_hash, hash_file, parallel
-from .durable import fsync_dir, write_new
+from .durable import write_new
 from .errors import Forbidden, Inconsistent, LabelTaken, NameTooLong, NotFound, Stale
 from .ids import PATH_MAX, check_rid, new_instance_id, parent_of
 from .layout import ArchiveRoot
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 COMMIT_PREFIX = ".commit-"
 KEEP_PREFIX = ".api-commit-"   # users' files kept across an object store commit's tries (recover sweeps .api-*)
 PUBLISH_TRIES = 8              # lost races to publish on an object store before a commit fails with ESTALE
-TRASH_PREFIX = ".trash-"
 ALT_DIR = ".tinyfs"
 # Longest absolute path we let a stored file reach (PATH_MAX is 4096 with the NUL).
 MAX_STORED_ABSPATH = 4000
@@ -120,9 +119,9 @@ class LostClaim(Stale):
 def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], None] | None = None) -> CommitResult:
     check_rid(req.rid)
     check_metadata(req.message, req.creator, req.label)
-    if archive.store is not None:
-        return _commit_to_store(archive, req, progress)
-    return _commit_once(archive, req, progress)
+    if archive.store.local:         # every committer of the resource waits for its lock: no race to lose
+        return _commit_once(archive, req, progress)
+    return _commit_to_store(archive, req, progress)
 
 
 def _commit_to_store(archive: ArchiveRoot, req: CommitRequest, progress) -> CommitResult:
@@ -200,7 +199,7 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     shutil.rmtree(pending)
     doc = write_tags(archive, req, head, head_doc, merged, plan)
     flush(archive, req, stage, doc, new_resource=head is None)
-    publish(archive, req.rid, iid, stage, new_resource=head is None, previous=head)
+    publish(archive, req.rid, iid, stage, previous=head)
     return record(archive, req, head_state, delta, plan, doc)
 
 
@@ -352,35 +351,16 @@ def flush(archive: ArchiveRoot, req: CommitRequest, stage: Path, doc: InstanceDo
         req.before_publish(doc.id)
 
 
-def publish(archive: ArchiveRoot, rid: str, iid: str, stage: Path, new_resource: bool,
-            previous: str | None = None) -> None:
-    """The atomic step: one rename into resources/ (the stage for a new resource, else its new bag), and
-    the directory that gained the name made durable. The instance exists whole or not at all."""
-    if archive.store is not None:
-        _publish_to_store(archive, rid, iid, stage, previous)
-        return
-    resource_dir = archive.resource_dir(rid)
-    if new_resource:
-        resource_dir.parent.mkdir(parents=True, exist_ok=True)
-        fsync_dir(resource_dir.parent.parent)
-        fsync_dir(resource_dir.parent)
-        os.rename(stage, resource_dir)          # the atomic step for a new resource
-        fsync_dir(resource_dir.parent)
-    else:
-        os.rename(stage / "instances" / iid, resource_dir / "instances" / iid)  # the atomic step for a new instance
-        fsync_dir(resource_dir / "instances")
-        shutil.rmtree(stage)
-
-
-def _publish_to_store(archive: ArchiveRoot, rid: str, iid: str, stage: Path, previous: str | None) -> None:
-    """The staged bag uploaded, then claimed after `previous` (docs/store.md); LostClaim when another
-    host's claim came first."""
+def publish(archive: ArchiveRoot, rid: str, iid: str, stage: Path, previous: str | None) -> None:
+    """The atomic step, the store's: a local store renames the staged bag (for a new resource, the whole
+    stage) into resources/; an object store uploads it, then claims its place after `previous`
+    (docs/store.md). The instance exists whole or not at all. LostClaim when another host came first."""
     body = (stage / "resource.json").read_bytes() if previous is None else None
     try:
         archive.store.publish(rid, iid, previous, stage / "instances" / iid, resource_json=body)
     except Stale as e:
         raise LostClaim(str(e)) from None
-    tree.rmtree(stage, ignore_errors=True, force=True)
+    tree.rmtree(stage, ignore_errors=True, force=True)     # what the publish left of the stage
 
 
 def record(archive: ArchiveRoot, req: CommitRequest, head_state: State, delta: dict[str, Entry | None],
@@ -729,12 +709,10 @@ def _stored_earlier(archive: ArchiveRoot, rid: str, head: str, wanted: set[str],
 
 def _manifest_digests(archive: ArchiveRoot, rid: str, stored_rel: str, algorithms) -> dict[str, str]:
     """Every configured digest of a stored file, from the manifests of the bag that holds it."""
-    parts = Path(stored_rel).parts          # instances/<iid>/data/...
-    bag = archive.resource_dir(rid) / parts[0] / parts[1]
-    inner = "/".join(parts[2:])
+    _instances, iid, inner = stored_rel.split("/", 2)          # instances/<iid>/data/...
     out = {}
     for alg in algorithms:
-        digest = bagwrite.read_manifest(bag, alg).get(inner)
+        digest = archive.manifest(rid, iid, alg).get(inner)
         if digest is None:
             digest = hash_file(archive.stored_path(rid, stored_rel), [alg])[alg]
         out[alg] = digest
@@ -795,13 +773,11 @@ def set_immutable_tree(top: Path) -> bool:
 
 
 def drop_older_instances(archive: ArchiveRoot, rid: str, keep: str) -> None:
-    """Dynamic mode: remove every instance but `keep`, each by one rename out of resources/ first."""
+    """Dynamic mode (a local store only: init refuses it on an object store): remove every instance but
+    `keep`, each by one rename out of resources/ first."""
     for old in archive.instance_ids(rid):
         if old != keep:
-            trash = archive.transactions / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
-            os.rename(archive.instance_dir(rid, old), trash)
-            fsync_dir(archive.resource_dir(rid) / "instances")
-            tree.rmtree(trash, force=True)
+            archive.store.drop_instance(rid, old)
 
 
 def purge(archive: ArchiveRoot, rid: str) -> None:
@@ -810,8 +786,5 @@ def purge(archive: ArchiveRoot, rid: str) -> None:
         raise Forbidden(f"purge is allowed in dynamic mode only; this archive is {archive.config.mode}")
     archive.require(rid)
     with archive.resource_lock(rid):
-        trash = archive.transactions / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
-        os.rename(archive.resource_dir(rid), trash)
-        fsync_dir(archive.resource_dir(rid).parent)
-        tree.rmtree(trash, force=True)
+        archive.store.purge(rid)
     archive.events.append("resource.purged", rid, None)

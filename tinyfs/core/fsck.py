@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from .bagcheck import BagReport, Problem, validate_bag
 from .errors import InvalidName, NotFound, TinyfsError
-from .ids import check_label, check_logical_path, is_instance_id, is_rid, parent_of
+from .ids import check_label, check_logical_path, is_instance_id, parent_of
 from .layout import ArchiveRoot
 from .model import InstanceDoc, group_problems
 
@@ -174,7 +174,7 @@ def fsck(archive: ArchiveRoot, rids: list[str] | None = None, fast: bool = False
     On an object store the store's objects are checked, downloaded afresh (not the read cache's copies)."""
     report = FsckReport(fast=fast)
     chosen = _chosen(archive, rids)
-    if archive.store is None:
+    if archive.store.local:         # the resources themselves: all their bags validated together
         _check(archive, chosen, report, fast, progress, workers)
     else:
         _check_store(archive, chosen, report, fast, progress, workers)
@@ -186,9 +186,8 @@ def _chosen(archive: ArchiveRoot, rids: list[str] | None) -> list[str]:
     if not rids:
         return archive.resource_ids()
     for rid in rids:
-        there = is_rid(rid) and (archive.resource_dir(rid).is_dir() if archive.store is None
-                                 else archive.head(rid) is not None)
-        if not there:
+        # (a damaged resource without resource.json, or without instances, is still there to check)
+        if not (archive.exists(rid) or archive.head(rid) is not None):
             raise NotFound(f"no resource {rid!r} in {archive.root}")
     return list(dict.fromkeys(rids))
 

@@ -1,4 +1,10 @@
-"""Where things live in an archive root (format tinyfs/1, SPEC section 4), and reading them.
+"""An archive root: its config, its working directories, and reading its committed instances.
+
+The committed instances live in the archive's store (`store`, the Protocol of
+store.py): the root's own resources/ directory (localstore.LocalStore, format
+tinyfs/1, SPEC section 4) or an S3 bucket/prefix (s3store.S3Store). Everything
+here reads through the store; only the resource locks and transactions/ are
+the root's own.
 
 Committed instances never change, so parsed instance documents are cached by
 (rid, iid) without any invalidation (least recently used first out, within a
@@ -10,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import threading
@@ -20,12 +25,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .bagwrite import parse_manifest, read_manifest
+from .bagwrite import parse_manifest
 from .durable import fsync_dir, write_new
-from .errors import AlreadyExists, Busy, InvalidName, NoSuchObject, NotAnArchive, NotFound
+from .errors import AlreadyExists, Busy, InvalidName, NotAnArchive, NotFound
 from .events import EventLog
-from .ids import check_rid, is_instance_id, is_rid
+from .ids import check_rid, is_rid
+from .localstore import LocalStore
 from .model import UNKNOWN, DirEntry, InstanceDoc, State, peek_root, utc_now
+from .store import Store, StoreConfig
 
 FORMAT = "tinyfs/1"
 MODES = ("preservation", "worm", "dynamic")
@@ -91,7 +98,7 @@ class ArchiveRoot:
             raise NotAnArchive(f"{self.root}: unsupported format {doc.get('format')!r}")
         # An archive in an object store (tinyfs.json names its address): committed instances live there, and
         # this directory holds the open transactions, the events and a read cache (docs/store.md).
-        self.store = None
+        self.store: Store
         self.events = EventLog(self.root / "events.jsonl")
         if "store" in doc:
             from .s3archive import open_s3_store, shared_events
@@ -99,8 +106,9 @@ class ArchiveRoot:
             self.events = shared_events(self.root, doc, self.store)
             doc = {"mode": self.store.config.mode, "digests": self.store.config.digests,
                    "created": self.store.config.created}
+        else:
+            self.store = LocalStore(self.root, StoreConfig(doc["mode"], tuple(doc["digests"]), doc["created"]))
         self.config = Config(doc["mode"], tuple(doc["digests"]), doc["created"], bool(doc.get("immutable")))
-        self.resources = self.root / "resources"
         self.transactions = self.root / "transactions"
         # (rid, iid) -> (document, its estimated bytes), least recently used first; see remember()
         self._docs: OrderedDict[tuple[str, str], tuple[InstanceDoc, int]] = OrderedDict()
@@ -113,41 +121,26 @@ class ArchiveRoot:
 
     # -- where things are -------------------------------------------------
     def resource_dir(self, rid: str) -> Path:
-        if self.store is not None:      # only fsck's fresh copy of the resource is ever there (s3archive.mirror)
-            return self.root / "cache" / "mirror" / rid
-        h = hashlib.sha256(rid.encode()).hexdigest()
-        return self.resources / h[:2] / h[2:4] / rid
+        """The resource's directory on a local store; on an object store, fsck's fresh copy (Store.local)."""
+        return self.store.resource_dir(rid)
 
     def instance_dir(self, rid: str, iid: str) -> Path:
         return self.resource_dir(rid) / "instances" / iid
 
     # -- what exists -------------------------------------------------------
     def exists(self, rid: str) -> bool:
-        if self.store is not None:
-            return is_rid(rid) and self.store.head(rid) is not None
-        return is_rid(rid) and (self.resource_dir(rid) / "resource.json").exists()
+        return self.store.exists(rid)
 
     def resource_ids(self) -> list[str]:
-        """Every resource id, sorted. This walks resources/ and is meant for listings, not hot paths."""
-        if self.store is not None:
-            return self.store.resource_ids()
-        found = []
-        for a in _listdir(self.resources):
-            for b in _listdir(self.resources / a):
-                found.extend(r for r in _listdir(self.resources / a / b) if is_rid(r))
-        return sorted(found)
+        """Every resource id, sorted: meant for listings, not hot paths (a walk of resources/ locally)."""
+        return self.store.resource_ids()
 
     def instance_ids(self, rid: str) -> list[str]:
         """The resource's instance ids in chain order (UUIDv7 sorts by time)."""
-        if self.store is not None:
-            return self.store.instance_ids(rid) if is_rid(rid) else []
-        return sorted(i for i in _listdir(self.resource_dir(rid) / "instances") if is_instance_id(i))
+        return self.store.instance_ids(rid) if is_rid(rid) else []
 
     def head(self, rid: str) -> str | None:
-        if self.store is not None:
-            return self.store.head(rid) if is_rid(rid) else None
-        ids = self.instance_ids(rid)
-        return ids[-1] if ids else None
+        return self.store.head(rid) if is_rid(rid) else None
 
     def require(self, rid: str) -> str:
         """The head of an existing resource, or NotFound."""
@@ -177,24 +170,24 @@ class ArchiveRoot:
 
     def _instance_json(self, rid: str, iid: str) -> Path:
         """A local file holding the instance's instance.json (for an object store: a cached copy)."""
-        if self.store is not None:
+        try:
             return self.store.stored_file(rid, f"instances/{iid}/instance.json")
-        return self.instance_dir(rid, iid) / "instance.json"
+        except NotFound:
+            raise NotFound(f"no instance {iid} of resource {rid!r}") from None
 
     def manifest(self, rid: str, iid: str, alg: str) -> dict[str, str]:
         """"data/..." path -> digest from the instance bag's manifest for `alg` ({} when it has none)."""
-        if self.store is None:
-            return read_manifest(self.instance_dir(rid, iid), alg)
         try:
             return parse_manifest(self.store.read_document(rid, f"instances/{iid}/manifest-{alg}.txt").decode())
         except NotFound:
             return {}
 
     def instance_mtime(self, rid: str, iid: str) -> float:
-        """When the instance was published (its directory's mtime; on an object store: `created`)."""
-        if self.store is not None:
-            return datetime.fromisoformat(self.instance(rid, iid).created.replace("Z", "+00:00")).timestamp()
-        return os.path.getmtime(self.instance_dir(rid, iid))
+        """When the instance was published: its directory's mtime on a local store (the rename's time, as
+        the mount has always shown it); an object store has no directories, so its `created`."""
+        if self.store.local:
+            return os.path.getmtime(self.instance_dir(rid, iid))
+        return datetime.fromisoformat(self.instance(rid, iid).created.replace("Z", "+00:00")).timestamp()
 
     def root_entry(self, rid: str, iid: str) -> DirEntry | None:
         """The resource root's recorded mode and mtime at an instance (None: none recorded). Listing
@@ -257,12 +250,10 @@ class ArchiveRoot:
     def stored_path(self, rid: str, relative: str) -> Path:
         """The file on disk for a `stored` value (relative to the resource directory); for an object store,
         a copy in the bounded read cache (open it at once: a later eviction may remove it)."""
-        if self.store is not None:
-            try:
-                return self.store.stored_file(rid, relative)
-            except NoSuchObject:
-                raise FileNotFoundError(errno.ENOENT, "not in the store", relative) from None
-        return self.resource_dir(rid) / relative
+        try:
+            return self.store.stored_file(rid, relative)
+        except NotFound:
+            raise FileNotFoundError(errno.ENOENT, "not in the store", relative) from None
 
     # -- locks -----------------------------------------------------------
     @contextmanager
@@ -296,9 +287,3 @@ def doc_bytes(doc: InstanceDoc) -> int:
     entries = len(doc.state.files) + len(doc.state.dirs) + len(doc.state.links) + 1
     return entries * (ENTRY_BYTES + (ENCODED_BYTES if doc.encoded is not None else 0))
 
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return []

@@ -14,6 +14,7 @@ store's own message text (AWS echoes request details there).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -46,10 +47,19 @@ from .errors import (
 MAX_ATTEMPTS = 3
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 60.0
+log = logging.getLogger(__name__)
+
 PAGE_SIZE = 1000  # S3's own maximum for ListObjectsV2
 CHUNK = 1 << 20   # a streamed download's read size
-PART = 32 << 20   # a larger download comes in ranges of this size ...
-PARTS_IN_FLIGHT = 4  # ... this many at once
+# A single PUT ends at 5 GiB in S3. Files over MULTIPART_OVER go up in parts (at least PART_BYTES, at most
+# MAX_PARTS of them: a 5 TiB file has 525 MiB parts), PART_THREADS at a time, each read whole into memory
+# (a retried part is sent again from its bytes): memory PART_THREADS x the part size.
+MULTIPART_OVER = 1 << 30
+PART_BYTES = 16 << 20
+MAX_PARTS = 10_000
+PART_THREADS = 4
+RANGE_BYTES = 32 << 20   # a larger download comes in ranges of this size ...
+RANGES_IN_FLIGHT = 4  # ... this many at once
 
 DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
           "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403"}
@@ -108,6 +118,9 @@ class ObjectStore:
             config=Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
                           connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
                           s3={"addressing_style": "path" if endpoint else "auto"}))
+        self.client.meta.events.register("after-call.s3", self._note_retries)
+        self.multipart_over = MULTIPART_OVER    # a parameter, so that tests can send small files in parts
+        self.part_bytes = PART_BYTES
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.where()})"
@@ -135,6 +148,78 @@ class ObjectStore:
             self._raise(e, key)
         except bx.BotoCoreError as e:
             self._raise(e, key)
+
+    def put_new_file(self, key: str, path: str | os.PathLike, *, retain_until: datetime | None = None) -> str | None:
+        """put_new of a file's bytes: one PUT, or over `multipart_over` bytes a multipart upload completed
+        with If-None-Match (create-only, like the PUT: ObjectExists if the key is taken)."""
+        size = os.stat(path).st_size
+        if size <= self.multipart_over:
+            with open(path, "rb") as body:
+                return self.put_new(key, body, retain_until=retain_until)
+        return self._put_new_in_parts(key, path, size, retain_until)
+
+    def _put_new_in_parts(self, key: str, path: str | os.PathLike, size: int,
+                          retain_until: datetime | None) -> str | None:
+        """The parts are invisible until the completion, which either makes the whole object or nothing;
+        a failed upload is aborted (its parts deleted), and `abort_uploads` finds those a crash left."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        part = max(self.part_bytes, -(-size // MAX_PARTS))
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key)}
+        start = dict(args)
+        if retain_until is not None:
+            start.update(ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=retain_until)
+        try:
+            upload_id = self.client.create_multipart_upload(**start)["UploadId"]
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._raise(e, key)
+
+        def send(number: int) -> dict[str, Any]:
+            with open(path, "rb") as f:
+                f.seek((number - 1) * part)
+                body = f.read(part)
+            r = self.client.upload_part(**args, UploadId=upload_id, PartNumber=number, Body=body)
+            return {"PartNumber": number, "ETag": r["ETag"]}
+
+        try:
+            with ThreadPoolExecutor(PART_THREADS) as pool:
+                parts = list(pool.map(send, range(1, -(-size // part) + 1)))
+            r = self.client.complete_multipart_upload(**args, UploadId=upload_id, IfNoneMatch="*",
+                                                      MultipartUpload={"Parts": parts})
+            return r.get("VersionId")
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._abort_quietly(key, upload_id)
+            self._raise(e, key)
+        except BaseException:
+            self._abort_quietly(key, upload_id)
+            raise
+
+    def unfinished_uploads(self, prefix: str) -> list[tuple[str, str, datetime]]:
+        """(key, upload id, started) of every multipart upload under `prefix` neither completed nor aborted."""
+        found = []
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                             Prefix=self._full(prefix))
+        try:
+            for page in pages:
+                for u in page.get("Uploads", []):
+                    found.append((u["Key"][len(self.prefix):], u["UploadId"], u["Initiated"]))
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._raise(e, prefix)
+        return found
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._full(key), UploadId=upload_id)
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            if not (isinstance(e, bx.ClientError) and error_code(e)[0] == "NoSuchUpload"):
+                self._raise(e, key)
+
+    def _abort_quietly(self, key: str, upload_id: str) -> None:
+        """Best effort after a failure: what is left is found by `unfinished_uploads` (recover)."""
+        try:
+            self.abort_upload(key, upload_id)
+        except StoreError as e:
+            log.warning("%s: an unfinished upload is left for recover: %s", self.where(key), e)
 
     def get(self, key: str, *, offset: int = 0, length: int | None = None,
             version_id: str | None = None) -> bytes:
@@ -225,7 +310,7 @@ class ObjectStore:
         """Stream the object (that version) into the new file `dest`, CHUNK bytes at a time, never
         whole in memory; returns its size. `dest` is removed again when the read fails.
 
-        An object larger than PART comes in ranges of PART bytes, PARTS_IN_FLIGHT at a time: one
+        An object larger than RANGE_BYTES comes in ranges of that size, RANGES_IN_FLIGHT at a time: one
         GET stream from SeaweedFS on loopback gave 1 GiB in 5.7 s, four ranges at once in 1.8 s. The
         ranges after the first name the version read, or the first answer's ETag (If-Match), so the
         file cannot be pieced together from two different objects."""
@@ -246,7 +331,7 @@ class ObjectStore:
 
     def _download_into(self, fd: int, args: dict[str, Any]) -> int:
         try:
-            first = self.client.get_object(**args, Range=f"bytes=0-{PART - 1}")
+            first = self.client.get_object(**args, Range=f"bytes=0-{RANGE_BYTES - 1}")
         except bx.ClientError as e:
             if error_code(e)[0] != "InvalidRange":
                 raise
@@ -254,15 +339,16 @@ class ObjectStore:
         _write_stream(first, fd, 0)
         content_range = first.get("ContentRange") or ""   # none: the whole object came (empty, or no ranges)
         size = int(content_range.rpartition("/")[2]) if content_range else first["ContentLength"]
-        if content_range and size > PART:
+        if content_range and size > RANGE_BYTES:
             pinned = {**args, **({} if "VersionId" in args else {"IfMatch": first["ETag"]})}
 
             def fetch(offset: int) -> None:
-                part = self.client.get_object(**pinned, Range=f"bytes={offset}-{min(offset + PART, size) - 1}")
+                end = min(offset + RANGE_BYTES, size) - 1
+                part = self.client.get_object(**pinned, Range=f"bytes={offset}-{end}")
                 _write_stream(part, fd, offset)
 
-            with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="download") as pool:
-                list(pool.map(fetch, range(PART, size, PART)))
+            with ThreadPoolExecutor(RANGES_IN_FLIGHT, thread_name_prefix="download") as pool:
+                list(pool.map(fetch, range(RANGE_BYTES, size, RANGE_BYTES)))
         return size
 
     def delete(self, key: str, *, version_id: str | None = None) -> None:
@@ -329,6 +415,17 @@ class ObjectStore:
                        None, "NoConditionalWrites")
 
     # -- helpers -------------------------------------------------------------
+
+    def _note_retries(self, http_response, parsed: dict, model, **_) -> None:
+        """One warning line for a request that needed retries: a store that fails now and then (a volume
+        server gone, throttling) shows in the log before it fails a commit, and a create-only write whose
+        retry met its own first attempt (412) is told apart from a lost race."""
+        attempts = 1 + int(parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+        if attempts > 1:
+            status = http_response.status_code
+            outcome = "succeeded" if status < 300 else f"ended {parsed.get('Error', {}).get('Code') or status}"
+            log.warning("%s: %s %s after %d attempts (the store failed the first)", self.where(), model.name,
+                        outcome, attempts)
 
     def _full(self, key: str) -> str:
         return self.prefix + key

@@ -18,10 +18,11 @@ import os
 import time
 
 from . import tree
-from .commit import COMMIT_PREFIX, TRASH_PREFIX, drop_older_instances, owner_writable
+from .commit import COMMIT_PREFIX, drop_older_instances, owner_writable
 from .errors import Busy
 from .ids import is_rid
 from .layout import LOCKS, ArchiveRoot
+from .localstore import TRASH_PREFIX
 from .staging import OPENING_PREFIX
 
 API_PREFIX = ".api-"  # files of add_bytes() in the Python API
@@ -60,7 +61,7 @@ def recover(archive: ArchiveRoot, *, store: bool = True) -> list[str]:
             actions.append(f"removed leftover {name}")
         elif name != LOCKS and is_rid(name):
             actions.extend(_finish_mount_transaction(archive, name))
-    if store and archive.store is not None:  # what unpublished attempts of any host left in the store
+    if store:   # the store's sweep: what unpublished attempts of any host left there
         actions.extend(archive.store.recover())
     if archive.config.mode == "dynamic":
         for rid in archive.resource_ids():

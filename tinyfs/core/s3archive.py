@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from .s3store import S3Store
 
 CACHE = "cache"
-MIRROR = "mirror"
 MIRROR_THREADS = 8
 _RETAIN = re.compile(r"^([1-9][0-9]{0,4})([dy]?)$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -69,6 +68,20 @@ def parse_retention(text: str) -> int:
     return int(m.group(1)) * (365 if m.group(2) == "y" else 1)
 
 
+_SIZE = re.compile(r"^(\d+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+
+
+def parse_cache_size(text: str) -> int:
+    """Bytes of `--cache`: 500M, 20G, 2TiB (powers of 1024), or a plain number of bytes; at least 1 MiB."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise InvalidName(f"bad cache size {text!r}: give e.g. 500M, 20G or 1T")
+    size = int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper()))
+    if size < 1 << 20:
+        raise InvalidName(f"cache size {text!r} is under 1 MiB")
+    return size
+
+
 def check_endpoint(endpoint: str | None) -> None:
     """An endpoint URL without credentials in it: ROOT/tinyfs.json records it."""
     if endpoint is None:
@@ -89,7 +102,8 @@ def _objects(url: str, endpoint: str | None, region: str | None = None):
 
 
 def init_s3_archive(root: str | os.PathLike, url: str, endpoint: str | None, *, mode: str | None = None,
-                    digests: list[str] | None = None, retention_days: int | None = None) -> Path:
+                    digests: list[str] | None = None, retention_days: int | None = None,
+                    cache_bytes: int | None = None) -> Path:
     """Make `root` (absent or empty) a working directory of the archive at `url`: a new archive on an empty
     prefix, or the one there (a second host attaches). The store is checked and initialised first, so a
     refusal (unreachable, not empty, no Object Lock, ...) leaves `root` as it was."""
@@ -105,11 +119,12 @@ def init_s3_archive(root: str | os.PathLike, url: str, endpoint: str | None, *, 
     started = utc_now()
     store = init_store(_objects(url, endpoint), root / CACHE, mode=mode, digests=digests,
                        retention_days=retention_days)
-    _write_root(root, url, endpoint, store, attached=store.config.created < started)
+    _write_root(root, url, endpoint, store, attached=store.config.created < started, cache_bytes=cache_bytes)
     return root
 
 
-def _write_root(root: Path, url: str, endpoint: str | None, store: S3Store, attached: bool) -> None:
+def _write_root(root: Path, url: str, endpoint: str | None, store: S3Store, attached: bool,
+                cache_bytes: int | None) -> None:
     from .layout import FORMAT, LOCKS
 
     for sub in ("transactions", f"transactions/{LOCKS}"):
@@ -118,6 +133,8 @@ def _write_root(root: Path, url: str, endpoint: str | None, store: S3Store, atta
     EventLog(root / "events.jsonl").append("archive.attached" if attached else "archive.created",
                                            mode=cfg.mode, digests=list(cfg.digests), store=url)
     doc = {"format": FORMAT, "store": url, "endpoint": endpoint, "host": secrets.token_hex(6)}
+    if cache_bytes is not None:
+        doc["cache_bytes"] = cache_bytes
     write_new(root / "tinyfs.json", (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
     fsync_dir(root / "transactions")
     fsync_dir(root)
@@ -125,12 +142,15 @@ def _write_root(root: Path, url: str, endpoint: str | None, store: S3Store, atta
 
 def open_s3_store(root: Path, doc: dict) -> S3Store:
     """The store a working directory's tinyfs.json names."""
-    from .s3store import open_store
+    from .s3store import CACHE_BYTES, open_store
 
     url, endpoint = doc.get("store"), doc.get("endpoint")
     if not isinstance(url, str) or not (endpoint is None or isinstance(endpoint, str)):
         raise NotAnArchive(f"{root}/tinyfs.json: bad store address")
-    return open_store(_objects(url, endpoint, doc.get("region")), root / CACHE)
+    cache_bytes = doc.get("cache_bytes", CACHE_BYTES)
+    if not isinstance(cache_bytes, int) or cache_bytes < 1 << 20:
+        raise NotAnArchive(f"{root}/tinyfs.json: bad cache_bytes {cache_bytes!r}")
+    return open_store(_objects(url, endpoint, doc.get("region")), root / CACHE, cache_bytes=cache_bytes)
 
 
 def shared_events(root: Path, doc: dict, store: S3Store) -> SharedEventLog:
@@ -151,12 +171,13 @@ def shared_events(root: Path, doc: dict, store: S3Store) -> SharedEventLog:
 def mirrored(archive: ArchiveRoot, rid: str) -> Iterator[None]:
     """Download the resource's published objects (past the read cache) to where `resource_dir` points on
     an object store, for fsck to check as it checks a local archive; removed afterwards."""
-    top = archive.root / CACHE / MIRROR
+    dest = archive.store.resource_dir(rid)
+    top = dest.parent
     shutil.rmtree(top, ignore_errors=True)
     try:
         if not is_rid(rid) or archive.head(rid) is None:
             raise NotFound(f"no resource {rid!r} in {archive.root}")
-        _mirror_resource(archive.store, rid, top / rid)
+        _mirror_resource(archive.store, rid, dest)
         yield
     finally:
         shutil.rmtree(top, ignore_errors=True)

@@ -53,6 +53,7 @@ UPLOAD_THREADS = 8            # payload objects in flight per publish (boto3 cli
 CLAIM_READS = 16              # first claims read at once by a host listing resources it does not know
 RECOVER_AGE = 3600.0          # an unclaimed instance younger than this may belong to a live publish
 CACHE_BYTES = 1 << 30         # default bound of the local read cache
+MIRROR = "mirror"             # under the cache directory: fsck's fresh copy of one resource
 CACHE_KEEP = 1                # the most recently fetched file stays whatever its size
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,8 @@ def retain_until(config: StoreConfig) -> datetime | None:
 class S3Store:
     """The committed side of one archive in a bucket/prefix, with a local cache directory per host."""
 
+    local = False       # stored files are cached copies; other hosts publish too (store.Store.local)
+
     def __init__(self, objects: ObjectStore, cache_dir: str | os.PathLike, config: StoreConfig, *,
                  cache_bytes: int = CACHE_BYTES):
         self.objects = objects
@@ -203,6 +206,10 @@ class S3Store:
 
     def __repr__(self) -> str:
         return f"S3Store({self.objects.where()})"
+
+    def resource_dir(self, rid: str) -> Path:
+        """Where fsck's fresh copy of the resource is downloaded (s3archive.mirrored); nothing otherwise."""
+        return self.cache_dir / MIRROR / rid
 
     # -- what is published ---------------------------------------------------------------------
 
@@ -322,15 +329,44 @@ class S3Store:
         base = f"instances/{iid}"
         retain = retain_until(self.config)
 
+        # Once one upload has failed, the uploads not yet started are not sent: a store failing every
+        # write (SeaweedFS unable to place a replica: 90 s a request with the retries) then fails the
+        # commit after the uploads in flight, not after a second round of them. Workers take the files
+        # in order, so a file skipped comes after the one that failed, whose error `map` raises first.
+        failed = threading.Event()
+
         def upload(rel: str) -> tuple[str, str | None]:
-            with open(bag / rel, "rb") as body:
-                return f"{base}/{rel}", self.objects.put_new(f"resources/{rid}/{base}/{rel}", body,
-                                                             retain_until=retain)
+            if failed.is_set():
+                raise NotSent(rel)
+            key = f"resources/{rid}/{base}/{rel}"
+            try:
+                try:
+                    return f"{base}/{rel}", self.objects.put_new_file(key, bag / rel, retain_until=retain)
+                except ObjectExists:
+                    return f"{base}/{rel}", self._own_upload(key, bag / rel)
+            except BaseException:
+                failed.set()
+                raise
 
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             done = list(pool.map(upload, payload))
         done += [upload(rel) for rel in tags]          # instance.json is the last of them
         return {rel: version for rel, version in done if version not in (None, "null")}
+
+    def _own_upload(self, key: str, path: Path) -> str | None:
+        """The version of `key`, taken already by a create-only write of this publish's file `path`.
+
+        Nobody else writes under a new instance id: the object is this publisher's own earlier send whose
+        answer was lost (boto3 resent the PUT and met it, 412), and a PUT is whole or absent. Failing
+        here would fail a commit that succeeded. Checked all the same: the size, and the MD5 where the
+        store's ETag is one (a single-part PUT's, unencrypted); otherwise the write is refused again."""
+        info = self.objects.head(key)
+        if not (info.size == path.stat().st_size and (len(info.etag) != 32 or _md5(path) == info.etag)):
+            raise ObjectExists(f"{self.objects.where(key)}: taken by other bytes than this publish's",
+                               code="PreconditionFailed")
+        log.warning("%s: already written by this publish (an answer was lost): kept",
+                    self.objects.where(key))
+        return info.version_id
 
     def _upload_resource_json(self, rid: str, body: bytes) -> dict[str, str]:
         """resource.json, once per resource: a racing first publisher may have written it already."""
@@ -386,8 +422,18 @@ class S3Store:
             if not claimed:
                 actions.extend(self._recover_prefix(f"resources/{rid}/resource.json", cutoff,
                                                     f"resource.json of unpublished resource {rid}"))
+        actions.extend(self._abort_unfinished_uploads(cutoff))
         for line in actions:
             log.info("recover: %s", line)
+        return actions
+
+    def _abort_unfinished_uploads(self, cutoff: datetime) -> list[str]:
+        """Multipart uploads a killed publisher began: their parts are invisible (no object) but stored."""
+        actions = []
+        for key, upload_id, started in self.objects.unfinished_uploads("resources/"):
+            if started <= cutoff:
+                self.objects.abort_upload(key, upload_id)
+                actions.append(f"aborted an unfinished upload of {key}")
         return actions
 
     def _recover_prefix(self, prefix: str, cutoff: datetime, what: str) -> list[str]:
@@ -495,6 +541,15 @@ def _parse_claim(objects: ObjectStore, key: str, raw: bytes, previous: str | Non
         raise BadClaim(f"{objects.where(key)}: claims {claim.instance!r} after {claim.previous!r}",
                        code="BadClaim")
     return claim
+
+
+def _md5(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+
+
+class NotSent(Exception):
+    """An upload skipped because another of the same publish failed (never raised out of publish)."""
 
 
 def _bag_files(bag: Path) -> tuple[list[str], list[str]]:

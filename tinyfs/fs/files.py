@@ -123,12 +123,11 @@ class StoredFile(FileHandle):
 
     async def read(self, off: int, size: int) -> bytes:
         if self.fd < 0:
-            path = self.path()
-            try:
-                self.fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                log.error("stored file missing: %s (run tinyfs fsck)", path)
-                raise fail(errno.EIO, f"stored file missing: {path}") from None
+            try:        # (the store may say it is missing, or the open)
+                self.fd = os.open(self.path(), os.O_RDONLY)
+            except FileNotFoundError as e:
+                log.error("stored file missing: %s (run tinyfs fsck)", e.filename)
+                raise fail(errno.EIO, f"stored file missing: {e.filename}") from None
         data = os.pread(self.fd, size, off)
         if self.check is None:
             self.check = read_check(self.expect(), self.fd) or False

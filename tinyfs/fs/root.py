@@ -22,11 +22,12 @@ from ..core.ids import is_rid
 from ..core.limits import EVENT_TEXT_MAX
 from ..core.request import check_not_writing
 from ..core.staging import Staging, refresh_sizes
+from .aip import AipTree
 from .files import FileHandle, PlainFile
 from .tree import LONG, SHORT, Attr, Listing, Node, Services, Tree, fail
 from .txn import OpenTxn
 from .txntree import Jobs, TxnTree
-from .view import AipTree, InstancesTree, Section, StateTree
+from .view import InstancesTree, Section, StateTree
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ writable tree making, removing, renaming and linking names and changing attribut
 - `RootTree` (root.py): the root, resources/, instances/, aip/, events.jsonl, and transactions/ and
   commit/, whose mkdir, rmdir and rename open, roll back and commit transactions;
 - the read-only views (view.py): `StateTree` (resources/<rid>, instances/<rid>/<iid>),
-  `InstancesTree` (instances/<rid>: instances and label links) and `AipTree` (aip/<rid>);
+  `InstancesTree` (instances/<rid>: instances and label links); `AipTree` (aip.py: aip/<rid>);
 - `TxnTree` (txntree.py): one open transaction, transactions/<rid>.
 
 A new tree is one class: subclass `Tree`, override what it answers, and hand out its nodes from the

@@ -167,11 +167,16 @@ class OpenTxn:
 
     # -- base bytes -----------------------------------------------------------
     def base_path(self, node: Node) -> str:
+        """A local file holding the base bytes of `node` (the stored file, or the store's cached copy)."""
+        return str(self.archive.stored_path(self.rid, self.base_stored(node)))
+
+    def base_stored(self, node: Node) -> str:
+        """The `stored` value (relative to the resource) of the base bytes of `node`."""
         if self._base_stored is None:
             # kept for the transaction's life: the archive's document cache may evict the base document
             # (another large resource browsed), and re-reading it per open cost 0.25 s at 100,000 files
             self._base_stored = self.archive.instance(self.rid, self.base).stored
-        return str(self.archive.stored_path(self.rid, self._base_stored[node.base]))
+        return self._base_stored[node.base]
 
     # -- open files -------------------------------------------------------------
     def open(self, sino: int, write: bool, truncate: bool) -> OpenFile:

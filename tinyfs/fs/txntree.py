@@ -393,8 +393,8 @@ def _attr_value(attr, name: str) -> int:
 def _expected_of_base(txn: OpenTxn, sino: int) -> Expected:
     """What a base file read in place must be: its digest in the base instance."""
     s = txn.staging.node(sino)
-    # (base_path: from the base's stored map the transaction keeps, whatever the document cache drops)
-    stored = os.path.relpath(txn.base_path(s), txn.archive.resource_dir(txn.rid))
+    # (from the base's stored map the transaction keeps, whatever the document cache drops)
+    stored = txn.base_stored(s)
     return Expected(txn.rid, txn.base, txn.staging.tree.path.get(sino, stored), stored,
                     txn.archive.config.digests[0], s.base, s.size)
 

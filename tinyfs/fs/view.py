@@ -2,7 +2,7 @@
 
 - `StateTree`: resources/<rid> (the head's state) and instances/<rid>/<iid> (any instance's);
 - `InstancesTree`: instances/<rid>, its instances and label links;
-- `AipTree`: aip/<rid>, the stored bags as they are on disk.
+(`AipTree`, aip/<rid>, the stored bags as they are, is in aip.py.)
 
 Node keys identify what a node shows, so that nodes never go stale. The nodes of
 `instances/<rid>/<iid>` are keyed by instance id. The nodes of `resources/<rid>` are keyed by a `Head`,
@@ -22,15 +22,13 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
-import trio
-
 from ..core.commit import state_changes
 from ..core.errors import NotFound
 from ..core.model import DirEntry, FileEntry, LinkEntry, State
 from ..core.staging import ROOT_MODE
 from .files import FileHandle, StoredFile
 from .tree import LONG, SHORT, Attr, Head, Listing, Node, Services, Tree, fail
-from .verify import Expected, expected_of_aip, expected_of_state
+from .verify import Expected, expected_of_state
 
 VIRTUAL_FILE_XATTRS = ("user.tinyfs.digest", "user.tinyfs.instance")
 
@@ -346,52 +344,6 @@ class InstancesTree(ReadOnlyTree):
 
     async def open(self, node: Node, flags: int, ctx) -> FileHandle:
         raise fail(errno.EISDIR)
-
-
-class AipTree(ReadOnlyTree):
-    """aip/<rid>: the resource's directory in the archive, as stored."""
-
-    def node(self, rid: str, path: str = "") -> Node:
-        return Node(self, ("aip", rid, path), rid=rid, path=path)
-
-    def resource_root(self, rid: str) -> Node | None:
-        return self.node(rid) if self.archive.resource_dir(rid).is_dir() else None
-
-    def resource_roots(self) -> list[tuple[str, Node]]:
-        return [(rid, self.node(rid)) for rid in self.archive.resource_ids()]
-
-    def _disk_path(self, node: Node):
-        where = self.archive.resource_dir(node.rid)
-        return where / node.path if node.path else where
-
-    def attrs(self, node: Node) -> Attr:
-        st = os.lstat(self._disk_path(node))
-        timeout = LONG if stat.S_ISREG(st.st_mode) else SHORT
-        return self._attr(st.st_mode, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
-                          entry_timeout=timeout, attr_timeout=timeout)
-
-    def lookup(self, parent: Node, name: str) -> Node:
-        child = f"{parent.path}/{name}" if parent.path else name
-        if not os.path.lexists(self.archive.resource_dir(parent.rid) / child):
-            raise NotFound(name)
-        return self.node(parent.rid, child)
-
-    async def children(self, node: Node) -> Listing:
-        names = await trio.to_thread.run_sync(os.listdir, self._disk_path(node))
-        return [(n, self.node(node.rid, f"{node.path}/{n}" if node.path else n), None) for n in sorted(names)]
-
-    def readlink(self, node: Node) -> str:
-        return os.readlink(self._disk_path(node))
-
-    async def open(self, node: Node, flags: int, ctx) -> FileHandle:
-        return self._open_stored(node, flags, lambda: str(self._disk_path(node)),
-                                 lambda: expected_of_aip(self.archive, node.rid, node.path))
-
-    def held_key(self, node: Node) -> tuple:
-        return (self, node.rid)
-
-    def held_root(self, key: tuple) -> tuple[int, str]:
-        return self.services.top["aip"], key[1]
 
 
 def _touches_link_groups(before: State, after: State, changes: dict) -> bool:
