@@ -234,6 +234,8 @@ def ls_lr(d: Path) -> list:
 
 
 class Bench:
+    rows = ROWS  # the table printed: (workload, alternative, target)
+
     def __init__(self, args, sizes: Sizes, run_dir: Path):
         self.args, self.sizes, self.dir = args, sizes, run_dir
         self.can_drop = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
@@ -692,7 +694,7 @@ class Bench:
 
     def table_rows(self) -> list[dict]:
         rows = []
-        for wl, alt, target in ROWS:
+        for wl, alt, target in self.rows:
             w = self.workloads.get(wl)
             if w is None:
                 continue
@@ -888,6 +890,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", type=Path,
                    help="with --reads: another tinyfs command (e.g. main's .venv/bin/tinyfs) mounted beside, "
                    "measured as variant tinyfs-base in the same repetitions")
+    p.add_argument("--store", choices=("local", "s3"), default="local",
+                   help="s3: the archive in a SeaweedFS started for the run, against rclone + bagit "
+                   "(bench/s3mount.py)")
     p.add_argument("--tinyfs", type=Path,
                    help="the tinyfs command to measure (default: the one beside this Python), e.g. another "
                    "checkout's .venv/bin/tinyfs, to compare two versions on one machine")
@@ -896,6 +901,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--reps must be at least 1")
     if args.base and not args.reads:
         p.error("--base needs --reads")
+    if args.store == "s3" and (args.reads or args.base or args.large):
+        p.error("--store s3 runs its own workloads: no --reads, --base or --large")
     return args
 
 
@@ -904,6 +911,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tinyfs:
         global TINYFS
         TINYFS = str(args.tinyfs.absolute())
+    if args.store == "s3":
+        from bench.s3mount import main as s3_main
+
+        return s3_main(args)
     for tool in ("cp", "mv", "rsync", "find", "ls", "sync", "fusermount3", "cmp", "diff", "stat"):
         if shutil.which(tool) is None:
             print(f"scripts/bench: {tool} is not installed", file=sys.stderr)

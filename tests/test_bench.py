@@ -116,3 +116,39 @@ def test_reads_only_bench_measures_the_reads_of_the_named_tinyfs_against_a_base(
     assert all(len(row["ratios"]) == 2 and is_number(row["ratio_median"]) for row in result["against_base"])
     assert all(is_number(row["tinyfs_daemon_cpu_s"]) for row in result["against_base"])
     assert "tinyfs-base s" in r.stdout
+
+
+S3_WORKLOADS = ["deposit-1g", "deposit-small", "commit-1g", "commit-small", "read-1g-cold", "read-small-cold",
+                "read-1g-warm", "read-small-warm", "mount-new", "mount-again"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("rclone") is None, reason="needs rclone (scripts/setup installs it)")
+def test_s3_quick_bench_reports_every_workload(tmp_path):
+    """--store s3 --quick: its own SeaweedFS, every workload measured with its alternative, the content
+    checked, the mount-time archive built and counted, nothing left behind (no weed, no scratch)."""
+    out = tmp_path / "bench.json"
+    argv = [str(PROJECT / "scripts" / "bench"), "--store", "s3", "--quick", "--out", str(out),
+            "--workdir", str(tmp_path / "work")]
+    r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    workloads = result["workloads"]
+    assert sorted(workloads) == sorted(S3_WORKLOADS)
+    for name in ("deposit-1g", "deposit-small"):
+        assert set(workloads[name]["variants"]) == {"tinyfs", "rclone+make_bag", "rclone"}
+        bagged = workloads[name]["variants"]["rclone+make_bag"]["runs"][0]["phases"]
+        assert set(bagged) == {"rclone", "bag"} and all(is_number(x) and x > 0 for x in bagged.values())
+    for name in ("read-1g-cold", "read-small-cold"):
+        assert set(workloads[name]["variants"]) == {"tinyfs", "rclone copy"}
+    for name, w in workloads.items():
+        for variant, v in w["variants"].items():
+            assert is_number(v["median"]), (name, variant)
+    assert all(is_number(row["ratio"]) for row in result["table"])
+    assert [row["workload"] for row in result["mount"]] == ["mount-new", "mount-again"]
+    assert all(is_number(row["rss_mib"]) and is_number(row["list_resources_s"]) for row in result["mount"])
+    sizes = result["sizes"]
+    assert result["setup"]["objects"] >= sizes["resources"] * (sizes["per_resource"] + 6)
+    assert not any((tmp_path / "work").iterdir()), "scratch left behind"
+    assert "| mount, " in r.stdout and "rclone+make_bag" in r.stdout

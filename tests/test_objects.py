@@ -414,3 +414,28 @@ def test_stores_that_say_they_are_full_give_enospc(code, status):
     exc = bx.ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
     kind, _what, _code = classify(exc)
     assert kind is StoreFull and kind.errno == errno.ENOSPC
+
+
+def test_a_large_download_comes_in_ranges_pinned_to_one_version(s3_env, locked_bucket, bucket, tmp_path,
+                                                                 monkeypatch):
+    """Over RANGE_BYTES, download fetches ranges in parallel (made small here, the protocol is the same):
+    the file is the object byte for byte, a version asked for is read in every range even when a newer
+    one shadows it, and an empty object and one of exactly RANGE_BYTES download too."""
+    from tinyfs.core import objects
+
+    monkeypatch.setattr(objects, "RANGE_BYTES", 1 << 20)
+    s = store(s3_env, locked_bucket)
+    old, new = os.urandom(5 * (1 << 20) + 12345), os.urandom(5 * (1 << 20) + 12345)
+    first = s.put_new("big", old)
+    s3_env.raw().put_object(Bucket=locked_bucket, Key="big", Body=new)   # a newer version shadows it
+    gets = requests_counted(s, "GetObject")
+    assert s.download("big", tmp_path / "old", version_id=first) == len(old)
+    assert (tmp_path / "old").read_bytes() == old and len(gets) == 6
+    assert s.download("big", tmp_path / "new") == len(new) and (tmp_path / "new").read_bytes() == new
+    plain = store(s3_env, bucket)
+    for name, body in (("empty", b""), ("one-part", os.urandom(1 << 20)), ("part-and-a-byte", os.urandom((1 << 20) + 1))):
+        plain.put_new(name, body)
+        assert plain.download(name, tmp_path / name) == len(body) and (tmp_path / name).read_bytes() == body
+    with pytest.raises(NoSuchObject):
+        plain.download("missing", tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()

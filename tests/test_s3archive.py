@@ -233,3 +233,32 @@ def test_init_cache_bounds_this_hosts_read_cache(tinyfs, s3_env, bucket, tmp_pat
         assert tinyfs("cat", b, "big", f.name, text=False).stdout == f.read_bytes()
     cached = sum(p.stat().st_size for p in (b / "cache" / "files").rglob("*") if p.is_file())
     assert 1 << 20 <= cached <= 3 << 20
+
+
+def test_the_mounts_recovery_sends_no_request_to_the_store_and_tinyfs_recover_sweeps_it(tinyfs, s3_env, bucket,
+                                                                                          tmp_path):
+    """The mount starts with recover(store=False): the store's sweep costs requests in proportion to the
+    archive (every resource's chain and instance listing), so a mount of a large archive would wait on it.
+    An unpublished instance stays invisible until `tinyfs recover` removes it."""
+    from tinyfs.core.ids import new_instance_id
+    from tinyfs.core.recover import recover
+
+    init(tinyfs, s3_env, tmp_path / "a", bucket)
+    archive = Archive(tmp_path / "a")
+    for rid in ("one", "two"):
+        with archive.new(rid) as t:
+            t.add_bytes("f.txt", rid.encode())
+    root = archive.root
+    orphan = f"resources/one/instances/{new_instance_id(after=root.head('one'))}/data/f.txt"  # no claim names it
+    s3_env.raw().put_object(Bucket=bucket, Key=f"{PREFIX}/{orphan}", Body=b"never claimed")
+    sent = []
+    root.store.objects.client.meta.events.register("before-send.s3", lambda **kw: sent.append(kw["request"].url))
+
+    def store_requests() -> list[str]:   # (the event shipper's thread shares the client: its requests aside)
+        return [url for url in sent if "events" not in url]
+
+    assert recover(root, store=False) == [] and store_requests() == []
+    assert recover(root) == [], "a young leftover is left alone"
+    assert len(store_requests()) >= 3, "after listing the resources and their instances"
+    assert any("orphan" in line or "unpublished instance one/" in line for line in root.store.recover(older_than=0))
+    assert list(root.store.objects.list(orphan)) == []

@@ -383,3 +383,22 @@ def test_a_big_file_is_published_in_parts_and_recover_aborts_an_upload_a_crash_l
     assert store.recover(older_than=0) == [f"aborted an unfinished upload of {key}"]
     assert store.objects.unfinished_uploads("") == []
     assert reader.instance_ids("r") == [iid]
+
+
+def test_a_new_host_lists_resources_by_reading_first_claims_at_once_and_keeps_them(s3_env, bucket, tmp_path):
+    """resource_ids on a host that knows no chain reads every first claim (CLAIM_READS at once) and learns
+    them: the next listing is one request, whatever the number of resources. A resource whose first
+    publish never claimed is not listed."""
+    writer = host(s3_env, bucket, tmp_path / "w")
+    rids = [f"r{i:02d}" for i in range(20)]
+    for rid in rids:
+        publish(writer, tmp_path, rid, {"f": rid.encode()})
+    s3_env.raw().put_object(Bucket=bucket, Key=f"{PREFIX}/resources/zz/resource.json", Body=b'{"id": "zz"}\n')
+    reader = host(s3_env, bucket, tmp_path / "r")
+    sent: list[str] = []
+    reader.objects.client.meta.events.register("before-send.s3", lambda **kw: sent.append(kw["request"].method))
+    assert reader.resource_ids() == rids
+    assert len(sent) == 1 + 21
+    sent.clear()
+    assert reader.resource_ids() == rids and len(sent) == 2, "the listing, and zz's claim again"
+    assert reader.head("r07") == writer.head("r07")

@@ -32,7 +32,7 @@ def mount_command(root: str, mountpoint: str, options=None, foreground: bool = F
     from ..fs.mount import check_empty, parse_options
 
     opts = parse_options(options)
-    ArchiveRoot(root)                              # fail early with one line when it is not an archive
+    archive = ArchiveRoot(root)                    # fail early with one line when it is not an archive
     mnt = Path(mountpoint).absolute()
     if not os.path.ismount(mnt):
         check_empty(mnt, opts)                     # (the daemon checks again; this fails before it starts)
@@ -41,7 +41,7 @@ def mount_command(root: str, mountpoint: str, options=None, foreground: bool = F
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             stream=sys.stderr, force=True)
-        return serve(root, str(mnt), opts)
+        return serve(root, str(mnt), opts, archive)
     return _background(root, mnt, opts, Path(log_file) if log_file else default_log(mnt))
 
 

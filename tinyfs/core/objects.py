@@ -18,6 +18,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO, NoReturn
@@ -57,6 +58,8 @@ MULTIPART_OVER = 1 << 30
 PART_BYTES = 16 << 20
 MAX_PARTS = 10_000
 PART_THREADS = 4
+RANGE_BYTES = 32 << 20   # a larger download comes in ranges of this size ...
+RANGES_IN_FLIGHT = 4  # ... this many at once
 
 DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
           "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403"}
@@ -305,26 +308,47 @@ class ObjectStore:
 
     def download(self, key: str, dest: str | os.PathLike, *, version_id: str | None = None) -> int:
         """Stream the object (that version) into the new file `dest`, CHUNK bytes at a time, never
-        whole in memory; returns its size. `dest` is removed again when the read fails."""
+        whole in memory; returns its size. `dest` is removed again when the read fails.
+
+        An object larger than RANGE_BYTES comes in ranges of that size, RANGES_IN_FLIGHT at a time: one
+        GET stream from SeaweedFS on loopback gave 1 GiB in 5.7 s, four ranges at once in 1.8 s. The
+        ranges after the first name the version read, or the first answer's ETag (If-Match), so the
+        file cannot be pieced together from two different objects."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key)}
         if version_id:
             args["VersionId"] = version_id
-        size = 0
         try:
             with open(dest, "xb") as out:
                 try:
-                    body = self.client.get_object(**args)["Body"]  # (its `with` gives the raw stream)
-                    try:
-                        for chunk in body.iter_chunks(CHUNK):
-                            out.write(chunk)
-                            size += len(chunk)
-                    finally:
-                        body.close()
+                    return self._download_into(out.fileno(), args)
                 except BaseException:
                     os.unlink(dest)
                     raise
         except (bx.ClientError, bx.BotoCoreError) as e:
+            if isinstance(e, bx.ClientError) and error_code(e)[1] == 412:   # If-Match of a later range
+                self._fail(StoreError, "the object changed while it was downloaded", key, "PreconditionFailed")
             self._raise(e, key)
+
+    def _download_into(self, fd: int, args: dict[str, Any]) -> int:
+        try:
+            first = self.client.get_object(**args, Range=f"bytes=0-{RANGE_BYTES - 1}")
+        except bx.ClientError as e:
+            if error_code(e)[0] != "InvalidRange":
+                raise
+            first = self.client.get_object(**args)   # an empty object has no byte 0 to range over
+        _write_stream(first, fd, 0)
+        content_range = first.get("ContentRange") or ""   # none: the whole object came (empty, or no ranges)
+        size = int(content_range.rpartition("/")[2]) if content_range else first["ContentLength"]
+        if content_range and size > RANGE_BYTES:
+            pinned = {**args, **({} if "VersionId" in args else {"IfMatch": first["ETag"]})}
+
+            def fetch(offset: int) -> None:
+                end = min(offset + RANGE_BYTES, size) - 1
+                part = self.client.get_object(**pinned, Range=f"bytes={offset}-{end}")
+                _write_stream(part, fd, offset)
+
+            with ThreadPoolExecutor(RANGES_IN_FLIGHT, thread_name_prefix="download") as pool:
+                list(pool.map(fetch, range(RANGE_BYTES, size, RANGE_BYTES)))
         return size
 
     def delete(self, key: str, *, version_id: str | None = None) -> None:
@@ -439,6 +463,19 @@ class ObjectStore:
         if kind is NoSuchBucket or (key is None and kind is NoSuchObject):
             kind, what = NoSuchBucket, "no such bucket"
         raise kind(f"{self.where(key)}: {what}", code=code) from None
+
+
+def _write_stream(response: dict, fd: int, offset: int) -> None:
+    """The body of a GetObject answer written into `fd` from `offset`, CHUNK bytes at a time."""
+    body = response["Body"]
+    try:
+        for chunk in body.iter_chunks(CHUNK):
+            view = memoryview(chunk)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+    finally:
+        body.close()
 
 
 def classify(exc: Exception) -> tuple[type[StoreError], str, str]:

@@ -31,8 +31,12 @@ IN_USE_SECONDS = 3600
 log = logging.getLogger(__name__)
 
 
-def recover(archive: ArchiveRoot) -> list[str]:
-    """Clean up after crashed commits; returns one line per action taken."""
+def recover(archive: ArchiveRoot, *, store: bool = True) -> list[str]:
+    """Clean up after crashed commits; returns one line per action taken.
+
+    `store=False` skips the object store's sweep (S3Store.recover): it reads every resource's chain and
+    lists its instances, requests in proportion to the whole archive, and what it removes is invisible
+    anyway. The mount starts without it; `tinyfs recover` does it."""
     actions: list[str] = []
     for name in sorted(os.listdir(archive.transactions)):
         path = archive.transactions / name
@@ -57,7 +61,8 @@ def recover(archive: ArchiveRoot) -> list[str]:
             actions.append(f"removed leftover {name}")
         elif name != LOCKS and is_rid(name):
             actions.extend(_finish_mount_transaction(archive, name))
-    actions.extend(archive.store.recover())    # an object store: what unpublished attempts of any host left
+    if store:   # the store's sweep: what unpublished attempts of any host left there
+        actions.extend(archive.store.recover())
     if archive.config.mode == "dynamic":
         for rid in archive.resource_ids():
             if len(archive.instance_ids(rid)) > 1:

@@ -50,6 +50,7 @@ MARKER = "tinyfs.json"
 FIRST = "_first"              # the claim key of a resource's first instance
 PROBE_PREFIX = ".tinyfs-probe/"
 UPLOAD_THREADS = 8            # payload objects in flight per publish (boto3 clients are thread-safe)
+CLAIM_READS = 16              # first claims read at once by a host listing resources it does not know
 RECOVER_AGE = 3600.0          # an unclaimed instance younger than this may belong to a live publish
 CACHE_BYTES = 1 << 30         # default bound of the local read cache
 MIRROR = "mirror"             # under the cache directory: fsck's fresh copy of one resource
@@ -234,9 +235,20 @@ class S3Store:
 
     def resource_ids(self) -> list[str]:
         """Resources with a first claim: one listing of names, plus one request per resource not yet
-        known here (a resource whose first publish never claimed is not one)."""
-        return sorted(rid for rid in self.objects.list_names("resources/")
-                      if is_rid(rid) and (self._known_chain(rid) or self._read_claim(rid, None) is not None))
+        known here, CLAIM_READS at once, its first claim learnt (a resource whose first publish never
+        claimed is not one)."""
+        names = [rid for rid in self.objects.list_names("resources/") if is_rid(rid)]
+        unknown = [rid for rid in names if not self._known_chain(rid)]
+        with ThreadPoolExecutor(CLAIM_READS, thread_name_prefix="claims") as pool:
+            missing = {rid for rid, first in zip(unknown, pool.map(self._learn_first, unknown), strict=True) if not first}
+        return sorted(rid for rid in names if rid not in missing)
+
+    def _learn_first(self, rid: str) -> bool:
+        """Read and learn the first claim of a resource new here; False when it has none."""
+        claim = self._read_claim(rid, None)
+        if claim is not None:
+            self._learn_chain(rid, [claim])
+        return claim is not None
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -183,25 +183,25 @@ class _EarlySignals:
         self.signum = signum
 
 
-def serve(root: str, mountpoint: str, options: list[str]) -> int:
-    """Mount and serve in the foreground until unmounted or signalled; returns the exit status."""
+def serve(root: str, mountpoint: str, options: list[str], archive: ArchiveRoot | None = None) -> int:
+    """Mount and serve in the foreground until unmounted or signalled; returns the exit status. `archive`:
+    root already opened (on an object store, opening makes a client and reads the store's marker)."""
     early = _EarlySignals()
     previous = {s: signal.signal(s, early) for s in STOP_SIGNALS}
     try:
-        return _serve(root, mountpoint, options, early)
+        return _serve(archive or ArchiveRoot(root), mountpoint, options, early)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-def _serve(root: str, mountpoint: str, options: list[str], early: _EarlySignals) -> int:
-    archive = ArchiveRoot(root)
+def _serve(archive: ArchiveRoot, mountpoint: str, options: list[str], early: _EarlySignals) -> int:
     mnt = Path(mountpoint).absolute()
     lock_fd = lock_archive(archive)
     try:
         clear_dead_mount(mnt)
         check_mountpoint(mnt, options)
-        for line in recover(archive):
+        for line in recover(archive, store=False):   # this host's transactions only (recover.py)
             log.info("recovery: %s", line)
         if early.signum is not None:
             log.info("signal %s before mounting: not mounting", signal.Signals(early.signum).name)
