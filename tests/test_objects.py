@@ -6,7 +6,6 @@ import errno
 import hashlib
 import logging
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import botocore.exceptions as bx
 import pytest
+from proxy import Proxy
 from seaweed import free_ports, start_seaweed
 
 from tinyfs.core.errors import (
@@ -291,53 +291,8 @@ def test_an_unreachable_endpoint_fails_within_seconds(s3_env):
     assert f"127.0.0.1:{port}" in text and "hunter2" not in text and "someone" not in text
 
 
-class DroppingProxy:
-    """A TCP proxy to a store that closes its first `drop` connections once a request has arrived on
-    them, unanswered (a connection lost mid-request: a gateway restarting, a volume server gone behind
-    it), and forwards every later one both ways."""
-
-    def __init__(self, endpoint: str, drop: int):
-        self.target = endpoint.removeprefix("http://").split(":")
-        self.drop = drop
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:      # closed
-                return
-            if self.drop > 0:
-                self.drop -= 1
-                conn.recv(65536)
-                conn.close()
-                continue
-            upstream = socket.create_connection((self.target[0], int(self.target[1])))
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.server.close()
-
-
 def test_a_request_that_needed_retries_is_one_warning_line(s3_env, bucket, caplog):
-    proxy = DroppingProxy(s3_env.endpoint, drop=2)
+    proxy = Proxy(s3_env.endpoint, drop=2)
     try:
         s = ObjectStore(bucket, endpoint=proxy.endpoint)
         with caplog.at_level(logging.WARNING, logger="tinyfs.core.objects"):

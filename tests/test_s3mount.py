@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import mounted
+from proxy import Proxy
 
 from tinyfs.core.layout import ArchiveRoot
 
@@ -169,47 +169,6 @@ def test_aip_shows_each_published_bag_whole_from_the_store_and_bagit_validates_i
         assert not m.tracebacks()
 
 
-class StallingProxy:
-    """A TCP proxy to the store whose traffic can be held (`stall`) and let go (`flow`): a store that has
-    stopped answering for a while, behind a network."""
-
-    def __init__(self, endpoint: str):
-        self.target = endpoint.removeprefix("http://").split(":")
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:      # closed
-                return
-            upstream = socket.create_connection((self.target[0], int(self.target[1])))
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                self.flowing.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.flowing.set()
-        self.server.close()
-
-
 @pytest.mark.mount
 def test_a_store_that_stalls_holds_up_only_the_reads_that_need_it(tinyfs, s3_env, bucket, tmp_path):
     """The first read of a stored file downloads it, and a lookup asks the store for the head: both wait
@@ -220,7 +179,7 @@ def test_a_store_that_stalls_holds_up_only_the_reads_that_need_it(tinyfs, s3_env
     writer, a = tmp_path / "writer", tmp_path / "a"
     init(tinyfs, s3_env, writer, bucket)
     tinyfs("ingest", writer, "book", src / "big.bin")
-    proxy = StallingProxy(s3_env.endpoint)
+    proxy = Proxy(s3_env.endpoint)
     try:
         tinyfs("init", a, "--store", f"s3://{bucket}/{PREFIX}", "--endpoint", proxy.endpoint)
         with mounted(a, tmp_path) as m:

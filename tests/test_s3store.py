@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import botocore.exceptions as bx
 import pytest
+from stagedbag import make_bag
 
 from tinyfs.core.errors import NoObjectLock, NotAnArchive, NotFound, ObjectExists, Stale
 from tinyfs.core.ids import new_instance_id
@@ -34,22 +34,6 @@ def objects(seaweed, bucket: str, prefix: str = PREFIX) -> ObjectStore:
 def host(seaweed, bucket: str, cache: Path, **kw) -> S3Store:
     """One "host": its own client and its own cache directory, attached to the archive in `bucket`."""
     return init_store(objects(seaweed, bucket), cache, **kw)
-
-
-def make_bag(where: Path, rid: str, iid: str, previous: str | None, files: dict[str, bytes]) -> Path:
-    """A small BagIt bag as commit stages it: payload, manifest, bagit.txt, instance.json."""
-    bag = where / iid
-    manifest = []
-    for name, data in sorted(files.items()):
-        (bag / "data" / name).parent.mkdir(parents=True, exist_ok=True)
-        (bag / "data" / name).write_bytes(data)
-        manifest.append(f"{hashlib.sha256(data).hexdigest()}  data/{name}\n")
-    (bag / "bagit.txt").write_text("BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n")
-    (bag / "manifest-sha256.txt").write_text("".join(manifest))
-    doc = {"id": iid, "resource": rid, "previous": previous,
-           "stored": {hashlib.sha256(d).hexdigest(): f"instances/{iid}/data/{n}" for n, d in files.items()}}
-    (bag / "instance.json").write_text(json.dumps(doc, sort_keys=True) + "\n")
-    return bag
 
 
 def publish(store: S3Store, tmp: Path, rid: str, files: dict[str, bytes]) -> str:

@@ -3,7 +3,6 @@ fresh archive directory, and S3Store on a real SeaweedFS (tests/seaweed.py), pla
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from stagedbag import make_bag
 
 from tinyfs.core.errors import Forbidden, InvalidName, NotFound, Stale
 from tinyfs.core.ids import new_instance_id
@@ -91,17 +91,7 @@ def stage(kit: Kit, rid: str, iid: str, previous: str | None, files: dict[str, b
     """A staged resource directory as commit leaves it: instances/<iid>/ a complete bag (payload, manifest,
     bagit.txt, instance.json), and resource.json for a first instance. (the bag, resource.json's bytes)"""
     top = kit.stages / f".commit-{rid}-{iid}"
-    bag = top / "instances" / iid
-    manifest = []
-    for name, data in sorted(files.items()):
-        (bag / "data" / name).parent.mkdir(parents=True, exist_ok=True)
-        (bag / "data" / name).write_bytes(data)
-        manifest.append(f"{hashlib.sha256(data).hexdigest()}  data/{name}\n")
-    (bag / "bagit.txt").write_text("BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n")
-    (bag / "manifest-sha256.txt").write_text("".join(manifest))
-    doc = {"id": iid, "resource": rid, "previous": previous,
-           "stored": {hashlib.sha256(d).hexdigest(): f"instances/{iid}/data/{n}" for n, d in files.items()}}
-    (bag / "instance.json").write_text(json.dumps(doc, sort_keys=True) + "\n")
+    bag = make_bag(top / "instances", rid, iid, previous, files)
     body = None
     if previous is None:
         body = json.dumps({"id": rid}).encode() + b"\n"
