@@ -21,6 +21,16 @@ def init(tinyfs, seaweed, root: Path, bucket: str):
     return tinyfs("init", root, "--store", f"s3://{bucket}/{PREFIX}", "--endpoint", seaweed.endpoint)
 
 
+def two_hosts(tinyfs, seaweed, bucket: str, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A one-line file to deposit, and two hosts' roots attached to one archive: (file, a, b)."""
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    a, b = tmp_path / "a", tmp_path / "b"
+    init(tinyfs, seaweed, a, bucket)
+    init(tinyfs, seaweed, b, bucket)
+    return src, a, b
+
+
 def events(tinyfs, root: Path, *extra) -> list[dict]:
     return [json.loads(line) for line in tinyfs("events", root, *extra).stdout.splitlines()]
 
@@ -31,11 +41,7 @@ def committed(records: list[dict]) -> list[tuple[str, str]]:
 
 @pytest.mark.core
 def test_each_host_reads_every_hosts_events_in_time_order(tinyfs, s3_env, bucket, tmp_path):
-    src = tmp_path / "f.txt"
-    src.write_text("x")
-    a, b = tmp_path / "a", tmp_path / "b"
-    init(tinyfs, s3_env, a, bucket)
-    init(tinyfs, s3_env, b, bucket)
+    src, a, b = two_hosts(tinyfs, s3_env, bucket, tmp_path)
     made = [("one", tinyfs("ingest", a, "one", src).stdout.strip()),
             ("two", tinyfs("ingest", b, "two", src).stdout.strip())]
     src.write_text("y")
@@ -56,11 +62,7 @@ def test_each_host_reads_every_hosts_events_in_time_order(tinyfs, s3_env, bucket
 
 @pytest.mark.core
 def test_a_lost_shipping_offset_neither_duplicates_nor_loses_events(tinyfs, s3_env, bucket, tmp_path):
-    src = tmp_path / "f.txt"
-    src.write_text("x")
-    a, b = tmp_path / "a", tmp_path / "b"
-    init(tinyfs, s3_env, a, bucket)
-    init(tinyfs, s3_env, b, bucket)
+    src, a, b = two_hosts(tinyfs, s3_env, bucket, tmp_path)
     first = tinyfs("ingest", a, "one", src).stdout.strip()
     shipped = next((a / "cache" / "events").glob("*.shipped"))
     shipped.unlink()                     # as if the process had died before recording how far it shipped
@@ -72,11 +74,7 @@ def test_a_lost_shipping_offset_neither_duplicates_nor_loses_events(tinyfs, s3_e
 
 @pytest.mark.core
 def test_an_unreachable_store_still_gives_this_hosts_events_and_those_fetched(tinyfs, s3_env, bucket, tmp_path):
-    src = tmp_path / "f.txt"
-    src.write_text("x")
-    a, b = tmp_path / "a", tmp_path / "b"
-    init(tinyfs, s3_env, a, bucket)
-    init(tinyfs, s3_env, b, bucket)
+    src, a, b = two_hosts(tinyfs, s3_env, bucket, tmp_path)
     theirs = tinyfs("ingest", a, "one", src).stdout.strip()
     archive = ArchiveRoot(b)
     assert committed(list(archive.events.read())) == [("one", theirs)]     # a's segment now fetched
@@ -89,11 +87,7 @@ def test_an_unreachable_store_still_gives_this_hosts_events_and_those_fetched(ti
 
 @pytest.mark.mount
 def test_the_mounts_events_file_shows_every_hosts_events(tinyfs, s3_env, bucket, tmp_path):
-    src = tmp_path / "f.txt"
-    src.write_text("x")
-    a, b = tmp_path / "a", tmp_path / "b"
-    init(tinyfs, s3_env, a, bucket)
-    init(tinyfs, s3_env, b, bucket)
+    src, a, b = two_hosts(tinyfs, s3_env, bucket, tmp_path)
     with mounted(b, tmp_path) as m:
         check_mount_events(tinyfs, a, m.mnt, src)
 
