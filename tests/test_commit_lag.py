@@ -147,27 +147,27 @@ def test_a_listing_of_resources_that_read_a_head_before_a_commit_shows_the_commi
     ops, ctx = Operations(archive.root), Ctx()
     arch = ops.archive
     read_first, committed = threading.Event(), threading.Event()
-    real_head = arch.head
+    real_heads = arch.heads
 
-    def head_of_the_listing(rid):     # the listing thread's look at r: before the commit, then it waits
-        iid = real_head(rid)
+    def heads_of_the_listing(rids):   # the listing thread's look at r: before the commit, then it waits
+        heads = real_heads(rids)
         if not read_first.is_set() and threading.current_thread() is not threading.main_thread():
             read_first.set()
             committed.wait(30)
-        return iid
+        return heads
 
     async def go():
         async with trio.open_nursery() as nursery:
             ops.nursery = nursery
             await new_transaction(ops, b"r", ctx)
-            arch.head = head_of_the_listing
+            arch.heads = heads_of_the_listing
             listing: dict = {}
 
             async def list_resources():
                 fh = await ops.opendir(ops.top["resources"], ctx)
                 listing.update(await read_listing(ops, fh))
             nursery.start_soon(list_resources)
-            await trio.to_thread.run_sync(read_first.wait)
+            assert await trio.to_thread.run_sync(read_first.wait, 30), "the listing never read the heads"
             await commit(ops, b"r", ctx)
             committed.set()
             while not listing:

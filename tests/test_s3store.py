@@ -20,7 +20,15 @@ from stagedbag import make_bag
 from tinyfs.core.errors import NoObjectLock, NotAnArchive, NotFound, ObjectExists, Stale
 from tinyfs.core.ids import new_instance_id
 from tinyfs.core.objects import ObjectStore
-from tinyfs.core.s3store import UPLOAD_THREADS, ConfigMismatch, NotEmpty, S3Store, init_store, open_store
+from tinyfs.core.s3store import (
+    HEAD_FRESH,
+    UPLOAD_THREADS,
+    ConfigMismatch,
+    NotEmpty,
+    S3Store,
+    init_store,
+    open_store,
+)
 
 pytestmark = pytest.mark.core
 
@@ -115,9 +123,13 @@ def test_a_publish_on_one_host_is_seen_by_the_others_next_head_query(s3_env, buc
     first = publish(a, tmp_path, "shared", {"f": b"1"})
     assert b.head("shared") == first
     sent = requests_sent(b)
+    assert b.head("shared") == first and sent == [], "a head confirmed within HEAD_FRESH is not asked again"
+    time.sleep(HEAD_FRESH)
     assert b.head("shared") == first
     assert sent == ["GET"], "a head query with nothing new costs one request"
     second = publish(a, tmp_path, "shared", {"g": b"2"})
+    assert b.head("shared") == first            # seen up to HEAD_FRESH later
+    time.sleep(HEAD_FRESH)
     assert b.head("shared") == second and b.instance_ids("shared") == [first, second]
     assert b.stored_file("shared", f"instances/{second}/data/g").read_bytes() == b"2"
     # what B learnt survives its restart: a new S3Store on the same cache asks for what is new only
@@ -155,8 +167,13 @@ def test_racing_publishers_on_one_head_one_wins_the_chain_stays_linear_nothing_l
     leftovers = {k.split("/instances/")[1].split("/")[0] for k in keys(s3_env, bucket) if "/instances/" in k}
     assert leftovers == {base, outcome[winners[0]]}, "a loser removes what it uploaded"
 
-    for i in losers:  # each loser rebases onto the new head: nothing is lost
-        publish(hosts[i], tmp_path / f"rebase-{i}", "hot", {f"from-{i}": f"host {i}".encode()})
+    for i in losers:  # each loser rebases onto the new head, as a commit does: nothing is lost
+        for attempt in range(3):     # (a head this host confirmed within HEAD_FRESH may be behind: Stale)
+            try:
+                publish(hosts[i], tmp_path / f"rebase-{i}-{attempt}", "hot", {f"from-{i}": f"host {i}".encode()})
+                break
+            except Stale:
+                assert attempt < 2
     chain = hosts[0].instance_ids("hot")
     assert len(chain) == 5 and chain == sorted(chain)
     for previous, iid in zip(chain, chain[1:], strict=False):
@@ -386,3 +403,16 @@ def test_a_new_host_lists_resources_by_reading_first_claims_at_once_and_keeps_th
     sent.clear()
     assert reader.resource_ids() == rids and len(sent) == 2, "the listing, and zz's claim again"
     assert reader.head("r07") == writer.head("r07")
+
+
+def test_a_listing_asks_for_the_heads_at_once_and_the_stats_that_follow_reuse_them(s3_env, bucket, tmp_path):
+    a = host(s3_env, bucket, tmp_path / "host-a")
+    made = {f"r{n:02d}": publish(a, tmp_path / f"r{n}", f"r{n:02d}", {"f": b"%d" % n}) for n in range(20)}
+    b = host(s3_env, bucket, tmp_path / "host-b")
+    rids = b.resource_ids()
+    assert b.heads(rids) == made
+    sent = requests_sent(b)
+    assert {rid: b.head(rid) for rid in rids} == made and sent == []      # as `ls -l resources/` stats each
+    later = publish(a, tmp_path / "later", "r00", {"g": b"new"})
+    time.sleep(HEAD_FRESH)
+    assert b.head("r00") == later and sent                                # another host's commit: seen

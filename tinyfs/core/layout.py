@@ -142,6 +142,10 @@ class ArchiveRoot:
     def head(self, rid: str) -> str | None:
         return self.store.head(rid) if is_rid(rid) else None
 
+    def heads(self, rids: list[str]) -> dict[str, str | None]:
+        """The heads of existing resources (of resource_ids())."""
+        return self.store.heads(rids)
+
     def require(self, rid: str) -> str:
         """The head of an existing resource, or NotFound."""
         check_rid(rid)

@@ -68,6 +68,9 @@ class LocalStore:
         ids = self.instance_ids(rid)
         return ids[-1] if ids else None
 
+    def heads(self, rids: list[str]) -> dict[str, str | None]:
+        return {rid: self.head(rid) for rid in rids}
+
     # -- reading ---------------------------------------------------------------------------------
 
     def stored_file(self, rid: str, relpath: str) -> Path:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -50,6 +51,11 @@ MARKER = "tinyfs.json"
 FIRST = "_first"              # the claim key of a resource's first instance
 PROBE_PREFIX = ".tinyfs-probe/"
 UPLOAD_THREADS = 8            # payload objects in flight per publish (boto3 clients are thread-safe)
+# A head the store confirmed this long ago is taken as current without asking again: the stats that follow
+# a listing of resources/ (one per resource) reuse the heads the listing asked for. Another host's commit
+# is seen up to this much later; this host's own commits at once (publish learns its claim), and a lost
+# race asks again.
+HEAD_FRESH = 1.0
 CLAIM_READS = 16              # first claims read at once by a host listing resources it does not know
 RECOVER_AGE = 3600.0          # an unclaimed instance younger than this may belong to a live publish
 CACHE_BYTES = 1 << 30         # default bound of the local read cache
@@ -202,6 +208,7 @@ class S3Store:
         self.cache_dir = Path(cache_dir)
         self.files = FileCache(self.cache_dir / "files", cache_bytes)
         self._chains: dict[str, list[Claim]] = {}     # rid -> its claims as far as known, oldest first
+        self._asked: dict[str, float] = {}            # rid -> when the store last confirmed its head
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -214,8 +221,23 @@ class S3Store:
     # -- what is published ---------------------------------------------------------------------
 
     def head(self, rid: str) -> str | None:
-        """Follow the chain past what is known here: one request when nothing was published since."""
+        """The head confirmed by the store within HEAD_FRESH seconds, or asked for now."""
         check_rid(rid)
+        with self._lock:
+            recent = time.monotonic() - self._asked.get(rid, -HEAD_FRESH) < HEAD_FRESH
+        if recent:
+            known = self._known_chain(rid)
+            return known[-1].instance if known else None
+        return self._ask_head(rid)
+
+    def heads(self, rids: list[str]) -> dict[str, str | None]:
+        """head() of each resource, CLAIM_READS at once (a listing of resources/)."""
+        with ThreadPoolExecutor(CLAIM_READS, thread_name_prefix="heads") as pool:
+            return dict(zip(rids, pool.map(self.head, rids), strict=True))
+
+    def _ask_head(self, rid: str) -> str | None:
+        """Follow the chain past what is known here: one request when nothing was published since."""
+        asked = time.monotonic()
         known = self._known_chain(rid)
         new: list[Claim] = []
         last = known[-1].instance if known else None
@@ -224,10 +246,14 @@ class S3Store:
             last = claim.instance
         if new:
             self._learn_chain(rid, known + new)
+        with self._lock:
+            self._asked[rid] = asked
         return last
 
     def instance_ids(self, rid: str) -> list[str]:
-        self.head(rid)
+        """Asks the store (one request when nothing is new): a history is never shown a second behind."""
+        check_rid(rid)
+        self._ask_head(rid)
         return [claim.instance for claim in self._known_chain(rid)]
 
     def exists(self, rid: str) -> bool:
@@ -316,7 +342,7 @@ class S3Store:
         check_rid(rid)
         if not is_instance_id(iid) or (previous is not None and iid <= previous):
             raise InvalidName(f"instance id {iid!r} must be a UUIDv7 after {previous!r}")
-        if self.head(rid) != previous:
+        if self._ask_head(rid) != previous:
             raise Stale(f"resource {rid!r}: {previous or 'no instance'} is no longer the head")
         versions = self._upload_bag(rid, iid, bag)
         if previous is None and resource_json is not None:
@@ -390,6 +416,8 @@ class S3Store:
             if winner is None:
                 raise                       # outcome unknown: nothing removed (recover decides later)
             if winner.instance != claim.instance:
+                with self._lock:
+                    self._asked.pop(rid, None)      # the rebase that follows must see the winner
                 self._remove_unclaimed(rid, claim.instance)
                 raise Stale(f"resource {rid!r}: another committer published after "
                             f"{claim.previous or 'nothing'} first") from None
@@ -464,6 +492,7 @@ class S3Store:
         self._delete_versions(_claim_key(rid, None))
         with self._lock:
             self._chains.pop(rid, None)
+            self._asked.pop(rid, None)
             self._chain_file(rid).unlink(missing_ok=True)
         self._delete_versions(f"resources/{rid}/")
 

@@ -55,7 +55,11 @@ class Store(Protocol):
         """The resource's published instances, oldest first ([] for no such resource)."""
 
     def head(self, rid: str) -> str | None:
-        """The newest published instance (None: no such resource), as of this call."""
+        """The newest published instance (None: no such resource), as of this call; an object store may
+        answer with a head it confirmed within the last second (other hosts' commits show that much later)."""
+
+    def heads(self, rids: list[str]) -> dict[str, str | None]:
+        """head() of each of `rids` (an object store asks for several at once)."""
 
     def read_document(self, rid: str, relpath: str) -> bytes:
         """The bytes of a small stored file (instance.json, resource.json, a manifest); NotFound if absent."""

@@ -120,8 +120,9 @@ class StateTree(ReadOnlyTree):
 
     def resource_roots(self) -> list[tuple[str, Node]]:
         """(worker thread)"""
-        return [(rid, self.root(rid, head, current=True)) for rid in self.archive.resource_ids()
-                if (head := self.archive.head(rid))]
+        rids = self.archive.resource_ids()
+        heads = self.archive.heads(rids)        # (an object store: several at once)
+        return [(rid, self.root(rid, head, current=True)) for rid in rids if (head := heads[rid])]
 
     # -- the Tree calls ------------------------------------------------------------------------------
     def attrs(self, node: Node) -> Attr:
