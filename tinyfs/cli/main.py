@@ -25,7 +25,8 @@ from ..core.errors import InvalidBag, TinyfsError
 
 log = logging.getLogger("tinyfs")
 
-COMMANDS = ("init", "mount", "umount", "ingest", "ls", "cat", "events", "fsck", "export", "recover", "purge")
+COMMANDS = ("init", "mount", "umount", "ingest", "ls", "cat", "events", "fsck", "export", "recover", "purge",
+            "store", "replicate", "status")
 EXIT_OK, EXIT_DAMAGE, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -109,7 +110,7 @@ def cmd_ingest(args) -> int:
     from ..core.api import Archive
     from ..core.ingest import ingest_bag, ingest_paths
 
-    archive = Archive(args.root)
+    archive = Archive(args.root, copies=args.copies)
     with _progress() as progress:
         if args.bag is not None:
             if args.paths:
@@ -123,10 +124,24 @@ def cmd_ingest(args) -> int:
                                   creator=args.creator or "", label=args.label, progress=progress)
     if result.instance is None:
         _say(f"{args.rid}: nothing changed; no instance committed")
-    else:
-        print(result.instance)
-        log.info("%s: %d added, %d changed, %d removed, %d files (%d bytes) stored", args.rid, result.added,
-                 result.changed, result.removed, result.files_stored, result.bytes_stored)
+        return EXIT_OK
+    print(result.instance)
+    log.info("%s: %d added, %d changed, %d removed, %d files (%d bytes) stored", args.rid, result.added,
+             result.changed, result.removed, result.files_stored, result.bytes_stored)
+    return _report_behind(args.rid, result)
+
+
+def _report_behind(rid: str, result) -> int:
+    """A commit made on the primary that some replica did not take: say which (and fail when fewer
+    stores than required hold it; the instance stays committed)."""
+    if not result.behind:
+        return EXIT_OK
+    stores = ", ".join(result.behind)
+    if result.short:
+        _say(f"{rid}: committed {result.instance}, but fewer stores than required hold it: {stores} did not take "
+             "it (see tinyfs events; tinyfs replicate copies it)")
+        return EXIT_ERROR
+    _say(f"{rid}: warning: store(s) {stores} are behind; tinyfs replicate copies it")
     return EXIT_OK
 
 
@@ -269,6 +284,67 @@ def cmd_recover(args) -> int:
     return EXIT_OK
 
 
+def cmd_store(args) -> int:
+    from ..core.layout import ArchiveRoot
+    from ..core.replicas import add_replica, replicas_of
+
+    archive = ArchiveRoot(args.root)
+    if args.action == "add":
+        if args.url is None:
+            raise UsageError("store add: give the store, a /path or s3://BUCKET/PREFIX")
+        r = add_replica(archive, args.url, endpoint=args.endpoint, name=args.name, copies=args.copies)
+        _say(f"added store {r.name}: {r.spec.url}; tinyfs replicate {args.root} copies what it lacks")
+        return EXIT_OK
+    if args.url is not None or args.name or args.endpoint or args.copies is not None:
+        raise UsageError("store list: takes ROOT only")
+    found = replicas_of(archive)
+    print(f"primary\t{archive.root}")
+    for r in found.replicas:
+        print(f"{r.name}\t{r.spec.url}" + (f"\t{r.spec.endpoint}" if r.spec.endpoint else ""))
+    return EXIT_OK
+
+
+def cmd_replicate(args) -> int:
+    from ..core.layout import ArchiveRoot
+    from ..core.replicas import replicate
+
+    report = replicate(ArchiveRoot(args.root), args.rids or None, args.store or None)
+    for name, count in report.copied.items():
+        print(f"{name}\t{count} instance{'s' if count != 1 else ''} copied")
+    for name, lines in report.failed.items():
+        for line in lines:
+            _say(f"store {name}: {line}")
+    return EXIT_ERROR if report.failed else EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from ..core.layout import ArchiveRoot
+    from ..core.replicas import status
+
+    rows = status(ArchiveRoot(args.root))
+    if args.json:
+        print(json.dumps({"stores": rows}, indent=1, sort_keys=True))
+    else:
+        for row in rows:
+            print(_status_line(row))
+    return EXIT_OK if all(r["reachable"] and not r["behind"] and not r["diverged"] for r in rows) else EXIT_DAMAGE
+
+
+def _status_line(row: dict) -> str:
+    if not row["reachable"]:
+        state = f"UNREACHABLE: {row['error']}"
+    elif row["diverged"]:
+        state = f"DIVERGED in {len(row['diverged'])} resource(s): {', '.join(row['diverged'][:5])}"
+    elif row["behind"]:
+        state = f"behind by {row['behind']} instance(s) in {row['behind_resources']} resource(s)"
+    else:
+        state = "up to date"
+    check = row["last_fsck"]
+    checked = ("never checked" if check is None else
+               f"last full fsck {check['time']}: " + ("clean" if not check["problems"] else f"{check['problems']} problem(s)"))
+    return f"{row['name']}\t{row['url']}\t{row['instances']} instances\t{state}\t{checked}"
+
+
 def cmd_purge(args) -> int:
     from ..core.api import Archive
 
@@ -353,6 +429,29 @@ def _add_setup_commands(command: Command) -> None:
     p.add_argument("--message", "-m")
     p.add_argument("--label", "-l")
     p.add_argument("--creator", "-c")
+    p.add_argument("--copies", type=int, metavar="N", help="with replicas: the stores (this one counted) that "
+                   "must take the instance before the command returns (default: replicas.json's, else all)")
+
+    p = command("store", cmd_store, "add a replica store (another archive kept identical), or list the stores")
+    p.usage = "tinyfs store add ROOT /PATH|s3://BUCKET/PREFIX [--endpoint URL] [--name NAME] [--copies N]\n" \
+              "       tinyfs store list ROOT"
+    p.add_argument("action", choices=("add", "list"))
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("url", metavar="STORE", nargs="?")
+    p.add_argument("--endpoint", metavar="URL", help="the S3 endpoint of an s3:// store")
+    p.add_argument("--name", help="the store's name (default r1, r2, ...)")
+    p.add_argument("--copies", type=int, metavar="N", help="from now on, commits return once N stores (the "
+                   "primary counted) hold the instance; the rest are caught up by tinyfs replicate")
+
+    p = command("replicate", cmd_replicate, "copy to every replica the instances it lacks (resumable)")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rids", metavar="RID", nargs="*")
+    p.add_argument("--store", action="append", metavar="NAME", help="only this replica (repeatable)")
+
+    p = command("status", cmd_status, "per store: reachable, instances behind, last full fsck (exit 1: not all "
+                "stores up to date)")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--json", action="store_true")
 
 
 def _add_reading_commands(command: Command) -> None:

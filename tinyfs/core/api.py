@@ -26,8 +26,9 @@ InstanceRef = InstanceDoc | str | None     # an instance as Resource takes it: i
 class Archive:
     """An archive root. `with Archive(path) as a:` or plain use; nothing needs closing today."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, copies: int | None = None):
         self.root = ArchiveRoot(root)
+        self.copies = copies     # with replicas: stores a commit must reach (None: as replicas.json says)
 
     @staticmethod
     def init(root: str | os.PathLike, mode: str = "preservation", digests: list[str] | None = None,
@@ -57,7 +58,8 @@ class Archive:
         if self.root.exists(rid):
             from .errors import AlreadyExists
             raise AlreadyExists(f"resource {rid!r} already exists")
-        return Transaction(self.root, rid, None, message=message, creator=creator, label=label)
+        return Transaction(self.root, rid, None, message=message, creator=creator, label=label,
+                           copies=self.copies)
 
     def get(self, rid: str, mode: str = "r", *, message: str = "", creator: str = "",
             label: str | None = None) -> Resource | Transaction:
@@ -66,7 +68,8 @@ class Archive:
         if mode == "r":
             return Resource(self.root, rid)
         if mode in ("a", "t"):
-            return Transaction(self.root, rid, head, message=message, creator=creator, label=label)
+            return Transaction(self.root, rid, head, message=message, creator=creator, label=label,
+                               copies=self.copies)
         raise InvalidName(f"unknown mode {mode!r} (use 'r', 'a' or 't')")
 
     def events(self, start: str | None = None) -> Iterator[dict]:
@@ -120,8 +123,9 @@ class Transaction:
     """
 
     def __init__(self, root: ArchiveRoot, rid: str, base: str | None, *, message: str = "",
-                 creator: str = "", label: str | None = None):
+                 creator: str = "", label: str | None = None, copies: int | None = None):
         self._root, self.rid, self.base = root, rid, base
+        self.copies = copies
         self.message, self.creator = message, creator
         check_metadata(message, creator, label)
         self.label = label
@@ -284,7 +288,7 @@ class Transaction:
         req = CommitRequest(self.rid, self.base, dict(self._changes), message=self.message,
                             creator=self.creator, label=self.label,
                             before_publish=(lambda _iid: verify(new_files)) if verify else None,
-                            hardlinks=self._link_groups(), root=self.root)
+                            hardlinks=self._link_groups(), root=self.root, copies=self.copies)
         try:
             self.result = commit(self._root, req, progress)
         finally:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bagwrite, tree
+from . import bagwrite, replicas, tree
 from .digests import copy_and_hash, hash_file, parallel
 from .durable import write_new
 from .errors import Forbidden, Inconsistent, LabelTaken, NameTooLong, NotFound, Stale
@@ -100,6 +100,8 @@ class CommitRequest:
     # `base`; None: the base's groups, less the paths the changes touch.
     hardlinks: tuple[Group, ...] | None = None
     root: DirEntry | None = None         # the resource root's mode and mtime; None: as the head has them
+    copies: int | None = None            # stores (the primary counted) that must take the instance; None:
+                                         # as ROOT/replicas.json says (replicas.py)
 
 
 @dataclass
@@ -110,6 +112,8 @@ class CommitResult:
     removed: int = 0
     bytes_stored: int = 0
     files_stored: int = 0
+    behind: list[str] = field(default_factory=list)   # replicas that did not take the instance (yet)
+    short: bool = False                  # fewer stores than required hold it: see replicas.replicate_commit
 
 
 class LostClaim(Stale):
@@ -119,9 +123,14 @@ class LostClaim(Stale):
 def commit(archive: ArchiveRoot, req: CommitRequest, progress: Callable[[int], None] | None = None) -> CommitResult:
     check_rid(req.rid)
     check_metadata(req.message, req.creator, req.label)
+    replicas.check_reachable(archive, req.rid, req.copies)     # (too few stores: refused, nothing written)
     if archive.store.local:         # every committer of the resource waits for its lock: no race to lose
-        return _commit_once(archive, req, progress)
-    return _commit_to_store(archive, req, progress)
+        result = _commit_once(archive, req, progress)
+    else:
+        result = _commit_to_store(archive, req, progress)
+    if result.instance is not None:
+        result.behind, result.short = replicas.replicate_commit(archive, req.rid, result.instance, req.copies)
+    return result
 
 
 def _commit_to_store(archive: ArchiveRoot, req: CommitRequest, progress) -> CommitResult:
