@@ -168,11 +168,12 @@ def add_replica(archive: ArchiveRoot, url: str, *, endpoint: str | None = None, 
         _refuse_overlap(archive, found, path)
         spec = ReplicaSpec(name, str(path), None, utc_now())
     replica = Replica(archive.root, spec)
+    if copies is not None and not 1 <= copies <= len(found.replicas) + 2:
+        raise InvalidName(f"--copies {copies}: the archive will have {len(found.replicas) + 2} stores")
     _create_or_check(archive, replica)
     found.replicas.append(replica)
     if copies is not None:
         found.copies = copies
-    found.required()                                    # a bad --copies is refused before it is saved
     save(archive.root, found)
     archive._replicas = None
     archive.events.append("store.added", name=name, url=spec.url, endpoint=endpoint)
@@ -196,23 +197,31 @@ def _create_or_check(archive: ArchiveRoot, replica: Replica) -> None:
 
     cfg = archive.config
     spec = replica.spec
+    if cfg.mode == "dynamic":
+        raise InvalidName("a dynamic archive drops replaced instances: it cannot have replicas")
     if spec.on_s3:
         from .s3archive import init_s3_archive
         if (replica.root / "tinyfs.json").exists():
             raise AlreadyExists(f"{replica.root} exists already")
         try:
             init_s3_archive(replica.root, spec.url, spec.endpoint, mode=cfg.mode, digests=list(cfg.digests))
+            _check_replica(archive, replica)
         except BaseException:
-            tree.rmtree(replica.root, ignore_errors=True, force=True)
+            tree.rmtree(replica.root, ignore_errors=True, force=True)      # (only this host's working dir)
             raise
-    elif not (replica.root / "tinyfs.json").exists():
+        return
+    if not (replica.root / "tinyfs.json").exists():
         init_archive(replica.root, cfg.mode, list(cfg.digests), cfg.immutable)
-    theirs = replica.archive.config
+    _check_replica(archive, replica)
+
+
+def _check_replica(archive: ArchiveRoot, replica: Replica) -> None:
+    cfg, theirs = archive.config, replica.archive.config
     if theirs.mode != cfg.mode or theirs.digests != cfg.digests:
-        raise InvalidName(f"{spec.url} is an archive in mode {theirs.mode} with {','.join(theirs.digests)}; "
-                          f"this one is {cfg.mode} with {','.join(cfg.digests)}")
+        raise InvalidName(f"{replica.spec.url} is an archive in mode {theirs.mode} with "
+                          f"{','.join(theirs.digests)}; this one is {cfg.mode} with {','.join(cfg.digests)}")
     for rid in replica.archive.resource_ids():
-        check_prefix(archive, replica.archive, rid, what=f"store {spec.url}")
+        check_prefix(archive, replica.archive, rid, what=f"store {replica.spec.url}")
 
 
 def check_prefix(src: ArchiveRoot, dst: ArchiveRoot, rid: str, what: str) -> list[str]:
@@ -273,7 +282,7 @@ def copy_instance(sources: list[ArchiveRoot], dst: ArchiveRoot, rid: str, iid: s
 def _copy_bag(sources: list[ArchiveRoot], rid: str, iid: str, stage: Path, dst: ArchiveRoot) -> bytes | None:
     """Every stored file of the bag into `stage`, checked; resource.json's bytes for a first instance."""
     src = sources[0]
-    expected = expected_digests(src, rid, iid)
+    expected = expected_digests(sources, rid, iid)
     files = src.store.published_files(rid, iid)
     missing = sorted(set(expected) - set(files))
     if missing:
@@ -301,17 +310,31 @@ def _copy_bag(sources: list[ArchiveRoot], rid: str, iid: str, stage: Path, dst: 
 COPY_THREADS = 8    # files in flight: a small file on an object store costs a round trip, not bandwidth
 
 
-def expected_digests(archive: ArchiveRoot, rid: str, iid: str) -> dict[str, tuple[str, str]]:
-    """Stored path -> (algorithm, digest) of every file of the instance's bag that a manifest lists: the
-    payload (manifest), the tag files (tagmanifest), both in the archive's first algorithm."""
-    alg = archive.config.primary
+def expected_digests(sources: list[ArchiveRoot], rid: str, iid: str) -> dict[str, tuple[str, str]]:
+    """Stored path -> (algorithm, digest) of every file of the instance's bag that the manifests list: the
+    payload (manifest) and the tag files (tagmanifest), in the archive's first algorithm, and the
+    tagmanifest itself. Taken from the first source whose manifest matches its tagmanifest: a damaged
+    manifest is never trusted to check the copies against."""
+    alg = sources[0].config.primary
     base = f"instances/{iid}/"
-    out: dict[str, tuple[str, str]] = {}
-    for manifest in (f"manifest-{alg}.txt", f"tagmanifest-{alg}.txt"):
-        text = archive.store.read_document(rid, base + manifest).decode("utf-8")
-        for encoded, digest in parse_manifest(text).items():
-            out[base + decode_manifest_path(encoded)] = (alg, digest)
-    return out
+    problems = []
+    for src in sources:
+        try:
+            tags = src.store.read_document(rid, f"{base}tagmanifest-{alg}.txt")
+            manifest = src.store.read_document(rid, f"{base}manifest-{alg}.txt")
+        except (NotFound, OSError) as e:
+            problems.append(f"{src.root}: {e}")
+            continue
+        listed = {decode_manifest_path(p): d for p, d in parse_manifest(tags.decode("utf-8")).items()}
+        if listed.get(f"manifest-{alg}.txt") != hashlib.new(alg, manifest).hexdigest():
+            problems.append(f"{src.root}: manifest-{alg}.txt does not match its tagmanifest")
+            continue
+        out = {base + name: (alg, digest) for name, digest in listed.items()}
+        out.update({base + decode_manifest_path(p): (alg, d)
+                    for p, d in parse_manifest(manifest.decode("utf-8")).items()})
+        out[f"{base}tagmanifest-{alg}.txt"] = (alg, hashlib.new(alg, tags).hexdigest())
+        return out
+    raise CopyFailed(f"{rid}: instance {iid}: no store has intact manifests ({'; '.join(problems)})")
 
 
 def copy_checked(sources: list[ArchiveRoot], rid: str, rel: str, expected: tuple[str, str] | None,
@@ -389,7 +412,7 @@ def replicate_commit(archive: ArchiveRoot, rid: str, iid: str, copies: int | Non
 def _catch_up_all(archive: ArchiveRoot, replicas: list[Replica], rid: str) -> dict[str, str]:
     def one(r: Replica) -> str | None:
         try:
-            catch_up([archive, *(o.archive for o in replicas if o is not r)], r.archive, rid)
+            catch_up([archive, *(o.archive for o in replicas if o is not r and _opens(o))], r.archive, rid)
         except (TinyfsError, OSError) as e:
             log.warning("store %s: %s", r.name, e)
             return str(e)
