@@ -19,7 +19,7 @@ import time
 
 from . import tree
 from .commit import COMMIT_PREFIX, drop_older_instances, owner_writable
-from .errors import Busy
+from .errors import Busy, TinyfsError
 from .ids import is_rid
 from .layout import LOCKS, ArchiveRoot
 from .localstore import TRASH_PREFIX
@@ -63,6 +63,7 @@ def recover(archive: ArchiveRoot, *, store: bool = True) -> list[str]:
             actions.extend(_finish_mount_transaction(archive, name))
     if store:   # the store's sweep: what unpublished attempts of any host left there
         actions.extend(archive.store.recover())
+    actions.extend(_recover_replicas(archive, store))
     if archive.config.mode == "dynamic":
         for rid in archive.resource_ids():
             if len(archive.instance_ids(rid)) > 1:
@@ -70,6 +71,19 @@ def recover(archive: ArchiveRoot, *, store: bool = True) -> list[str]:
                 actions.append(f"dropped replaced instances of {rid}")
     for line in actions:
         log.info("recover: %s", line)
+    return actions
+
+
+def _recover_replicas(archive: ArchiveRoot, store: bool) -> list[str]:
+    """What interrupted copies left in each replica's own transactions/ (replicas.copy_instance stages)."""
+    from .replicas import replicas_of
+
+    actions = []
+    for r in replicas_of(archive).replicas:
+        try:
+            actions.extend(f"store {r.name}: {line}" for line in recover(r.archive, store=store))
+        except (TinyfsError, OSError) as e:
+            log.warning("recover: store %s: %s", r.name, e)
     return actions
 
 
