@@ -32,7 +32,8 @@ from tinyfs.fs.ops import CACHE_BYTES
 
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = PROJECT / "systemd"
-UNIT_FILES = ("tinyfs@.service", "tinyfs-fsck@.service", "tinyfs-fsck@.timer")
+UNIT_FILES = ("tinyfs@.service", "tinyfs-fsck@.service", "tinyfs-fsck@.timer", "tinyfs-replicate@.service",
+              "tinyfs-replicate@.timer")
 VENV_BIN = Path(sys.executable).parent
 HAS_FUSE = bool(shutil.which("fusermount3")) and os.path.exists("/dev/fuse")
 needs_root_fuse = pytest.mark.skipif(not HAS_FUSE or os.geteuid() != 0,
@@ -201,6 +202,10 @@ def test_service_unit_keeps_the_mount_visible_and_stops_cleanly():
     assert timer["OnCalendar"] == ["weekly"] and timer["Persistent"] == ["true"] and "RandomizedDelaySec" in timer
     fsck = unit_settings("tinyfs-fsck@.service")
     assert fsck["Type"] == ["oneshot"] and fsck["ExecStart"] == ["/usr/local/bin/tinyfs fsck ${ARCHIVE}"]
+    assert "AF_INET" in fsck["RestrictAddressFamilies"][0].split()     # stores in buckets, S3 replicas
+    replicate = unit_settings("tinyfs-replicate@.service")
+    assert replicate["ExecStart"] == ["/usr/local/bin/tinyfs replicate ${ARCHIVE}"]
+    assert unit_settings("tinyfs-replicate@.timer")["OnCalendar"] == ["hourly"]
 
 
 def exec_start_pre(mnt: Path) -> subprocess.CompletedProcess:
