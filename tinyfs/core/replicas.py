@@ -29,7 +29,7 @@ from .bagcheck import decode_manifest_path
 from .bagwrite import parse_manifest, syncfs
 from .digests import CHUNK
 from .durable import fsync_dir, write_atomic
-from .errors import AlreadyExists, InvalidName, NotFound, Stale, TinyfsError
+from .errors import AlreadyExists, InvalidName, NotAnArchive, NotFound, Stale, TinyfsError
 from .ids import check_rid
 from .layout import ArchiveRoot
 from .model import utc_now
@@ -81,6 +81,14 @@ class Replica:
 
     def __repr__(self) -> str:
         return f"Replica({self.name}: {self.spec.url})"
+
+    def probe(self, rid: str) -> str | None:
+        """The resource's head in this store, asking it now: a store that does not answer raises. (A local
+        replica whose disk went away since it was opened would otherwise look like an empty one.)"""
+        archive = self.archive
+        if archive.store.local and not (self.root / "tinyfs.json").exists():
+            raise NotAnArchive(f"{self.root} is not a tinyfs archive (any more)")
+        return archive.head(rid)
 
     @property
     def archive(self) -> ArchiveRoot:
@@ -383,7 +391,7 @@ def check_reachable(archive: ArchiveRoot, rid: str, copies: int | None) -> None:
     failures = {}
     for r in found.replicas:
         try:
-            r.archive.head(rid)
+            r.probe(rid)
         except (TinyfsError, OSError) as e:
             failures[r.name] = str(e)
     reachable = 1 + len(found.replicas) - len(failures)
@@ -493,6 +501,8 @@ def status(archive: ArchiveRoot) -> list[dict]:
 
 
 def _compare(dst: ArchiveRoot, primary_ids: dict[str, list[str]], row: dict) -> None:
+    if dst.store.local and not (dst.root / "tinyfs.json").exists():
+        raise NotAnArchive(f"{dst.root} is not a tinyfs archive (any more)")
     theirs_rids = dst.resource_ids()
     row["resources"] = len(theirs_rids)
     for rid in sorted(set(theirs_rids) - set(primary_ids)):
