@@ -893,6 +893,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--store", choices=("local", "s3"), default="local",
                    help="s3: the archive in a SeaweedFS started for the run, against rclone + bagit "
                    "(bench/s3mount.py)")
+    p.add_argument("--replicas", action="store_true",
+                   help="only what a local replica costs a commit, against ingest + cp -a + sync (bench/replicas.py)")
     p.add_argument("--tinyfs", type=Path,
                    help="the tinyfs command to measure (default: the one beside this Python), e.g. another "
                    "checkout's .venv/bin/tinyfs, to compare two versions on one machine")
@@ -915,6 +917,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.s3mount import main as s3_main
 
         return s3_main(args)
+    if args.replicas:
+        from bench.replicas import main as replicas_main
+
+        return replicas_main(args)
     for tool in ("cp", "mv", "rsync", "find", "ls", "sync", "fusermount3", "cmp", "diff", "stat"):
         if shutil.which(tool) is None:
             print(f"scripts/bench: {tool} is not installed", file=sys.stderr)

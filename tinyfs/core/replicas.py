@@ -370,13 +370,31 @@ def copy_checked(sources: list[ArchiveRoot], rid: str, rel: str, expected: tuple
 
 
 def _copy_hashing(src: Path, dest: Path, algorithm: str | None) -> str:
+    """Copy `src` to `dest` and return the digest of the bytes copied. A large file is hashed by a second
+    thread while the next chunk is read and written (hashlib releases the GIL): sha512 runs at about
+    700 MiB/s a core here, as slow as the copy itself."""
     h = hashlib.new(algorithm) if algorithm else None
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(CHUNK):
-            if h:
-                h.update(chunk)
-            fout.write(chunk)
+    with open(src, "rb", buffering=0) as fin, open(dest, "wb", buffering=0) as fout:
+        if h is None or os.fstat(fin.fileno()).st_size <= PIPELINE_ABOVE:
+            while chunk := fin.read(CHUNK):
+                if h:
+                    h.update(chunk)
+                fout.write(chunk)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="copy-hash") as hasher:
+                hashing = None
+                while chunk := fin.read(PIPELINE_CHUNK):
+                    if hashing is not None:
+                        hashing.result()
+                    hashing = hasher.submit(h.update, chunk)
+                    fout.write(chunk)
+                if hashing is not None:
+                    hashing.result()
     return h.hexdigest() if h else ""
+
+
+PIPELINE_ABOVE = 8 << 20      # smaller files: hashed in line (a thread hand-off costs more)
+PIPELINE_CHUNK = 4 << 20
 
 
 # -- a commit on an archive with replicas -------------------------------------------------------------
