@@ -228,3 +228,15 @@ def test_a_replica_in_a_bucket(tmp_path, tinyfs, s3_env, bucket, archive_ok):
         assert tinyfs("cat", other, "doc", f"src/{path}", text=False).stdout == (src / path).read_bytes()
     assert tinyfs("fsck", other).returncode == 0
     assert tinyfs("status", a).returncode == 0
+
+
+def test_an_archive_in_a_bucket_with_a_local_replica(tmp_path, tinyfs, s3_env, bucket, archive_ok):
+    a, b = tmp_path / "host", tmp_path / "local-copy"
+    tinyfs("init", a, "--store", f"s3://{bucket}/main", "--endpoint", s3_env.endpoint)
+    tinyfs("store", "add", a, b)
+    src = tree_of(tmp_path)
+    iid = tinyfs("ingest", a, "doc", src).stdout.strip()
+    assert ArchiveRoot(b).instance_ids("doc") == [iid]
+    archive_ok(b)
+    assert tinyfs("cat", b, "doc", "src/sub/b.bin", text=False).stdout == (src / "sub" / "b.bin").read_bytes()
+    assert tinyfs("status", a).returncode == 0
