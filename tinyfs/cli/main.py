@@ -26,7 +26,7 @@ from ..core.errors import InvalidBag, TinyfsError
 log = logging.getLogger("tinyfs")
 
 COMMANDS = ("init", "mount", "umount", "ingest", "ls", "cat", "events", "fsck", "export", "recover", "purge",
-            "store", "replicate", "status")
+            "store", "replicate", "status", "migrate")
 EXIT_OK, EXIT_DAMAGE, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -317,6 +317,22 @@ def cmd_replicate(args) -> int:
     return EXIT_ERROR if report.failed else EXIT_OK
 
 
+def cmd_migrate(args) -> int:
+    from ..core.layout import ArchiveRoot
+    from ..core.migrate import migrate, plan
+
+    src = ArchiveRoot(args.src)
+    found = plan(src, args.dst, args.rids or None, args.merge)     # every refusal, before anything is written
+    with _progress() as progress:
+        advance = progress("migrate", found.instances(src)) if progress else None
+        report = migrate(src, args.dst, merge=args.merge, planned=found,
+                         progress=(lambda _rid, _iid: advance(1)) if advance else None)
+    print(f"{report.resources} resource(s) from {src.root} to {found.dst_path}: {report.copied} instance(s) "
+          f"copied, {report.merged} merged, {report.unchanged} unchanged on the target (recorded), "
+          f"{report.held} there already")
+    return EXIT_OK
+
+
 def cmd_status(args) -> int:
     from ..core.layout import ArchiveRoot
     from ..core.replicas import status
@@ -447,6 +463,16 @@ def _add_setup_commands(command: Command) -> None:
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rids", metavar="RID", nargs="*")
     p.add_argument("--store", action="append", metavar="NAME", help="only this replica (repeatable)")
+
+    p = command("migrate", cmd_migrate, "copy every resource with every instance to another archive, checked "
+                "(resumable); --merge rebases diverged chains on the target's")
+    p.usage = "tinyfs migrate SRC DST [RID...] [--merge]"
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="an archive (local, or an S3 working directory) with SRC's mode "
+                   "and digests, or an absent or empty directory (a new local archive)")
+    p.add_argument("rids", metavar="RID", nargs="*", help="only these resources")
+    p.add_argument("--merge", action="store_true", help="where a resource's chains diverged, commit SRC's "
+                   "instances on top of DST's, oldest first, each keeping its original in `origins`")
 
     p = command("status", cmd_status, "per store: reachable, instances behind, last full fsck (exit 1: not all "
                 "stores up to date)")
