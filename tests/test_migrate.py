@@ -348,3 +348,33 @@ def test_merge_refuses_a_shared_instance_id_with_different_content(tmp_path):
     err = one_line_refusal(run_tinyfs("migrate", src, dst, "--merge", check=False))
     assert "'beta'" in err and iid in err
     assert snapshot(dst) == before
+
+
+# -- a target in an S3 bucket ----------------------------------------------------------------------------
+
+def test_migrate_and_merge_into_an_archive_in_seaweedfs(s3_env, bucket, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_source(src, tmp_path)
+    run_tinyfs("init", dst, "--store", f"s3://{bucket}/arch", "--endpoint", s3_env.endpoint)
+    r = run_tinyfs("migrate", src, dst)
+    assert "5 instance(s) copied" in r.stdout
+    assert chains(dst) == chains(src)
+    export_all(src, tmp_path / "x-src")
+    export_all(dst, tmp_path / "x-dst")
+    assert rsync_diff(tmp_path / "x-src", tmp_path / "x-dst") == ""
+    # a second working directory of the same store sees it all, and fsck (every byte, from the store) is clean
+    other = tmp_path / "other"
+    run_tinyfs("init", other, "--store", f"s3://{bucket}/arch", "--endpoint", s3_env.endpoint)
+    assert chains(other) == chains(src)
+    run_tinyfs("fsck", other)
+    # diverged: SRC's new instance is committed on the store's head, its new bytes brought checked
+    commit(dst, "alpha", add={"dst.txt": b"dst\n"})
+    iid = commit(src, "alpha", add={"src.bin": os.urandom(300_000)}, message="src's")
+    assert "1 merged" in run_tinyfs("migrate", src, dst, "--merge").stdout
+    head = ArchiveRoot(other).instance("alpha", ArchiveRoot(other).head("alpha"))
+    assert head.origins[-1]["instance"] == iid and {"dst.txt", "src.bin"} <= set(head.state.files)
+    assert Archive(other).get("alpha").read("src.bin") == Archive(src).get("alpha").read("src.bin")
+    assert "0 merged" in run_tinyfs("migrate", src, dst, "--merge").stdout
+    run_tinyfs("fsck", other)
+    # the same store through another working directory is the same archive: refused
+    assert "same store" in one_line_refusal(run_tinyfs("migrate", dst, other, check=False))
