@@ -333,6 +333,28 @@ def test_merge_is_resumable_after_an_exception_between_commits(tmp_path, monkeyp
     check_archive_ok(dst)
 
 
+def test_merge_in_worm_mode_and_migrate_of_a_dynamic_archive(tmp_path):
+    for mode in ("worm", "dynamic"):
+        src, dst = tmp_path / mode / "src", tmp_path / mode / "dst"
+        Archive.init(src, mode=mode)
+        commit(src, "r", add={"a/x": b"x\n", "b": b"b\n"})
+        commit(src, "r", add={"a/y": b"y\n"})
+        first = migrate_mod.migrate(ArchiveRoot(src), dst)
+        commit(dst, "r", add={"d": b"d\n"})
+        iid = commit(src, "r", add={"e": b"e" * 10_000}, remove=("b",))
+        report = migrate_mod.migrate(ArchiveRoot(src), dst, merge=True)
+        head = ArchiveRoot(dst).instance("r", ArchiveRoot(dst).head("r"))
+        assert head.origins[-1]["instance"] == iid and report.merged == 1
+        assert Archive(dst).get("r").read("e") == b"e" * 10_000
+        if mode == "worm":      # copied with their ids, then SRC's change on DST's head (DST's own file kept)
+            assert first.copied == 2 and set(head.state.files) == {"a/x", "a/y", "d", "e"}
+        else:                   # only the head is left, its predecessor gone: its state is committed on DST
+            assert (first.copied, first.merged) == (0, 1) and set(head.state.files) == {"a/x", "a/y", "e"}
+        assert migrate_mod.migrate(ArchiveRoot(src), dst, merge=True).merged == 0
+        assert [p.name for p in (dst / "transactions").iterdir()] == [".locks"]
+        check_archive_ok(dst)
+
+
 def test_merge_refuses_a_shared_instance_id_with_different_content(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_source(src, tmp_path)

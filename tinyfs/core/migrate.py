@@ -67,10 +67,16 @@ def plan(src: ArchiveRoot, dst_path: str | os.PathLike, rids: list[str] | None =
             raise NotFound(f"no resource {rid!r} in {src.root}")
     chosen = list(dict.fromkeys(rids)) if rids else src.resource_ids()
     found = Plan(dst, dst_path, chosen)
+    if src.config.mode == "dynamic":
+        # each resource keeps its head only, whose predecessor is gone: no store can take it after the
+        # same predecessor, so its state is committed on DST (a new id; the original in `origins`)
+        found.diverged = list(chosen)
     if dst is None:
         return found
     for rid in chosen:
         _refuse_shared_ids(src, dst, rid)
+        if rid in found.diverged:
+            continue
         try:
             replicas.check_prefix(src, dst, rid, what=str(dst.root))
         except replicas.Diverged as e:
