@@ -15,6 +15,7 @@ interruption finishes the job and running it twice adds nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -111,7 +112,6 @@ def _open_target(src: ArchiveRoot, dst_path: Path) -> ArchiveRoot | None:
 
 
 def _store_of(archive: ArchiveRoot) -> tuple | None:
-    import json
     doc = json.loads((archive.root / "tinyfs.json").read_text())
     return (doc["store"], doc.get("endpoint")) if "store" in doc else None
 
@@ -147,7 +147,7 @@ def migrate(src: ArchiveRoot, dst_path: str | os.PathLike, rids: list[str] | Non
             merge_resource(src, dst, rid, report, events, progress)
         else:
             _copy_resource(src, dst, rid, report, progress)
-    dst.events.append("migrate.finished", source=str(src.root), resources=report.resources,
+    dst.events.append("migrate.finished", source=address(src), resources=report.resources,
                       copied=report.copied, merged=report.merged, unchanged=report.unchanged, held=report.held)
     return report
 
@@ -186,7 +186,7 @@ def merge_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
                 made = _rebase_one(src, dst, rid, iid, record, waiting, bring)
                 if made is None:
                     waiting.append({**record, "unchanged": True})
-                    dst.events.append("migrate.merged", rid, dst.head(rid), source=str(src.root), origin=iid,
+                    dst.events.append("migrate.merged", rid, dst.head(rid), source=address(src), origin=iid,
                                       unchanged=True)
                     report.unchanged += 1
                 else:
@@ -212,14 +212,25 @@ def holds(dst: ArchiveRoot, rid: str) -> set[str]:
 
 def origin_record(src: ArchiveRoot, rid: str, iid: str, events: list[dict]) -> dict:
     doc = src.instance(rid, iid)
-    return {"archive": str(src.root), "instance": iid, "previous": doc.previous, "created": doc.created,
+    return {"archive": address(src), "instance": iid, "previous": doc.previous, "created": doc.created,
             "label": doc.label, "events": events}
 
 
+def address(archive: ArchiveRoot) -> str:
+    """Where an archive is: its store's address (s3://...), else its root."""
+    store = _store_of(archive)
+    return store[0] if store else str(archive.root)
+
+
+# events that name an instance as the base of a later transaction, not as their subject
+NOT_ABOUT = ("transaction.opened", "transaction.rolled_back", "transaction.unchanged")
+
+
 def _events_by_instance(src: ArchiveRoot) -> dict[tuple[str, str], list[dict]]:
+    """(rid, iid) -> SRC's event records about that instance (its commit, copies, fixity findings)."""
     out: dict[tuple[str, str], list[dict]] = {}
     for event in src.events.read():
-        if event.get("resource") and event.get("instance"):
+        if event.get("resource") and event.get("instance") and event.get("event") not in NOT_ABOUT:
             out.setdefault((event["resource"], event["instance"]), []).append(event)
     return out
 
@@ -253,7 +264,7 @@ def _rebase_one(src: ArchiveRoot, dst: ArchiveRoot, rid: str, iid: str, record: 
     result = commit(dst, req)
     if result.instance is None:
         return None
-    dst.events.append("migrate.merged", rid, result.instance, source=str(src.root), origin=iid,
+    dst.events.append("migrate.merged", rid, result.instance, source=address(src), origin=iid,
                       unchanged=False)
     return result.instance
 
