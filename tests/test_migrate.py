@@ -428,3 +428,23 @@ def test_migrate_and_merge_into_an_archive_in_seaweedfs(s3_env, bucket, tmp_path
     run_tinyfs("fsck", other)
     # the same store through another working directory is the same archive: refused
     assert "same store" in one_line_refusal(run_tinyfs("migrate", dst, other, check=False))
+
+
+def test_rebased_state_makes_a_valid_tree_and_names_what_it_dropped():
+    from tinyfs.core.model import DirEntry, FileEntry, State
+
+    def f(d: str) -> FileEntry:
+        return FileEntry(d * 8, 1, 0o644, 1)
+
+    d = DirEntry(0o755, 1)
+    base = State({"p/a": f("a"), "k/x": f("x"), "k/y": f("x")}, {}, {"p": d, "k": d}, hardlinks=(("k/x", "k/y"),))
+    # DST: added p/q, deleted k/ and made l/
+    head = State({"p/a": f("a"), "p/q": f("b"), "l/z": f("z")}, {}, {"p": d, "l": d})
+    # SRC: p became a file, a file added under k/ (which DST deleted), the pair k/x, k/y rewritten
+    after = State({"p": f("c"), "k/x": f("e"), "k/y": f("e"), "k/deep/n": f("n")}, {},
+                  {"k": DirEntry(0o700, 5), "k/deep": d}, hardlinks=(("k/x", "k/y"),))
+    state, dropped = migrate_mod.rebased_state(base, after, head)
+    assert dropped == ["p/q"]                                   # under a path that is no longer a directory
+    assert set(state.files) == {"p", "k/x", "k/y", "k/deep/n", "l/z"}
+    assert state.dirs["k"] == DirEntry(0o700, 5) and "p" not in state.dirs and "l" in state.dirs
+    assert state.hardlinks == (("k/x", "k/y"),)

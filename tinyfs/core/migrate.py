@@ -183,11 +183,11 @@ def merge_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
                 report.held += 1
             else:
                 record = origin_record(src, rid, iid, events.get((rid, iid), []))
-                made = _rebase_one(src, dst, rid, iid, record, waiting, bring)
+                made, record = _rebase_one(src, dst, rid, iid, record, waiting, bring)
                 if made is None:
                     waiting.append({**record, "unchanged": True})
                     dst.events.append("migrate.merged", rid, dst.head(rid), source=address(src), origin=iid,
-                                      unchanged=True)
+                                      unchanged=True, record={k: v for k, v in record.items() if k != "events"})
                     report.unchanged += 1
                 else:
                     waiting = []
@@ -236,8 +236,9 @@ def _events_by_instance(src: ArchiveRoot) -> dict[tuple[str, str], list[dict]]:
 
 
 def _rebase_one(src: ArchiveRoot, dst: ArchiveRoot, rid: str, iid: str, record: dict, waiting: list[dict],
-                bring: Bringer) -> str | None:
-    """Commit SRC's instance `iid`, rebased on DST's head; its new id, or None when it changes nothing there."""
+                bring: Bringer) -> tuple[str | None, dict]:
+    """Commit SRC's instance `iid`, rebased on DST's head: (its new id, or None when it changes nothing
+    there; its origin record, with what the rebase dropped)."""
     doc = src.instance(rid, iid)
     head = dst.head(rid)
     head_doc = dst.instance(rid, head) if head else None
@@ -256,17 +257,16 @@ def _rebase_one(src: ArchiveRoot, dst: ArchiveRoot, rid: str, iid: str, record: 
     if dropped:
         record = {**record, "dropped": dropped}
     if _same_state(target, head_state) and label is None:
-        return None
+        return None, record
     known = _stored_digests(dst, rid, head, head_doc)
     changes = _changes(doc, target, known, bring)
     req = CommitRequest(rid, head, changes, full=True, message=doc.message, creator=doc.creator, label=label,
                         hardlinks=target.hardlinks, root=target.root, origins=[*waiting, record])
     result = commit(dst, req)
-    if result.instance is None:
-        return None
-    dst.events.append("migrate.merged", rid, result.instance, source=address(src), origin=iid,
-                      unchanged=False)
-    return result.instance
+    if result.instance is not None:
+        dst.events.append("migrate.merged", rid, result.instance, source=address(src), origin=iid,
+                          unchanged=False)
+    return result.instance, record
 
 
 def rebased_state(before: State, after: State, head: State) -> tuple[State, list[str]]:
