@@ -323,8 +323,8 @@ def cmd_migrate(args) -> int:
 
     src = ArchiveRoot(args.src)
     found = plan(src, args.dst, args.rids or None, args.merge)     # every refusal, before anything is written
-    with _progress() as progress:
-        advance = progress("migrate", found.instances(src)) if progress else None
+    with _progress(items=True) as progress:
+        advance = progress("instances", found.instances(src)) if progress else None
         report = migrate(src, args.dst, merge=args.merge, planned=found,
                          progress=(lambda _rid, _iid: advance(1)) if advance else None)
     print(f"{report.resources} resource(s) from {src.root} to {found.dst_path}: {report.copied} instance(s) "
@@ -599,8 +599,9 @@ def _listdir(path) -> list[str]:
 
 
 @contextmanager
-def _progress() -> Iterator[Callable | None]:
-    """A progress factory (description, total) -> advance(n) drawing on stderr, when it is a terminal."""
+def _progress(items: bool = False) -> Iterator[Callable | None]:
+    """A progress factory (description, total) -> advance(n) drawing on stderr, when it is a terminal;
+    counting bytes, or with `items` things (n of N)."""
     if not sys.stderr.isatty():
         yield None
         return
@@ -608,13 +609,15 @@ def _progress() -> Iterator[Callable | None]:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    counts = (MofNCompleteColumn(),) if items else (DownloadColumn(), TransferSpeedColumn())
+    with Progress(TextColumn("{task.description}"), BarColumn(), *counts,
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
         def start(description: str, total: int | None) -> Callable[[int], None]:
             task = bar.add_task(description, total=total)

@@ -82,7 +82,7 @@ def plan(src: ArchiveRoot, dst_path: str | os.PathLike, rids: list[str] | None =
             replicas.check_prefix(src, dst, rid, what=str(dst.root))
         except replicas.Diverged as e:
             if not merge:
-                raise replicas.Diverged(f"{e}; tinyfs migrate --merge rebases {src.root}'s instances on "
+                raise replicas.Diverged(f"{e}; use --merge to commit {src.root}'s instances on top of "
                                         "them") from None
             found.diverged.append(rid)
     return found
