@@ -258,11 +258,11 @@ def test_merge_rebases_src_instances_on_dst_head_in_order_keeping_their_origins(
     merged = after[len(dst_before):]
     assert len(merged) == 3
     docs = [dst_arch.instance("alpha", iid) for iid in merged]
-    # in SRC's order; each names its original (the last one also the unchanged SRC instance before it)
-    assert [d.origins[-1]["instance"] for d in docs] == src_own[:3]
+    # in SRC's order, each naming its original
+    assert [d.origin["instance"] for d in docs] == src_own[:3]
     assert [d.message for d in docs] == ["src adds under doc/", "src shared", "src rewrites a hard link"]
     assert docs[0].creator == "carol"
-    first = docs[0].origins[-1]
+    first = docs[0].origin
     assert first["created"] == src_arch.instance("alpha", src_own[0]).created
     assert first["previous"] == src_arch.instance("alpha", src_own[0]).previous
     assert first["label"] == "v2" and first["label_dropped"] is True and docs[0].label is None
@@ -287,9 +287,8 @@ def test_merge_rebases_src_instances_on_dst_head_in_order_keeping_their_origins(
         changed = state_changes(src_arch.state("alpha", src_arch.instance("alpha", iid).previous)
                                 if src_arch.instance("alpha", iid).previous else type(state)(),
                                 src_arch.state("alpha", iid).entries())
-        twin = next((m for m in after if m == iid or any(o["instance"] == iid
-                                                          for o in dst_arch.instance("alpha", m).origins or ())),
-                    None)
+        twin = next((m for m in after if m == iid or (dst_arch.instance("alpha", m).origin or {}).get("instance")
+                     == iid), None)
         if twin is None:
             assert iid == src_own[3]
             twin = after[-1]
@@ -326,9 +325,8 @@ def test_merge_is_resumable_after_an_exception_between_commits(tmp_path, monkeyp
     monkeypatch.setattr(migrate_mod, "commit", real)
     report = migrate_mod.migrate(ArchiveRoot(src), dst, merge=True)
     assert (report.merged, report.unchanged) == (2, 1)
-    origins = [o["instance"] for iid in ArchiveRoot(dst).instance_ids("alpha")
-               for o in ArchiveRoot(dst).instance("alpha", iid).origins or ()]
-    assert origins == src_own[:3]
+    origins = [ArchiveRoot(dst).instance("alpha", iid).origin for iid in ArchiveRoot(dst).instance_ids("alpha")]
+    assert [o["instance"] for o in origins if o] == src_own[:3]
     assert not list((dst / "transactions").glob(".api-migrate-*"))
     check_archive_ok(dst)
 
@@ -352,9 +350,9 @@ def test_merge_resumes_after_kill_9_with_nothing_lost_or_duplicated(tmp_path):
     r = run_tinyfs("migrate", src, dst, "--merge")
     assert f"{len(mergeable) - done} merged" in r.stdout, r.stdout
     dst_arch = ArchiveRoot(dst)
-    origins = [o["instance"] for iid in dst_arch.instance_ids("alpha")
-               for o in dst_arch.instance("alpha", iid).origins or () if not o.get("unchanged")]
-    assert origins == mergeable                     # each once, in SRC's order
+    origins = [dst_arch.instance("alpha", iid).origin for iid in dst_arch.instance_ids("alpha")]
+    assert [o["instance"] for o in origins if o] == mergeable        # each once, in SRC's order
+    assert [u["instance"] for o in origins if o for u in o.get("unchanged", ())] == [src_own[3]]
     assert dst_arch.state("alpha").files["many/6.txt"] == ArchiveRoot(src).state("alpha").files["many/6.txt"]
     run_tinyfs("recover", dst)
     assert not list((dst / "transactions").glob(".commit-*"))
@@ -372,7 +370,7 @@ def test_merge_in_worm_mode_and_migrate_of_a_dynamic_archive(tmp_path):
         iid = commit(src, "r", add={"e": b"e" * 10_000}, remove=("b",))
         report = migrate_mod.migrate(ArchiveRoot(src), dst, merge=True)
         head = ArchiveRoot(dst).instance("r", ArchiveRoot(dst).head("r"))
-        assert head.origins[-1]["instance"] == iid and report.merged == 1
+        assert head.origin["instance"] == iid and report.merged == 1
         assert Archive(dst).get("r").read("e") == b"e" * 10_000
         if mode == "worm":      # copied with their ids, then SRC's change on DST's head (DST's own file kept)
             assert first.copied == 2 and set(head.state.files) == {"a/x", "a/y", "d", "e"}
@@ -422,7 +420,7 @@ def test_migrate_and_merge_into_an_archive_in_seaweedfs(s3_env, bucket, tmp_path
     iid = commit(src, "alpha", add={"src.bin": os.urandom(300_000)}, message="src's")
     assert "1 merged" in run_tinyfs("migrate", src, dst, "--merge").stdout
     head = ArchiveRoot(other).instance("alpha", ArchiveRoot(other).head("alpha"))
-    assert head.origins[-1]["instance"] == iid and {"dst.txt", "src.bin"} <= set(head.state.files)
+    assert head.origin["instance"] == iid and {"dst.txt", "src.bin"} <= set(head.state.files)
     assert Archive(other).get("alpha").read("src.bin") == Archive(src).get("alpha").read("src.bin")
     assert "0 merged" in run_tinyfs("migrate", src, dst, "--merge").stdout
     run_tinyfs("fsck", other)

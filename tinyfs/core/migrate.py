@@ -5,7 +5,7 @@ stored file checked against the bag's manifests on the way, each instance publis
 so DST's chains must be prefixes of SRC's. With `merge`, a resource whose chains diverged after a common
 prefix gets SRC's instances rebased on DST's head, oldest first: each SRC instance's change (its state
 against its SRC predecessor's) applied to DST's head state and committed on DST by core commit, with the
-original's id, times and events kept in the new instance's `origins`. DST's own instances never move:
+original's id, times and events kept in the new instance's `origin`. DST's own instances never move:
 they are immutable, and a reader's instance ids and labels must stay valid.
 
 Everything that can refuse the migration is checked before anything is written; afterwards each step
@@ -70,7 +70,7 @@ def plan(src: ArchiveRoot, dst_path: str | os.PathLike, rids: list[str] | None =
     found = Plan(dst, dst_path, chosen)
     if src.config.mode == "dynamic":
         # each resource keeps its head only, whose predecessor is gone: no store can take it after the
-        # same predecessor, so its state is committed on DST (a new id; the original in `origins`)
+        # same predecessor, so its state is committed on DST (a new id; the original in `origin`)
         found.diverged = list(chosen)
     if dst is None:
         return found
@@ -176,7 +176,7 @@ def merge_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
     held = holds(dst, rid)
     src_ids = src.instance_ids(rid)
     bring = Bringer(src, rid, dst)
-    waiting: list[dict] = []                # origins of unchanged instances, for the next merged one
+    waiting: list[dict] = []                # records of unchanged instances, for the next merged one
     try:
         for iid in src_ids:
             if iid in held:
@@ -185,7 +185,7 @@ def merge_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
                 record = origin_record(src, rid, iid, events.get((rid, iid), []))
                 made, record = _rebase_one(src, dst, rid, iid, record, waiting, bring)
                 if made is None:
-                    waiting.append({**record, "unchanged": True})
+                    waiting.append(record)
                     dst.events.append("migrate.merged", rid, dst.head(rid), source=address(src), origin=iid,
                                       unchanged=True, record={k: v for k, v in record.items() if k != "events"})
                     report.unchanged += 1
@@ -199,11 +199,14 @@ def merge_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
 
 
 def holds(dst: ArchiveRoot, rid: str) -> set[str]:
-    """The SRC instance ids DST holds: its own ids, the origins of its instances, and the instances a
-    merge recorded as unchanged (in DST's event log only: they made no instance)."""
+    """The SRC instance ids DST holds: its own ids, the origins of its instances (with the unchanged ones
+    each names), and the instances a merge recorded as unchanged in DST's event log."""
     held = set(dst.instance_ids(rid))
     for iid in dst.instance_ids(rid):
-        held.update(o["instance"] for o in dst.instance(rid, iid).origins or ())
+        origin = dst.instance(rid, iid).origin
+        if origin:
+            held.add(origin["instance"])
+            held.update(o["instance"] for o in origin.get("unchanged", ()))
     for event in dst.events.read():
         if event.get("event") == "migrate.merged" and event.get("resource") == rid:
             held.add((event.get("detail") or {}).get("origin"))
@@ -261,7 +264,7 @@ def _rebase_one(src: ArchiveRoot, dst: ArchiveRoot, rid: str, iid: str, record: 
     known = _stored_digests(dst, rid, head, head_doc)
     changes = _changes(doc, target, known, bring)
     req = CommitRequest(rid, head, changes, full=True, message=doc.message, creator=doc.creator, label=label,
-                        hardlinks=target.hardlinks, root=target.root, origins=[*waiting, record])
+                        hardlinks=target.hardlinks, root=target.root, origin={**record, "unchanged": waiting} if waiting else record)
     result = commit(dst, req)
     if result.instance is not None:
         dst.events.append("migrate.merged", rid, result.instance, source=address(src), origin=iid,
