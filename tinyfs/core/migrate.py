@@ -142,9 +142,10 @@ def migrate(src: ArchiveRoot, dst_path: str | os.PathLike, rids: list[str] | Non
         dst = ArchiveRoot(found.dst_path)
         report.created = True
     events = _events_by_instance(src) if found.diverged else {}
+    logged = _merged_in_log(dst) if found.diverged else {}
     for rid in found.rids:
         if rid in found.diverged:
-            merge_resource(src, dst, rid, report, events, progress)
+            merge_resource(src, dst, rid, report, events, logged.get(rid, set()), progress)
         else:
             _copy_resource(src, dst, rid, report, progress)
     dst.events.append("migrate.finished", source=address(src), resources=report.resources,
@@ -171,9 +172,10 @@ def _copy_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
 # -- merge ------------------------------------------------------------------------------------------
 
 def merge_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: MigrateReport,
-                   events: dict[tuple[str, str], list[dict]], progress: Progress = None) -> None:
-    """Rebase every SRC instance of `rid` that DST does not hold on DST's head, in SRC's chain order."""
-    held = holds(dst, rid)
+                   events: dict[tuple[str, str], list[dict]], logged: set[str], progress: Progress = None) -> None:
+    """Rebase every SRC instance of `rid` that DST does not hold on DST's head, in SRC's chain order
+    (`events`: SRC's records by instance; `logged`: the SRC instances DST's log records as merged)."""
+    held = holds(dst, rid) | logged
     src_ids = src.instance_ids(rid)
     bring = Bringer(src, rid, dst)
     waiting: list[dict] = []                # records of unchanged instances, for the next merged one
@@ -199,18 +201,25 @@ def merge_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
 
 
 def holds(dst: ArchiveRoot, rid: str) -> set[str]:
-    """The SRC instance ids DST holds: its own ids, the origins of its instances (with the unchanged ones
-    each names), and the instances a merge recorded as unchanged in DST's event log."""
+    """The SRC instance ids DST's chain holds: its own ids and the origins of its instances (with the
+    unchanged ones each names)."""
     held = set(dst.instance_ids(rid))
     for iid in dst.instance_ids(rid):
         origin = dst.instance(rid, iid).origin
         if origin:
             held.add(origin["instance"])
             held.update(o["instance"] for o in origin.get("unchanged", ()))
-    for event in dst.events.read():
-        if event.get("event") == "migrate.merged" and event.get("resource") == rid:
-            held.add((event.get("detail") or {}).get("origin"))
     return held
+
+
+def _merged_in_log(dst: ArchiveRoot) -> dict[str, set[str]]:
+    """rid -> the SRC instances DST's log records as merged (the only record of one that changed nothing
+    at the end of a chain), read once per run."""
+    out: dict[str, set[str]] = {}
+    for event in dst.events.read():
+        if event.get("event") == "migrate.merged" and event.get("resource"):
+            out.setdefault(event["resource"], set()).add((event.get("detail") or {}).get("origin"))
+    return out
 
 
 def origin_record(src: ArchiveRoot, rid: str, iid: str, events: list[dict]) -> dict:
