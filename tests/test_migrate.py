@@ -426,6 +426,12 @@ def test_migrate_and_merge_into_an_archive_in_seaweedfs(s3_env, bucket, tmp_path
     run_tinyfs("fsck", other)
     # the same store through another working directory is the same archive: refused
     assert "same store" in one_line_refusal(run_tinyfs("migrate", dst, other, check=False))
+    # and back out of the store, into a new local archive
+    back = tmp_path / "back"
+    run_tinyfs("migrate", other, back)
+    assert chains(back) == chains(other)
+    assert ArchiveRoot(back).instance("alpha", head.id).origin["instance"] == iid
+    check_archive_ok(back)
 
 
 def test_rebased_state_makes_a_valid_tree_and_names_what_it_dropped():
