@@ -26,7 +26,7 @@ from ..core.errors import InvalidBag, TinyfsError
 log = logging.getLogger("tinyfs")
 
 COMMANDS = ("init", "mount", "umount", "ingest", "ls", "cat", "events", "fsck", "export", "recover", "purge",
-            "store", "replicate", "status")
+            "store", "replicate", "status", "migrate")
 EXIT_OK, EXIT_DAMAGE, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -317,6 +317,22 @@ def cmd_replicate(args) -> int:
     return EXIT_ERROR if report.failed else EXIT_OK
 
 
+def cmd_migrate(args) -> int:
+    from ..core.layout import ArchiveRoot
+    from ..core.migrate import migrate, plan
+
+    src = ArchiveRoot(args.src)
+    found = plan(src, args.dst, args.rids or None, args.merge)     # every refusal, before anything is written
+    with _progress(items=True) as progress:
+        advance = progress("instances", found.instances(src)) if progress else None
+        report = migrate(src, args.dst, merge=args.merge, planned=found,
+                         progress=(lambda _rid, _iid: advance(1)) if advance else None)
+    print(f"{report.resources} resource(s) from {src.root} to {found.dst_path}: {report.copied} instance(s) "
+          f"copied, {report.merged} merged, {report.unchanged} unchanged on the target (recorded), "
+          f"{report.held} there already")
+    return EXIT_OK
+
+
 def cmd_status(args) -> int:
     from ..core.layout import ArchiveRoot
     from ..core.replicas import status
@@ -448,6 +464,16 @@ def _add_setup_commands(command: Command) -> None:
     p.add_argument("rids", metavar="RID", nargs="*")
     p.add_argument("--store", action="append", metavar="NAME", help="only this replica (repeatable)")
 
+    p = command("migrate", cmd_migrate, "copy every resource with every instance to another archive, checked "
+                "(resumable); --merge rebases diverged chains on the target's")
+    p.usage = "tinyfs migrate SRC DST [RID...] [--merge]"
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="an archive (local, or an S3 working directory) with SRC's mode "
+                   "and digests, or an absent or empty directory (a new local archive)")
+    p.add_argument("rids", metavar="RID", nargs="*", help="only these resources")
+    p.add_argument("--merge", action="store_true", help="where a resource's chains diverged, commit SRC's "
+                   "instances on top of DST's, oldest first, each keeping its original in `origins`")
+
     p = command("status", cmd_status, "per store: reachable, instances behind, last full fsck (exit 1: not all "
                 "stores up to date)")
     p.add_argument("root", metavar="ROOT")
@@ -573,8 +599,9 @@ def _listdir(path) -> list[str]:
 
 
 @contextmanager
-def _progress() -> Iterator[Callable | None]:
-    """A progress factory (description, total) -> advance(n) drawing on stderr, when it is a terminal."""
+def _progress(items: bool = False) -> Iterator[Callable | None]:
+    """A progress factory (description, total) -> advance(n) drawing on stderr, when it is a terminal;
+    counting bytes, or with `items` things (n of N)."""
     if not sys.stderr.isatty():
         yield None
         return
@@ -582,13 +609,15 @@ def _progress() -> Iterator[Callable | None]:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    counts = (MofNCompleteColumn(),) if items else (DownloadColumn(), TransferSpeedColumn())
+    with Progress(TextColumn("{task.description}"), BarColumn(), *counts,
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
         def start(description: str, total: int | None) -> Callable[[int], None]:
             task = bar.add_task(description, total=total)

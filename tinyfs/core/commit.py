@@ -102,6 +102,7 @@ class CommitRequest:
     root: DirEntry | None = None         # the resource root's mode and mtime; None: as the head has them
     copies: int | None = None            # stores (the primary counted) that must take the instance; None:
                                          # as ROOT/replicas.json says (replicas.py)
+    origin: dict | None = None           # instance.json's `origin` (a merge's: core/migrate.py)
 
 
 @dataclass
@@ -336,7 +337,7 @@ def write_tags(archive: ArchiveRoot, req: CommitRequest, head: str | None, head_
     cfg = archive.config
     iid = plan.iid
     doc = InstanceDoc(iid, req.rid, head, utc_now(), req.message or "", req.creator or "", req.label,
-                      cfg.primary, merged, plan.stored)   # (unsorted: instance.json sorts)
+                      cfg.primary, merged, plan.stored, req.origin)   # (unsorted: instance.json sorts)
     info = bagwrite.bag_info(req.rid, plan.total, len(plan.payload), [
         ("Internal-Sender-Description", doc.message), ("Contact-Name", doc.creator),
         ("Tinyfs-Label", doc.label or ""), ("Tinyfs-Instance", iid), ("Tinyfs-Previous", head or "")])

@@ -179,6 +179,9 @@ class InstanceDoc:
     digest: str
     state: State
     stored: dict[str, str]
+    # Where a merged instance came from (tinyfs migrate --merge, docs/migrate.md): the instance of another
+    # archive whose change it applies. None: made here.
+    origin: dict | None = None
     # The encoded line of every entry, by section, once this document has been written (`to_json_bytes`):
     # the next instance of the resource re-encodes only the entries that are not the same objects.
     encoded: dict[str, dict] | None = field(default=None, compare=False, repr=False)
@@ -223,6 +226,8 @@ class InstanceDoc:
         sections = {key: _lines(lines) for key, lines in encoded.items()}
         if self.state.hardlinks:        # left out when there are none (older readers never saw the key)
             sections["hardlinks"] = _group_lines(self.state.hardlinks)
+        if self.origin:                 # likewise: only merged instances have it
+            sections["origin"] = [_ENCODE(self.origin)]
         self.encoded = encoded
         out = ["{\n"]
         for n, key in enumerate(sorted([*top, *sections])):
@@ -248,7 +253,8 @@ class InstanceDoc:
             hardlinks=_read_groups(doc.get("hardlinks", [])),
         )
         return cls(doc["id"], doc["resource"], doc["previous"], doc["created"], doc.get("message", ""),
-                   doc.get("creator", ""), doc.get("label"), doc["digest"], state, dict(doc["stored"]))
+                   doc.get("creator", ""), doc.get("label"), doc["digest"], state, dict(doc["stored"]),
+                   _read_origin(doc.get("origin")))
 
 
 UNKNOWN = object()                 # peek_root could not tell
@@ -302,6 +308,14 @@ def _lines(encoded: dict) -> list[str]:
 def _group_lines(groups: tuple[Group, ...]) -> list[str]:
     """The link groups as a JSON array, one group per line."""
     return ["[\n", _NEXT.join(f"  {_ENCODE(list(group))}" for group in groups), "\n ]"]
+
+
+def _read_origin(doc) -> dict | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("instance"), str):
+        raise ValueError("origin is not a record naming an instance")
+    return doc
 
 
 def _read_groups(doc) -> tuple[Group, ...]:
