@@ -198,26 +198,39 @@ def repair(archive: ArchiveRoot, rids: list[str] | None = None, names: list[str]
         report.failed += [f"{check.name}: diverged: resource {rid}: not repaired" for rid in check.diverged]
         if check.report.clean:
             continue
-        touched = _repair_store(archive, refs[check.name], check.report, refs, good, report)
-        _recheck(refs[check.name], check.report, touched, report)
+        _repair_store(archive, refs[check.name], check.report, refs, good, report)
     return report
 
 
+ROUNDS = 3      # a repaired manifest or instance.json can show damage its loss hid: fsck again, repair again
+
+
 def _repair_store(archive: ArchiveRoot, target: StoreRef, found: FsckReport, refs: dict[str, StoreRef],
-                  checks: dict[str, StoreCheck], report: RepairReport) -> set[str]:
-    """Repair every stored file the target's findings name; the resources touched."""
-    touched = set()
-    for rid, rel in _damaged_files(found):
-        touched.add(rid)
-        others = [refs[n] for n in checks if n != target.name and refs[n].archive is not None]
-        try:
-            done = _repair_file(archive, target, rid, rel, others, checks)
-        except (CopyFailed, TinyfsError, OSError) as e:
-            report.failed.append(f"{target.name}: {rid} {rel}: not repaired: {e}")
-            continue
-        if done is not None:
-            report.repaired.append(done)
-    return touched
+                  checks: dict[str, StoreCheck], report: RepairReport) -> None:
+    """Repair every stored file the target's findings name, fsck its resources again, and again while
+    that finds more and repairs some; what the last fsck still finds is reported as not repaired."""
+    others = [refs[n] for n in checks if n != target.name and refs[n].archive is not None]
+    rids = sorted({f.resource for f in found.findings})
+    failed: list[str] = []
+    for _ in range(ROUNDS):
+        failed = []
+        progressed = False
+        for rid, rel in _damaged_files(found):
+            try:
+                done = _repair_file(archive, target, rid, rel, others, checks)
+            except (CopyFailed, TinyfsError, OSError) as e:
+                failed.append(f"{target.name}: {rid} {rel}: not repaired: {e}")
+                continue
+            if done is not None:
+                report.repaired.append(done)
+                progressed = True
+        found = fsck(target.archive, rids)
+        if found.clean or not progressed:
+            break
+    report.failed += failed
+    if not found.clean and not failed:
+        report.failed += [f"{target.name}: not repaired: {line}" for line in found.lines()
+                          if not line.startswith("  ")]
 
 
 def _damaged_files(found: FsckReport) -> list[tuple[str, str]]:
@@ -242,7 +255,7 @@ def _repair_file(archive: ArchiveRoot, target: StoreRef, rid: str, rel: str, oth
     holder = rel.split("/")[1] if rel.startswith("instances/") else None
     vouching = [o for o in others if _vouches(o, checks[o.name].report, rid, holder, rel)]
     if not vouching:
-        raise CopyFailed("no other store holds it with its manifests intact")
+        raise CopyFailed("no good copy: every other store's copy (or its manifests) is damaged or missing")
     algorithm, digest = _expected(vouching[0].archive, rid, holder, rel)
     if _digest_of(target.archive, rid, rel, algorithm) == digest:
         return None
@@ -307,18 +320,6 @@ def hash_path(path: Path, algorithm: str) -> str | None:
     except FileNotFoundError:
         return None
     return h.hexdigest()
-
-
-def _recheck(target: StoreRef, before: FsckReport, touched: set[str], report: RepairReport) -> None:
-    """fsck of the repaired store's resources again: what it still finds was not repaired."""
-    rids = sorted(touched | {f.resource for f in before.findings})
-    after = fsck(target.archive, rids)
-    shown = set(report.failed)
-    for line in after.lines():
-        if not line.startswith("  "):
-            entry = f"{target.name}: not repaired: {line}"
-            if entry not in shown:
-                report.failed.append(entry)
 
 
 def _log_repair(archive: ArchiveRoot, repaired_store: ArchiveRoot, done: Repaired, via: str) -> None:
