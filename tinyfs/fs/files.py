@@ -74,14 +74,14 @@ class Verifier:
     its cache: a read past the damage fails through any handle, without hashing again).
 
     On an archive with replicas a damaged or missing stored file is repaired from one holding it intact
-    (core.repair.heal, in a worker thread); the damaged file's inode is then `stale`: a handle still
-    reading it fails, a handle of the file reopens it (`healed` counts the repairs of each stored file)."""
+    (core.repair.heal, in a worker thread); the damaged file's inode is then `stale`: every later read
+    of a handle that has it open fails (that handle may have handed out damaged bytes: it never succeeds
+    again), and a new open reads the repaired file."""
 
     def __init__(self, services: Services):
         self.services = services
         self.damaged: dict[tuple[str, str], Damage] = {}
         self.can_heal = bool(replicas_of(services.archive))
-        self.healed: dict[tuple[str, str], int] = {}
         self.stale: set[tuple[int, int]] = set()
         self._healing: dict[tuple[str, str], trio.Lock] = {}
         self._sources: dict[tuple[int, int], str] = {}      # a stale inode -> the store that repaired it
@@ -104,7 +104,7 @@ class Verifier:
             damage = self.damaged.get(check.expected.key)
             if damage is not None and (last or off + len(data) > damage.since):
                 raise fail(errno.EIO, f"{check.expected.path}: stored bytes do not match their digest")
-        if self.stale and _inode(fd) in self.stale:
+        if self.stale and _replaced(fd, self.stale):
             raise fail(errno.EIO, f"{check.expected.path}: stored bytes damaged and since repaired: "
                                   "open the file again")
         if check.behind:
@@ -149,7 +149,6 @@ class Verifier:
             if source is None:
                 return None
             self.damaged.pop(e.key, None)
-            self.healed[e.key] = self.healed.get(e.key, 0) + 1
             if damaged is not None:
                 self.stale.add(damaged)
                 self._sources[damaged] = source
@@ -159,6 +158,13 @@ class Verifier:
 def _inode(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def _replaced(fd: int, stale: set[tuple[int, int]]) -> bool:
+    """Whether `fd` is a damaged stored file a repair replaced (renamed over: no name left; the inode
+    number of one long closed may be in use again, by a file that has a name)."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino) in stale and st.st_nlink == 0
 
 
 def read_check(expected: Expected | None, fd: int) -> ReadCheck | None:
@@ -180,20 +186,15 @@ class StoredFile(FileHandle):
         self.fd = os.open(path(), os.O_RDONLY) if services.archive.config.mode == "dynamic" else -1
         self.check: ReadCheck | None | bool = None     # made at the first read (False: not verified)
         self.opening: trio.Lock | None = None
-        self.repairs = 0        # verifier.healed of the stored file when it was opened
         self.retried = False    # a read served from a file repaired under it (once per handle)
 
     async def read(self, off: int, size: int) -> bytes:
         verifier = self.services.verifier
-        if verifier.healed and self.check and verifier.healed.get(self.check.expected.key, 0) != self.repairs:
-            self._reopen()          # repaired since this handle opened it: read the repaired file
         if self.fd < 0:
             await self._open()
         data = os.pread(self.fd, size, off)
         if self.check is None:
             self.check = read_check(self.expect(), self.fd) or False
-            if self.check:
-                self.repairs = verifier.healed.get(self.check.expected.key, 0)
         if self.check is False:
             return data
         try:
