@@ -214,11 +214,14 @@ class LocalStore:
 
 
 def _sibling_mode(folder: Path, name: str, mode: str) -> int:
-    """The permission bits of another stored file in `folder` (the bag's files share theirs)."""
+    """0444 in worm mode; else the permission bits of another stored file in `folder` (a bag's files
+    share theirs)."""
+    if mode == "worm":
+        return 0o444
     for entry in os.scandir(folder):
         if entry.name != name and not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
             return stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
-    return 0o444 if mode == "worm" else 0o644
+    return 0o644
 
 
 def _copy_synced(source: Path, dest: Path, mode: int) -> None:
