@@ -266,3 +266,27 @@ def test_repair_of_a_lost_version_in_a_versioned_bucket(tmp_path, files, s3_env,
     from tinyfs.core.replicas import replicas_of
     replica = replicas_of(ArchiveRoot(root)).replicas[0].archive
     assert Archive(replica.root).get("book").read("big.bin") == files["big.bin"]
+
+
+def test_repair_of_an_immutable_archive_puts_chattr_back(tmp_path, files):
+    from tinyfs.core.commit import set_immutable
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if not set_immutable(probe):
+        pytest.skip("no chattr +i on this file system")
+    set_immutable(probe, False)
+    root = tmp_path / "archive"
+    run_tinyfs("init", root, "--mode", "worm", "--immutable")
+    run_tinyfs("store", "add", root, tmp_path / "r1")
+    run_tinyfs("ingest", root, "book", *sorted((tmp_path / "src").iterdir()))
+    path = stored(root, "book", "data/small.txt")
+    set_immutable(path, False)
+    flip_byte(path)
+    set_immutable(path, True)
+    assert run_tinyfs("cat", root, "book", "small.txt", text=False).stdout == files["small.txt"]
+    assert path.read_bytes() == files["small.txt"]
+    for p in (path, path.parent):
+        flags = subprocess.run(["lsattr", "-d", str(p)], capture_output=True, text=True).stdout.split()[0]
+        assert "i" in flags, (p, flags)
+    with pytest.raises(PermissionError):
+        os.unlink(path)

@@ -284,12 +284,14 @@ class S3Store:
         return self.files.get(name) or self.files.fill(name, lambda dest: self._download(key, version, dest))
 
     def _download(self, key: str, version: str | None, dest: Path) -> int:
-        """The pinned version of `key`; when the store no longer has it (lost, or deleted by a repair that
-        wrote good bytes again: `restore`), the newest version, which every reader verifies anyway."""
+        """The pinned version of `key`; for a payload file whose pinned version the store no longer has
+        (lost, or deleted by a repair that wrote good bytes again: `restore`), the newest version: every
+        reader verifies a payload file's bytes against instance.json. Tag files (instance.json itself,
+        the manifests) are read only by their pinned version: nothing would check a newer one."""
         try:
             return self.objects.download(key, dest, version_id=version)
         except NoSuchObject:
-            if version is None:
+            if version is None or "/data/" not in key:
                 raise
             log.warning("%s: version %s is gone; reading the newest version", self.objects.where(key), version)
             return self.objects.download(key, dest)
@@ -321,9 +323,9 @@ class S3Store:
     def restore(self, rid: str, relpath: str, source: Path) -> None:
         """Write the object again (an ordinary PUT, worm: under the store's retention). On a versioned
         bucket reads are pinned to the version the claim records, so the damaged version is then deleted
-        and reads fall back to the newest (`_download`); under Object Lock the store refuses that
-        delete, and the pinned version stays what readers get (docs/store.md: only a version the server
-        lost is repaired there)."""
+        and reads of a payload file fall back to the newest (`_download`); under Object Lock the store
+        refuses that delete, and the pinned version stays what readers get (docs/store.md: there only a
+        payload version the server lost is repaired)."""
         key, version = self._where(rid, relpath)
         new = self.objects.replace_file(key, source, retain_until=retain_until(self.config))
         if version and new != version:
