@@ -290,3 +290,14 @@ def test_repair_of_an_immutable_archive_puts_chattr_back(tmp_path, files):
         assert "i" in flags, (p, flags)
     with pytest.raises(PermissionError):
         os.unlink(path)
+
+
+def test_a_store_that_went_away_is_a_finding(replicated, files):
+    root, r1, r2 = replicated
+    r2.rename(r2.with_name("r2-gone"))
+    r = run_tinyfs("fsck", root, check=False)
+    assert r.returncode == 1 and "r2: unreachable: " in r.stdout and "r1: fsck: " in r.stdout
+    assert run_tinyfs("fsck", root, "--store", "primary", "--store", "r1").returncode == 0
+    r = run_tinyfs("repair", root, check=False)
+    assert r.returncode == 1 and "r2: unreachable, not repaired" in r.stderr
+    assert run_tinyfs("fsck", root, "--store", "nope", check=False).returncode == 2

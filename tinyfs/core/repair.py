@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .digests import CHUNK
-from .errors import NotFound, TinyfsError
+from .errors import NotAnArchive, NotFound, TinyfsError
 from .fsck import FsckReport, fsck
 from .layout import ArchiveRoot
 from .replicas import CopyFailed, Diverged, check_prefix, copy_checked, expected_digests, replicas_of
@@ -53,6 +53,8 @@ def stores(archive: ArchiveRoot, names: list[str] | None = None) -> list[StoreRe
         if names and r.name not in names:
             continue
         try:
+            if not r.spec.on_s3 and not (r.root / "tinyfs.json").exists():
+                raise NotAnArchive(f"{r.root} is not a tinyfs archive (any more)")   # (a disk gone)
             out.append(StoreRef(r.name, r.archive))
         except (TinyfsError, OSError) as e:
             out.append(StoreRef(r.name, None, str(e)))
@@ -256,7 +258,7 @@ def _repair_file(archive: ArchiveRoot, target: StoreRef, rid: str, rel: str, oth
     vouching = [o for o in others if _vouches(o, checks[o.name].report, rid, holder, rel)]
     if not vouching:
         raise CopyFailed("no good copy: every other store's copy (or its manifests) is damaged or missing")
-    algorithm, digest = _expected(vouching[0].archive, rid, holder, rel)
+    algorithm, digest = _expected([o.archive for o in vouching], rid, holder, rel)
     if _digest_of(target.archive, rid, rel, algorithm) == digest:
         return None
     sources = vouching + [o for o in others if o not in vouching]
@@ -286,17 +288,19 @@ def _vouches(ref: StoreRef, found: FsckReport | None, rid: str, holder: str | No
     return holder is None and ref.archive.exists(rid) or holder in ref.archive.instance_ids(rid)
 
 
-def _expected(archive: ArchiveRoot, rid: str, holder: str | None, rel: str) -> tuple[str, str]:
-    """(algorithm, digest) of `rel` as the store `archive` holds it: from its bag's manifests, or for a
-    file no manifest lists (a tagmanifest, resource.json) the digest of its own (intact) copy."""
-    alg = archive.config.primary
+def _expected(vouching: list[ArchiveRoot], rid: str, holder: str | None, rel: str) -> tuple[str, str]:
+    """(algorithm, digest) of `rel`: from the bag's manifests as the first store with intact ones holds
+    them (replicas.expected_digests), or for resource.json, which no manifest lists, the digest of the
+    first vouching store's own copy."""
+    alg = vouching[0].config.primary
     if holder is not None:
-        listed = expected_digests(archive, rid, holder).get(rel)
-        if listed is not None:
-            return listed
-    found = _digest_of(archive, rid, rel, alg)
+        listed = expected_digests(vouching, rid, holder).get(rel)
+        if listed is None:
+            raise CopyFailed("no manifest lists it")
+        return listed
+    found = _digest_of(vouching[0], rid, rel, alg)
     if found is None:
-        raise CopyFailed(f"{archive.root} lacks it too")
+        raise CopyFailed(f"{vouching[0].root} lacks it too")
     return alg, found
 
 
