@@ -2,7 +2,8 @@
 
 Exit codes (docs/format.md):
   0    success (fsck: clean)
-  1    damage found: by fsck, or stored bytes that cat or export would hand out are damaged or missing
+  1    damage found: by fsck, or stored bytes that cat or export would hand out are damaged or missing;
+       repair: something could not be repaired
   2    usage error, or the operation was refused or failed (one line on stderr)
   3    unexpected internal error (a bug: run with -v for the traceback)
   130  interrupted (Ctrl-C)
