@@ -85,6 +85,7 @@ class Verifier:
         self.stale: set[tuple[int, int]] = set()
         self._healing: dict[tuple[str, str], trio.Lock] = {}
         self._sources: dict[tuple[int, int], str] = {}      # a stale inode -> the store that repaired it
+        self._unhealed: set[tuple[int, int]] = set()        # damaged inodes no replica could repair
 
     async def verified(self, check: ReadCheck, ino: int, fd: int, off: int, size: int, data: bytes,
                        retry: bool = False) -> bytes:
@@ -144,9 +145,13 @@ class Verifier:
         async with lock:
             if damaged is not None and damaged in self.stale:
                 return self._sources.get(damaged)
+            if damaged is not None and damaged in self._unhealed:
+                return None         # no replica had it intact a moment ago: not every read copies again
             source = await trio.to_thread.run_sync(heal, self.services.archive, e.rid, e.iid, e.stored,
                                                    e.algorithm, e.digest, "mount")
             if source is None:
+                if damaged is not None:
+                    self._unhealed.add(damaged)
                 return None
             self.damaged.pop(e.key, None)
             if damaged is not None:
