@@ -204,3 +204,25 @@ def test_ids_out_of_order_are_refused_and_purge_needs_dynamic_mode(kit):
     with pytest.raises(Forbidden):
         kit.store.purge("r")
     assert kit.store.instance_ids("r") == [iid]
+
+
+def test_restore_replaces_a_published_file(kit, tmp_path):
+    """What `tinyfs repair` hands a store: verified bytes for a damaged or missing file. Under Object Lock
+    (s3-worm) the version a claim pins cannot be replaced: reads keep getting it (docs/store.md)."""
+    iid = publish(kit, "r", {"a.txt": b"alpha", "b.txt": b"beta"})
+    rel = f"instances/{iid}/data/a.txt"
+    good = tmp_path / "good"
+    good.write_bytes(b"ALPHA")
+    folder_mode = kit.store.stored_file("r", rel).parent.stat().st_mode
+    kit.store.restore("r", rel, good)
+    wanted = b"alpha" if kit.worm and not kit.store.local else b"ALPHA"
+    for store in (kit.store, kit.reopen()):
+        assert store.stored_file("r", rel).read_bytes() == wanted
+        assert store.stored_file("r", f"instances/{iid}/data/b.txt").read_bytes() == b"beta"
+    if kit.store.local:
+        path = kit.store.stored_file("r", rel)
+        assert oct(path.stat().st_mode & 0o777) == oct(0o444 if kit.worm else 0o644)
+        assert sorted(os.listdir(path.parent)) == ["a.txt", "b.txt"]
+        assert path.parent.stat().st_mode == folder_mode
+    with pytest.raises(NotFound):
+        kit.store.restore("r", f"instances/{new_instance_id(after=iid)}/data/a.txt", good)

@@ -2,7 +2,8 @@
 
 Exit codes (docs/format.md):
   0    success (fsck: clean)
-  1    damage found: by fsck, or stored bytes that cat or export would hand out are damaged or missing
+  1    damage found: by fsck, or stored bytes that cat or export would hand out are damaged or missing;
+       repair: something could not be repaired
   2    usage error, or the operation was refused or failed (one line on stderr)
   3    unexpected internal error (a bug: run with -v for the traceback)
   130  interrupted (Ctrl-C)
@@ -26,7 +27,7 @@ from ..core.errors import InvalidBag, TinyfsError
 log = logging.getLogger("tinyfs")
 
 COMMANDS = ("init", "mount", "umount", "ingest", "ls", "cat", "events", "fsck", "export", "recover", "purge",
-            "store", "replicate", "status", "migrate")
+            "store", "replicate", "status", "migrate", "repair")
 EXIT_OK, EXIT_DAMAGE, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -237,11 +238,14 @@ def cmd_events(args) -> int:
 def cmd_fsck(args) -> int:
     from ..core.fsck import fsck
     from ..core.layout import ArchiveRoot
+    from ..core.replicas import replicas_of
 
     archive = ArchiveRoot(args.root)
+    if replicas_of(archive) or args.store:
+        return _fsck_stores(archive, args)
     with _progress() as progress:
         report = fsck(archive, args.rids or None, fast=args.fast, progress=progress)
-    leftovers = [n for n in _listdir(archive.transactions) if n.startswith(".commit-")]
+    leftovers = _interrupted_commits(archive)
     if args.json:
         print(json.dumps({**report.to_json(), "interrupted_commits": len(leftovers)}, indent=1,
                          ensure_ascii=False, sort_keys=True))
@@ -249,10 +253,50 @@ def cmd_fsck(args) -> int:
         for line in report.lines():
             print(_one_line(line))
         print(report.summary())
+    return EXIT_OK if report.clean else EXIT_DAMAGE
+
+
+def _fsck_stores(archive, args) -> int:
+    """fsck of the primary and every replica (or the --store ones), each finding prefixed with its store."""
+    from ..core.repair import fsck_stores
+
+    with _progress() as progress:
+        checks = fsck_stores(archive, args.rids or None, args.store, fast=args.fast, progress=progress)
+    leftovers = _interrupted_commits(archive)
+    clean = all(c.clean for c in checks)
+    if args.json:
+        print(json.dumps({"clean": clean, "stores": {c.name: c.to_json() for c in checks},
+                          "interrupted_commits": len(leftovers)}, indent=1, ensure_ascii=False, sort_keys=True))
+    else:
+        for check in checks:
+            for line in check.lines():
+                print(_one_line(line))
+    return EXIT_OK if clean else EXIT_DAMAGE
+
+
+def _interrupted_commits(archive) -> list[str]:
+    leftovers = [n for n in _listdir(archive.transactions) if n.startswith(".commit-")]
     if leftovers:
         _say(f"note: {len(leftovers)} interrupted commit(s) in {archive.transactions}; "
              "`tinyfs recover` removes them")
-    return EXIT_OK if report.clean else EXIT_DAMAGE
+    return leftovers
+
+
+def cmd_repair(args) -> int:
+    from ..core.layout import ArchiveRoot
+    from ..core.repair import repair
+
+    with _progress() as progress:
+        report = repair(ArchiveRoot(args.root), args.rids or None, args.store, progress=progress)
+    for done in report.repaired:
+        print(_one_line(done.line()))
+    for line in report.notes:
+        print(_one_line(line))
+    for line in report.failed:
+        _say(line)
+    what = f"{len(report.repaired)} stored file(s) repaired"
+    _say(f"repair: {what}" + ("" if report.healed else f"; {len(report.failed)} problem(s) left (see above)"))
+    return EXIT_OK if report.healed else EXIT_DAMAGE
 
 
 def cmd_export(args) -> int:
@@ -496,12 +540,14 @@ def _add_reading_commands(command: Command) -> None:
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--since", metavar="RFC3339", help="only events at or after this time (inclusive)")
 
-    p = command("fsck", cmd_fsck, "check bags, instance.json and stored files (exit 1 on damage)")
+    p = command("fsck", cmd_fsck, "check bags, instance.json and stored files, in every store (exit 1 on damage)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rids", metavar="RID", nargs="*")
     p.add_argument("--fast", action="store_true", help="structure and sizes only; hash nothing")
     p.add_argument("--json", action="store_true", help="print one JSON document (findings, damaged stored "
-                   "files with every path using them) instead of text")
+                   "files with every path using them) instead of text; with replicas, one per store")
+    p.add_argument("--store", action="append", metavar="NAME", help="with replicas: only this store "
+                   "(\"primary\" or a replica's name; repeatable); default: every store")
 
     p = command("export", cmd_export, "write one complete, standalone bag of a state")
     p.add_argument("root", metavar="ROOT")
@@ -515,6 +561,13 @@ def _add_repair_commands(command: Command) -> None:
     """Cleaning up after crashes; deleting (dynamic mode)."""
     p = command("recover", cmd_recover, "finish or undo interrupted commits")
     p.add_argument("root", metavar="ROOT")
+
+    p = command("repair", cmd_repair, "fsck every store, then restore each damaged or missing stored file "
+                "from a store holding it intact (exit 1: something could not be repaired)")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rids", metavar="RID", nargs="*")
+    p.add_argument("--store", action="append", metavar="NAME", help="repair only this store (\"primary\" or "
+                   "a replica's name; repeatable); every store is still checked, to find good copies")
 
     p = command("purge", cmd_purge, "delete a resource (dynamic mode only)")
     p.add_argument("root", metavar="ROOT")

@@ -21,7 +21,9 @@ Written to DEST.tmp, fsynced, renamed.
 
 Every file's bytes are hashed while they are copied (one read pass) and compared
 with the digest instance.json records: damaged or missing stored bytes fail the
-export with FixityError (and a fixity.failed event), and nothing is left at DEST.
+export with FixityError (and a fixity.failed event), and nothing is left at DEST. On an
+archive with replicas such a file is first repaired from one that holds it intact (fixity.open_verified),
+and the export goes on with the good bytes.
 The other configured digests come from the manifests of the bags that store the
 bytes (a file is hashed only when such a manifest lacks one); the verified first
 digest shows that the bytes are the ones those manifests describe.
@@ -75,11 +77,26 @@ def export(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *, instance:
         raise NotFound(f"{dest.parent}: no such directory")
     plan = _Plan(archive, rid, doc, raw_doc)
     advance = progress("exporting", plan.total) if progress else None
-    if tar:
-        _write_tar(plan, dest, advance)
-    else:
-        _write_dir(plan, dest, advance)
+    _write(plan, dest, tar, advance)
     return ExportResult(dest, iid, len(doc.state.files), plan.total)
+
+
+def _write(plan: _Plan, dest: Path, tar: bool, advance) -> None:
+    """The bag, written again from the start when a stored file was repaired from a replica after some
+    of its damaged bytes were copied (a failed attempt leaves nothing at DEST); a file repaired once
+    that fails again fails the export."""
+    repaired: set[str | None] = set()
+    while True:
+        try:
+            if tar:
+                _write_tar(plan, dest, advance)
+            else:
+                _write_dir(plan, dest, advance)
+            return
+        except FixityError as e:
+            if e.repaired is None or e.stored in repaired:
+                raise
+            repaired.add(e.stored)
 
 
 class _Plan:

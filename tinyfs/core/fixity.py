@@ -43,6 +43,7 @@ class FixityError(TinyfsError, OSError):
                  found: str | None, stored: str | None):
         self.resource, self.instance, self.algorithm = resource, instance, algorithm
         self.expected, self.found, self.stored = expected, found, stored
+        self.repaired: str | None = None    # the replica the stored file was repaired from, if it was
         OSError.__init__(self, errno.EIO, self._describe(resource, path))
         self.path = path            # TinyfsError's `path`: the logical path
 
@@ -62,6 +63,12 @@ class FixityError(TinyfsError, OSError):
     def __str__(self) -> str:
         return self.strerror
 
+    def repaired_from(self, store: str) -> None:
+        """The stored file was repaired from replica `store` after some of its damaged bytes were handed
+        out: this read still fails, a new one gets the good bytes."""
+        self.repaired = store
+        self.strerror += f"; repaired from store {store}: a new read gives the good bytes"
+
     def event_detail(self, via: str) -> dict:
         return {"path": self.path, "stored": self.stored, "algorithm": self.algorithm,
                 "expected": self.expected, "found": self.found, "via": via}
@@ -79,7 +86,9 @@ def record_failure(archive: ArchiveRoot, error: FixityError, via: str) -> None:
 
 def open_verified(archive: ArchiveRoot, rid: str, doc: InstanceDoc, path: str, via: str) -> VerifiedReader:
     """The stored bytes of `path` in instance `doc`, verified as they are read; a missing stored file
-    raises FixityError at once. Either failure is logged as a fixity.failed event naming `via`."""
+    raises FixityError at once. Either failure is logged as a fixity.failed event naming `via`. On an
+    archive with replicas a damaged or missing stored file is first repaired from one that holds it
+    intact (`heal`): the reader gets the good bytes when none of the bad ones were handed out yet."""
     entry = doc.state.files.get(path)
     if entry is None:
         raise NotFound(f"{rid}: no file {path!r} in instance {doc.id}")
@@ -90,14 +99,24 @@ def open_verified(archive: ArchiveRoot, rid: str, doc: InstanceDoc, path: str, v
         record_failure(archive, error, via)
         return error
 
+    def heal() -> str | None:
+        from .repair import heal
+        return heal(archive, rid, doc.id, rel, doc.digest, entry.digest, via)
+
+    def reopen() -> io.FileIO:
+        return io.FileIO(archive.stored_path(rid, rel), "r")
+
     rel = doc.stored.get(entry.digest)
     if rel is None:
         raise fail(None, None)
     try:
-        raw = io.FileIO(archive.stored_path(rid, rel), "r")
+        raw = reopen()
     except FileNotFoundError:
-        raise fail(None, rel) from None
-    return VerifiedReader(raw, doc.digest, entry.digest, lambda found: fail(found, rel))
+        error = fail(None, rel)
+        if heal() is None:
+            raise error from None
+        raw = reopen()
+    return VerifiedReader(raw, doc.digest, entry.digest, lambda found: fail(found, rel), heal=heal, reopen=reopen)
 
 
 class VerifiedReader(io.RawIOBase):
@@ -105,9 +124,11 @@ class VerifiedReader(io.RawIOBase):
     docstring). `failure(found_digest)` makes the error raised on a mismatch."""
 
     def __init__(self, raw: io.FileIO, algorithm: str, expected: str,
-                 failure: Callable[[str], FixityError]):
+                 failure: Callable[[str], FixityError], heal: Callable[[], str | None] | None = None,
+                 reopen: Callable[[], io.FileIO] | None = None):
         super().__init__()
         self._raw, self._algorithm, self._expected, self._failure = raw, algorithm, expected, failure
+        self._heal, self._reopen = heal, reopen
         self._end = os.fstat(raw.fileno()).st_size     # stored files never change
         self._pos = 0
         self._hasher: hashlib._Hash | None = hashlib.new(algorithm)
@@ -135,6 +156,7 @@ class VerifiedReader(io.RawIOBase):
     def readinto(self, buffer) -> int:
         if self._error is not None:
             raise self._error
+        start = self._pos
         n = self._raw.readinto(buffer)
         if self._hasher is not None:
             with memoryview(buffer) as view:
@@ -142,7 +164,8 @@ class VerifiedReader(io.RawIOBase):
                 asked = len(view)
             self._pos += n
             if self._pos >= self._end or (n == 0 and asked):   # the end: all of it, or a file cut short
-                self._check()
+                if not self._check(whole=start == 0):
+                    return self.readinto(buffer)    # repaired before a byte was handed out: read it
         else:
             self._pos += n
         return n
@@ -180,14 +203,32 @@ class VerifiedReader(io.RawIOBase):
         finally:
             super().close()
 
-    def _check(self) -> None:
+    def _check(self, whole: bool) -> bool:
+        """True when the bytes read match. Else (damaged) the stored file is repaired from a replica if
+        one holds it intact: False when this read covered the file from its start, so that the caller
+        reads the repaired file instead; otherwise the FixityError says the next read gets good bytes."""
         found = self._hasher.hexdigest()
         self._hasher = None
         if found == self._expected:
             self._verified = True
-            return
+            return True
         self._error = self._failure(found)
+        source = self._heal() if self._heal is not None else None
+        if source is None:
+            raise self._error
+        if whole:
+            self._restart(self._reopen())
+            return False
+        self._error.repaired_from(source)
         raise self._error
+
+    def _restart(self, raw: io.FileIO) -> None:
+        """Read the repaired stored file from its start (nothing of the damaged one was handed out)."""
+        self._raw.close()
+        self._raw, self._error, self._heal = raw, None, None    # (one repair per reader)
+        self._end = os.fstat(raw.fileno()).st_size
+        self._pos = 0
+        self._hasher = hashlib.new(self._algorithm)
 
 
 def _short(digest: str) -> str:

@@ -107,7 +107,8 @@ class ArchiveRoot:
             doc = {"mode": self.store.config.mode, "digests": self.store.config.digests,
                    "created": self.store.config.created}
         else:
-            self.store = LocalStore(self.root, StoreConfig(doc["mode"], tuple(doc["digests"]), doc["created"]))
+            self.store = LocalStore(self.root, StoreConfig(doc["mode"], tuple(doc["digests"]), doc["created"]),
+                                    bool(doc.get("immutable")))
         self.config = Config(doc["mode"], tuple(doc["digests"]), doc["created"], bool(doc.get("immutable")))
         self.transactions = self.root / "transactions"
         # (rid, iid) -> (document, its estimated bytes), least recently used first; see remember()

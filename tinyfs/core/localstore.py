@@ -16,10 +16,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import tree
+from .digests import CHUNK
 from .durable import fsync_dir, write_new
 from .errors import Forbidden, InvalidName, NotFound, Stale
 from .ids import check_rid, is_instance_id, is_rid
@@ -33,9 +36,10 @@ class LocalStore:
 
     local = True
 
-    def __init__(self, root: Path, config: StoreConfig):
+    def __init__(self, root: Path, config: StoreConfig, immutable: bool = False):
         self.root = root
         self.config = config
+        self.immutable = immutable              # worm --immutable: published files carry chattr +i
         self.resources = root / "resources"
         self.trash = root / "transactions"      # same file system: a rename out of resources/ is atomic
 
@@ -138,6 +142,52 @@ class LocalStore:
             raise
         fsync_dir(resource_dir.parent)
 
+    # -- repairing -------------------------------------------------------------------------------
+
+    def restore(self, rid: str, relpath: str, source: Path) -> None:
+        """A copy of `source` renamed over the stored file: a temporary file beside it, fsynced, with the
+        mode of its siblings (worm: 0444); a read-only (worm) directory is made writable for the rename
+        only, and an --immutable archive's file and directory lose chattr +i around it and get it back."""
+        relpath = _checked(relpath)
+        parts = relpath.split("/")
+        if len(parts) < 3 or parts[0] != "instances" or not is_instance_id(parts[1]):
+            if relpath != "resource.json":
+                raise NotFound(f"no stored file {relpath!r} in resource {rid!r}")
+        top = self.resource_dir(rid) / (f"instances/{parts[1]}" if len(parts) >= 3 else "")
+        if not top.is_dir():
+            raise NotFound(f"no published instance holds {relpath!r} in resource {rid!r}")
+        path = self.resource_dir(rid) / relpath
+        folder = self._make_parents(top, path.parent)
+        immutable = self.immutable
+        with _writable(folder, immutable):
+            if immutable and path.exists():
+                _set_immutable(path, False)
+            tmp = folder / f".restore-{uuid.uuid4().hex}"
+            try:
+                _copy_synced(source, tmp, _sibling_mode(folder, path.name, self.config.mode))
+                os.rename(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_dir(folder)
+            if immutable:
+                _set_immutable(path, True)
+
+    def _make_parents(self, top: Path, folder: Path) -> Path:
+        """The stored file's directory, made again (with the bag's directory mode) if it went missing."""
+        missing = []
+        d = folder
+        while not d.is_dir() and d != top:
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            with _writable(d.parent, self.immutable):
+                d.mkdir()
+                fsync_dir(d.parent)
+            if self.config.mode == "worm":
+                os.chmod(d, 0o555)
+        return folder
+
     def recover(self, older_than: float = 0) -> list[str]:
         """Nothing to do: an unpublished attempt leaves only its stage in ROOT/transactions/ (never in
         resources/), which recover.py sweeps with the other leftovers there."""
@@ -161,6 +211,54 @@ class LocalStore:
         os.rename(path, trash)
         fsync_dir(path.parent)
         tree.rmtree(trash, force=True)
+
+
+def _sibling_mode(folder: Path, name: str, mode: str) -> int:
+    """0444 in worm mode; else the permission bits of another stored file in `folder` (a bag's files
+    share theirs)."""
+    if mode == "worm":
+        return 0o444
+    for entry in os.scandir(folder):
+        if entry.name != name and not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+            return stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+    return 0o644
+
+
+def _copy_synced(source: Path, dest: Path, mode: int) -> None:
+    with open(source, "rb") as fin:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            while chunk := fin.read(CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def _writable(folder: Path, immutable: bool):
+    """`folder` writable by its owner for the block (a worm bag's directories are 0555, and chattr +i
+    on an --immutable archive), its mode and flag put back afterwards."""
+    if immutable:
+        _set_immutable(folder, False)
+    before = stat.S_IMODE(os.stat(folder).st_mode)
+    if not before & stat.S_IWUSR:
+        os.chmod(folder, before | stat.S_IWUSR)
+    try:
+        yield
+    finally:
+        if not before & stat.S_IWUSR:
+            os.chmod(folder, before)
+        if immutable:
+            _set_immutable(folder, True)
+
+
+def _set_immutable(path: Path, on: bool) -> None:
+    from .commit import set_immutable
+    set_immutable(path, on)
 
 
 def _checked(relpath: str) -> str:

@@ -64,7 +64,7 @@ RANGES_IN_FLIGHT = 4  # ... this many at once
 DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
           "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403"}
 FULL = {"InsufficientStorage", "XMinioStorageFull", "QuotaExceeded", "ServiceQuotaExceeded"}
-MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
+MISSING_KEY = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
 NO_LOCK = {"ObjectLockConfigurationNotFoundError"}
 
 
@@ -158,8 +158,23 @@ class ObjectStore:
                 return self.put_new(key, body, retain_until=retain_until)
         return self._put_new_in_parts(key, path, size, retain_until)
 
+    def replace_file(self, key: str, path: str | os.PathLike, *, retain_until: datetime | None = None) -> str | None:
+        """Write a file's bytes to `key` whether or not an object has it (tinyfs repair: a damaged or lost
+        object written again; on a versioned bucket a new version). Returns the new version id."""
+        size = os.stat(path).st_size
+        if size > self.multipart_over:
+            return self._put_new_in_parts(key, path, size, retain_until, create_only=False)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key)}
+        if retain_until is not None:
+            args.update(ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=retain_until)
+        try:
+            with open(path, "rb") as body:
+                return self.client.put_object(**args, Body=body).get("VersionId")
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            self._raise(e, key)
+
     def _put_new_in_parts(self, key: str, path: str | os.PathLike, size: int,
-                          retain_until: datetime | None) -> str | None:
+                          retain_until: datetime | None, create_only: bool = True) -> str | None:
         """The parts are invisible until the completion, which either makes the whole object or nothing;
         a failed upload is aborted (its parts deleted), and `abort_uploads` finds those a crash left."""
         from concurrent.futures import ThreadPoolExecutor
@@ -184,7 +199,8 @@ class ObjectStore:
         try:
             with ThreadPoolExecutor(PART_THREADS) as pool:
                 parts = list(pool.map(send, range(1, -(-size // part) + 1)))
-            r = self.client.complete_multipart_upload(**args, UploadId=upload_id, IfNoneMatch="*",
+            only = {"IfNoneMatch": "*"} if create_only else {}
+            r = self.client.complete_multipart_upload(**args, **only, UploadId=upload_id,
                                                       MultipartUpload={"Parts": parts})
             return r.get("VersionId")
         except (bx.ClientError, bx.BotoCoreError) as e:

@@ -281,8 +281,20 @@ class S3Store:
     def stored_file(self, rid: str, relpath: str) -> Path:
         key, version = self._where(rid, relpath)
         name = _cache_name(key, version)
-        return self.files.get(name) or self.files.fill(
-            name, lambda dest: self.objects.download(key, dest, version_id=version))
+        return self.files.get(name) or self.files.fill(name, lambda dest: self._download(key, version, dest))
+
+    def _download(self, key: str, version: str | None, dest: Path) -> int:
+        """The pinned version of `key`; for a payload file whose pinned version the store no longer has
+        (lost, or deleted by a repair that wrote good bytes again: `restore`), the newest version: every
+        reader verifies a payload file's bytes against instance.json. Tag files (instance.json itself,
+        the manifests) are read only by their pinned version: nothing would check a newer one."""
+        try:
+            return self.objects.download(key, dest, version_id=version)
+        except NoSuchObject:
+            if version is None or "/data/" not in key:
+                raise
+            log.warning("%s: version %s is gone; reading the newest version", self.objects.where(key), version)
+            return self.objects.download(key, dest)
 
     def read_document(self, rid: str, relpath: str) -> bytes:
         return self.stored_file(rid, relpath).read_bytes()
@@ -304,7 +316,27 @@ class S3Store:
     def fetch_fresh(self, rid: str, relpath: str, dest: Path) -> int:
         """Download a published path from the store into the new file `dest`, past the cache (fsck)."""
         key, version = self._where(rid, relpath)
-        return self.objects.download(key, dest, version_id=version)
+        return self._download(key, version, dest)
+
+    # -- repairing -------------------------------------------------------------------------------
+
+    def restore(self, rid: str, relpath: str, source: Path) -> None:
+        """Write the object again (an ordinary PUT, worm: under the store's retention). On a versioned
+        bucket reads are pinned to the version the claim records, so the damaged version is then deleted
+        and reads of a payload file fall back to the newest (`_download`); under Object Lock the store
+        refuses that delete, and the pinned version stays what readers get (docs/store.md: there only a
+        payload version the server lost is repaired)."""
+        key, version = self._where(rid, relpath)
+        new = self.objects.replace_file(key, source, retain_until=retain_until(self.config))
+        if version and new != version:
+            try:
+                self.objects.delete(key, version_id=version)
+            except NoSuchObject:
+                pass                        # lost: reads take the newest version
+            except ObjectRetained:
+                log.warning("%s: version %s is kept by Object Lock; reads still get it",
+                            self.objects.where(key), version)
+        self.files.drop(_cache_name(key, version))
 
     def _where(self, rid: str, relpath: str) -> tuple[str, str | None]:
         """The key of a published path and the version to read; NotFound for an unpublished instance."""

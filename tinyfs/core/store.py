@@ -86,6 +86,12 @@ class Store(Protocol):
         resource.json), durable already: LocalStore renames it into place (a first instance: the whole
         stage), so it must be on the archive's file system; S3Store uploads it."""
 
+    def restore(self, rid: str, relpath: str, source: Path) -> None:
+        """Replace the stored file `relpath` of a published instance (damaged or missing) with the bytes
+        of the local file `source`, which the caller verified against the bag's manifests (tinyfs
+        repair, a self-healing read). Atomic: a reader sees the old file or the new one. NotFound for a
+        path no published instance holds."""
+
     def recover(self, older_than: float = ...) -> list[str]:
         """Remove (or, where the store keeps them, list) what unpublished attempts older than `older_than`
         seconds left in the store; one line each."""

@@ -6,7 +6,8 @@
 
 A read of a stored file from offset 0 to its end is hashed on the way (verify.py); the read that
 delivers the last bytes of a file whose digest does not match fails with EIO, and so does every later
-read past the damage, through any handle (`Verifier.damaged`).
+read past the damage, through any handle (`Verifier.damaged`). With replicas the file is repaired
+first (`Verifier._heal`): a read that covered all of it is answered from the repaired file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable
 
 import trio
 
+from ..core.repair import heal
+from ..core.replicas import replicas_of
 from .tree import Node, Services, fail
 from .verify import RUNNING, Damage, Expected, ReadCheck, fixity_failed
 
@@ -60,25 +63,51 @@ class PlainFile(FileHandle):
         os.close(self.fd)
 
 
+class Healed(Exception):
+    """The read that found a stored file damaged covered it from its start to its end, and the file was
+    repaired from a replica: nothing of it was handed out, so the caller reads the repaired file."""
+
+
 class Verifier:
     """The mount's verification of reads: the checks of open handles, and the stored files found
     damaged, by (rid, stored path), for the daemon's life (the kernel may hold the rest of such a file in
-    its cache: a read past the damage fails through any handle, without hashing again)."""
+    its cache: a read past the damage fails through any handle, without hashing again).
+
+    On an archive with replicas a damaged or missing stored file is repaired from one holding it intact
+    (core.repair.heal, in a worker thread); the damaged file's inode is then `stale`: every later read
+    of a handle that has it open fails (that handle may have handed out damaged bytes: it never succeeds
+    again), and a new open reads the repaired file."""
 
     def __init__(self, services: Services):
         self.services = services
         self.damaged: dict[tuple[str, str], Damage] = {}
+        self.can_heal = bool(replicas_of(services.archive))
+        self.stale: set[tuple[int, int]] = set()
+        self._healing: dict[tuple[str, str], trio.Lock] = {}
+        self._sources: dict[tuple[int, int], str] = {}      # a stale inode -> the store that repaired it
+        self._unhealed: set[tuple[int, int]] = set()        # damaged inodes no replica could repair
 
-    async def verified(self, check: ReadCheck, ino: int, fd: int, off: int, size: int, data: bytes) -> bytes:
+    async def verified(self, check: ReadCheck, ino: int, fd: int, off: int, size: int, data: bytes,
+                       retry: bool = False) -> bytes:
         """`data`, read from the stored file `fd` at `off`, unless it ends a sequential read of a file whose
-        digest does not match, or ends a file known to be damaged: then EIO."""
+        digest does not match, or ends a file known to be damaged: then EIO. `retry`: the caller can
+        read again from a repaired file (Healed) when this read covered all of a damaged one."""
         last = check.take(off, data, size, fd, self.services.nursery)
         if last and check.state == RUNNING and not await check.verdict():
             await self._failed(check, ino, off)
+            source = await self._heal(check.expected, fd) if self.can_heal else None
+            if source is not None:
+                if retry and off == 0:
+                    raise Healed()
+                raise fail(errno.EIO, f"{check.expected.path}: stored bytes damaged; repaired from store "
+                                      f"{source}: a new read gives the good bytes")
         if self.damaged:
             damage = self.damaged.get(check.expected.key)
             if damage is not None and (last or off + len(data) > damage.since):
                 raise fail(errno.EIO, f"{check.expected.path}: stored bytes do not match their digest")
+        if self.stale and _replaced(fd, self.stale):
+            raise fail(errno.EIO, f"{check.expected.path}: stored bytes damaged and since repaired: "
+                                  "open the file again")
         if check.behind:
             await check.wait_for_hasher()
         return data
@@ -101,6 +130,47 @@ class Verifier:
                     check.found[:16])
         await trio.to_thread.run_sync(fixity_failed, services.archive, e, check.found)
 
+    async def heal_missing(self, e: Expected | None) -> bool:
+        """A stored file is missing at open: log it, and repair it from a replica; True when repaired."""
+        if e is None or not self.can_heal:
+            return False
+        await trio.to_thread.run_sync(fixity_failed, self.services.archive, e, None)
+        return await self._heal(e, None) is not None
+
+    async def _heal(self, e: Expected, fd: int | None) -> str | None:
+        """Repair the stored file from a replica (one repair at a time per file: a handle that waited for
+        another's finds its file's inode stale already and takes that repair's store)."""
+        damaged = _inode(fd) if fd is not None else None
+        lock = self._healing.setdefault(e.key, trio.Lock())
+        async with lock:
+            if damaged is not None and damaged in self.stale:
+                return self._sources.get(damaged)
+            if damaged is not None and damaged in self._unhealed:
+                return None         # no replica had it intact a moment ago: not every read copies again
+            source = await trio.to_thread.run_sync(heal, self.services.archive, e.rid, e.iid, e.stored,
+                                                   e.algorithm, e.digest, "mount")
+            if source is None:
+                if damaged is not None:
+                    self._unhealed.add(damaged)
+                return None
+            self.damaged.pop(e.key, None)
+            if damaged is not None:
+                self.stale.add(damaged)
+                self._sources[damaged] = source
+        return source
+
+
+def _inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _replaced(fd: int, stale: set[tuple[int, int]]) -> bool:
+    """Whether `fd` is a damaged stored file a repair replaced (renamed over: no name left; the inode
+    number of one long closed may be in use again, by a file that has a name)."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino) in stale and st.st_nlink == 0
+
 
 def read_check(expected: Expected | None, fd: int) -> ReadCheck | None:
     """The verification of a handle's reads, None for bytes without a recorded digest (or none at all)."""
@@ -121,8 +191,10 @@ class StoredFile(FileHandle):
         self.fd = os.open(path(), os.O_RDONLY) if services.archive.config.mode == "dynamic" else -1
         self.check: ReadCheck | None | bool = None     # made at the first read (False: not verified)
         self.opening: trio.Lock | None = None
+        self.retried = False    # a read served from a file repaired under it (once per handle)
 
     async def read(self, off: int, size: int) -> bytes:
+        verifier = self.services.verifier
         if self.fd < 0:
             await self._open()
         data = os.pread(self.fd, size, off)
@@ -130,25 +202,37 @@ class StoredFile(FileHandle):
             self.check = read_check(self.expect(), self.fd) or False
         if self.check is False:
             return data
-        return await self.services.verifier.verified(self.check, self.ino, self.fd, off, size, data)
+        try:
+            return await verifier.verified(self.check, self.ino, self.fd, off, size, data, retry=not self.retried)
+        except Healed:
+            self.retried = True
+            self._reopen()
+            return await self.read(off, size)
+
+    def _reopen(self) -> None:
+        self.check.abandon()
+        os.close(self.fd)
+        self.fd, self.check = -1, None
 
     async def _open(self) -> None:
+        try:
+            await self._open_stored_file()
+        except FileNotFoundError as e:
+            if not await self.services.verifier.heal_missing(self.expect()):
+                log.error("stored file missing: %s (run tinyfs fsck)", e.filename)
+                raise fail(errno.EIO, f"stored file missing: {e.filename}") from None
+            await self._open_stored_file()
+
+    async def _open_stored_file(self) -> None:
         """On an object store the stored file's path is a download into the read cache (seconds for a big
         file): it is made in a worker thread, once per handle, while the loop serves other requests."""
         if self.services.archive.store.local:
-            self.fd = self._open_stored()
+            self.fd = os.open(self.path(), os.O_RDONLY)
             return
         self.opening = self.opening or trio.Lock()
         async with self.opening:
             if self.fd < 0:     # (another read of this handle may have opened it meanwhile)
-                self.fd = await trio.to_thread.run_sync(self._open_stored)
-
-    def _open_stored(self) -> int:
-        try:        # (the store may say it is missing, or the open)
-            return os.open(self.path(), os.O_RDONLY)
-        except FileNotFoundError as e:
-            log.error("stored file missing: %s (run tinyfs fsck)", e.filename)
-            raise fail(errno.EIO, f"stored file missing: {e.filename}") from None
+                self.fd = await trio.to_thread.run_sync(lambda: os.open(self.path(), os.O_RDONLY))
 
     def release(self) -> None:
         if self.check:
