@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 
 from tinyfs import Archive
 from tinyfs.core import layout
+from tinyfs.core.errors import AlreadyExists
 from tinyfs.core.layout import ArchiveRoot
 from tinyfs.core.model import InstanceDoc
 
@@ -98,3 +100,33 @@ def test_a_head_is_weighed_again_when_its_encoded_lines_move_on(tmp_path):
     assert root._docs[("r", first)][1] == 21 * layout.ENTRY_BYTES
     assert root._docs[("r", root.head("r"))][1] == 21 * (layout.ENTRY_BYTES + layout.ENCODED_BYTES)
     assert root._docs_bytes == sum(w for _, w in root._docs.values())
+
+
+def test_an_interrupted_init_leaves_nothing_and_a_second_init_works(tmp_path, monkeypatch):
+    """init lays the archive out beside ROOT and renames it onto ROOT: a crash before the rename leaves
+    ROOT as it was (here: an empty directory), so init (or a resumed migrate) can simply run again."""
+
+    root = tmp_path / "arc"
+    root.mkdir()
+    real = layout._lay_out
+
+    def dies(top, config):
+        (top / "resources").mkdir()
+        raise KeyboardInterrupt          # a kill, as far as ROOT can tell
+    monkeypatch.setattr(layout, "_lay_out", dies)
+    with pytest.raises(KeyboardInterrupt):
+        layout.init_archive(root)
+    assert list(root.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["arc"]
+    monkeypatch.setattr(layout, "_lay_out", real)
+    layout.init_archive(root)
+    assert (root / "tinyfs.json").exists() and (root / "transactions" / ".locks").is_dir()
+    with pytest.raises(AlreadyExists):
+        layout.init_archive(root)
+
+
+def test_init_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from tinyfs.core.layout import init_archive
+
+    init_archive(".")
+    assert (tmp_path / "tinyfs.json").exists() and os.path.samefile(".", tmp_path)

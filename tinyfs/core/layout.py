@@ -18,7 +18,9 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,7 +57,7 @@ class Config:
 def init_archive(root: str | os.PathLike, mode: str = "preservation", digests: list[str] | None = None,
                  immutable: bool = False) -> Path:
     """Create a new archive at `root` (an absent or empty directory)."""
-    root = Path(root)
+    root = Path(root).absolute()
     digests = list(dict.fromkeys(digests or ["sha512"]))
     if mode not in MODES:
         raise InvalidName(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
@@ -68,19 +70,45 @@ def init_archive(root: str | os.PathLike, mode: str = "preservation", digests: l
         raise InvalidName("--immutable goes with --mode worm")
     if (root / "tinyfs.json").exists():
         raise AlreadyExists(f"{root} is already a tinyfs archive")
-    root.mkdir(parents=True, exist_ok=True)
-    if any(root.iterdir()):
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise AlreadyExists(f"{root} is not empty")
-    for sub in ("resources", "transactions", f"transactions/{LOCKS}"):
-        (root / sub).mkdir()
     config = {"format": FORMAT, "mode": mode, "digests": digests, "created": utc_now()}
     if immutable:
         config["immutable"] = True
-    EventLog(root / "events.jsonl").append("archive.created", mode=mode, digests=digests)
-    write_new(root / "tinyfs.json", (json.dumps(config, indent=1, sort_keys=True) + "\n").encode())
-    fsync_dir(root / "transactions")
-    fsync_dir(root)
+    # Laid out beside ROOT and renamed onto it (absent, or an empty directory, which a rename replaces):
+    # a kill during init leaves ROOT as it was, never a half-made archive that a second init (or a
+    # resumed `tinyfs migrate` into ROOT) would refuse as "not empty".
+    if root.is_dir() and os.path.samefile(root, "."):
+        _lay_out(root, config)          # the working directory: a rename would leave the shell in a deleted one
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    stage = root.parent / f".{root.name}.init-{uuid.uuid4().hex[:12]}"
+    stage.mkdir()
+    try:
+        _lay_out(stage, config)
+        try:
+            os.rename(stage, root)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise AlreadyExists(f"{root} is not empty") from None
+            if e.errno not in (errno.EXDEV, errno.EBUSY):
+                raise
+            _lay_out(root, config)      # ROOT is a mount point: laid out in place, the marker last
+        fsync_dir(root.parent)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
     return root
+
+
+def _lay_out(top: Path, config: dict) -> None:
+    """An archive's directories, its first event, and tinyfs.json last, all durable."""
+    for sub in ("resources", "transactions", f"transactions/{LOCKS}"):
+        (top / sub).mkdir()
+    EventLog(top / "events.jsonl").append("archive.created", mode=config["mode"], digests=config["digests"])
+    write_new(top / "tinyfs.json", (json.dumps(config, indent=1, sort_keys=True) + "\n").encode())
+    fsync_dir(top / "transactions")
+    fsync_dir(top)
 
 
 class ArchiveRoot:
