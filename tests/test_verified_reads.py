@@ -104,6 +104,23 @@ def test_a_damaged_file_fails_at_its_end_and_is_recorded(damaged, root, tmp_path
 
 
 @pytest.mark.mount
+def test_a_whole_read_after_a_partial_one_is_verified_despite_the_page_cache(damaged, root):
+    """`head -c` past the damage leaves its pages in the kernel's cache, unverified: a later `cat` must
+    not take them from there and get only its reads past them checked (found by a newcomer's trial)."""
+    m, files, iid = damaged
+    path = m / "resources" / "book" / "damaged.bin"
+    with open(path, "rb") as f:
+        assert f.read(8 * MIB) != files["damaged.bin"][:8 * MIB]      # served as stored: no verdict yet
+    for _ in range(2):
+        r = subprocess.run(["cat", str(path)], capture_output=True)
+        assert r.returncode != 0 and b"Input/output error" in r.stderr
+    with open(m / "resources" / "book" / "intact.bin", "rb") as f:
+        f.read(MIB)
+    assert subprocess.run(["cat", str(m / "resources" / "book" / "intact.bin")],
+                          capture_output=True).stdout == files["intact.bin"]
+
+
+@pytest.mark.mount
 def test_the_same_stored_bytes_fail_in_every_view(damaged, root):
     m, files, iid = damaged
     for path in (m / "instances" / "book" / iid / "damaged.bin",

@@ -22,7 +22,7 @@ import trio
 from ..core.repair import heal
 from ..core.replicas import replicas_of
 from .tree import Node, Services, fail
-from .verify import RUNNING, Damage, Expected, ReadCheck, fixity_failed
+from .verify import GOOD, RUNNING, Damage, Expected, ReadCheck, fixity_failed
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,19 @@ class Verifier:
         self._healing: dict[tuple[str, str], trio.Lock] = {}
         self._sources: dict[tuple[int, int], str] = {}      # a stale inode -> the store that repaired it
         self._unhealed: set[tuple[int, int]] = set()        # damaged inodes no replica could repair
+        self.unchecked_pages: set[int] = set()   # mount inodes whose cached pages a read served unverified
+
+    def note_served(self, ino: int, check: ReadCheck) -> None:
+        """After a read is answered: its pages are in the kernel's cache, checked once the whole file is."""
+        if check.state == GOOD:
+            self.unchecked_pages.discard(ino)
+        else:
+            self.unchecked_pages.add(ino)
+
+    def cache_is_checked(self, ino: int) -> bool:
+        """Whether a new handle of `ino` may keep the kernel's cached pages (FOPEN_KEEP_CACHE): not when a
+        read served some of them before its file was verified."""
+        return ino not in self.unchecked_pages
 
     async def verified(self, check: ReadCheck, ino: int, fd: int, off: int, size: int, data: bytes,
                        retry: bool = False) -> bytes:
@@ -188,6 +201,10 @@ class StoredFile(FileHandle):
     def __init__(self, services: Services, node: Node, path: Callable[[], str],
                  expect: Callable[[], Expected | None]):
         self.services, self.ino, self.path, self.expect = services, node.ino, path, expect
+        # Pages another handle served unverified (a partial read, random access) are dropped at this open:
+        # else a later `cat` gets them from the kernel's cache, its own reads start past them, and the
+        # whole file is never checked (head -c 55M f; cat f handed out a damaged byte with exit 0).
+        self.keep_cache = services.verifier.cache_is_checked(self.ino)
         self.fd = os.open(path(), os.O_RDONLY) if services.archive.config.mode == "dynamic" else -1
         self.check: ReadCheck | None | bool = None     # made at the first read (False: not verified)
         self.opening: trio.Lock | None = None
@@ -203,7 +220,9 @@ class StoredFile(FileHandle):
         if self.check is False:
             return data
         try:
-            return await verifier.verified(self.check, self.ino, self.fd, off, size, data, retry=not self.retried)
+            served = await verifier.verified(self.check, self.ino, self.fd, off, size, data, retry=not self.retried)
+            verifier.note_served(self.ino, self.check)
+            return served
         except Healed:
             self.retried = True
             self._reopen()
