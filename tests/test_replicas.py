@@ -240,3 +240,19 @@ def test_an_archive_in_a_bucket_with_a_local_replica(tmp_path, tinyfs, s3_env, b
     archive_ok(b)
     assert tinyfs("cat", b, "doc", "src/sub/b.bin", text=False).stdout == (src / "sub" / "b.bin").read_bytes()
     assert tinyfs("status", a).returncode == 0
+
+
+def test_an_instance_storing_no_new_bytes_is_a_whole_bag_in_every_store(tmp_path, tinyfs, s3_env, bucket,
+                                                                       archive_ok):
+    """A commit whose bytes are all stored already has an empty data/: its copies must have one too."""
+    a = tmp_path / "a"
+    tinyfs("init", a)
+    tinyfs("store", "add", a, tmp_path / "b")
+    tinyfs("store", "add", a, f"s3://{bucket}/copy", "--endpoint", s3_env.endpoint, "--name", "cloud")
+    (tmp_path / "o.txt").write_bytes(b"same\n")
+    (tmp_path / "t.txt").write_bytes(b"same\n")
+    tinyfs("ingest", a, "r", tmp_path / "o.txt")
+    tinyfs("ingest", a, "r", tmp_path / "t.txt")        # deduplicated: nothing new to store
+    archive_ok(tmp_path / "b")
+    r = tinyfs("fsck", a, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -296,6 +296,7 @@ def _copy_bag(sources: list[ArchiveRoot], rid: str, iid: str, stage: Path, dst: 
     if missing:
         files = sorted({*files, *missing})     # another source may hold what this one lost
     read_only = dst.config.mode == "worm"
+    (stage / "instances" / iid / "data").mkdir(parents=True)    # a bag's payload dir, empty or not
     for rel in files:
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
 

@@ -188,7 +188,8 @@ def _mirror_resource(store: S3Store, rid: str, dest: Path) -> None:
     object costs a round trip, not bandwidth); an object the store lacks stays absent."""
     paths = ["resource.json"]
     for iid in store.instance_ids(rid):
-        (dest / "instances" / iid).mkdir(parents=True)
+        (dest / "instances" / iid / "data").mkdir(parents=True)   # a bucket has no empty directories: a
+        # bag's data/ is implied (an instance whose bytes were all stored already has no payload object)
         paths.extend(store.published_files(rid, iid))
     for folder in sorted({(dest / rel).parent for rel in paths}):
         folder.mkdir(parents=True, exist_ok=True)
