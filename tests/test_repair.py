@@ -301,3 +301,30 @@ def test_a_store_that_went_away_is_a_finding(replicated, files):
     r = run_tinyfs("repair", root, check=False)
     assert r.returncode == 1 and "r2: unreachable, not repaired" in r.stderr
     assert run_tinyfs("fsck", root, "--store", "nope", check=False).returncode == 2
+
+
+def forge_message(path: Path) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    os.chmod(path, mode | stat.S_IWUSR)
+    path.write_bytes(path.read_bytes().replace(b'"message": ""', b'"message": "forged"'))
+    os.chmod(path, mode)
+
+
+def test_export_checks_instance_json_against_the_tagmanifest(replicated, files, tmp_path):
+    """An export computes its tag manifests afresh: a damaged instance.json must not leave inside a valid
+    bag (found by a newcomer's trial). With a replica it is repaired first; without, the export fails."""
+    root, r1, r2 = replicated
+    doc = stored(root, "book", "instance.json")
+    original = doc.read_bytes()
+    forge_message(doc)
+    run_tinyfs("export", root, "book", tmp_path / "out")
+    assert (next((tmp_path / "out").glob("instance.json"))).read_bytes() == original
+    assert doc.read_bytes() == original                              # repaired from a replica
+    assert [e["detail"]["stored"] for e in events(root, "stored.repaired")][-1].endswith("instance.json")
+    lone = tmp_path / "lone"
+    run_tinyfs("init", lone)
+    run_tinyfs("ingest", lone, "book", *sorted((tmp_path / "src").iterdir()))
+    forge_message(stored(lone, "book", "instance.json"))
+    r = run_tinyfs("export", lone, "book", tmp_path / "out2", check=False)
+    assert r.returncode == 1 and "instance.json" in r.stderr and not (tmp_path / "out2").exists()
+    assert events(lone, "fixity.failed")[-1]["detail"]["path"] == "instance.json"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import os
 import stat
 import tarfile
@@ -66,8 +67,7 @@ def export(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *, instance:
            tar: bool = False, progress: ProgressFactory | None = None) -> ExportResult:
     """Export the state at `instance` (an id or a label; default: the head) as a bag at `dest`."""
     iid = archive.resolve_instance(rid, instance)
-    doc = archive.instance(rid, iid)
-    raw_doc = archive.instance_bytes(rid, iid)
+    doc, raw_doc = _checked_document(archive, rid, iid)
     for path in doc.state.entries():
         check_logical_path(path)
     dest = Path(dest).absolute()
@@ -79,6 +79,34 @@ def export(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *, instance:
     advance = progress("exporting", plan.total) if progress else None
     _write(plan, dest, tar, advance)
     return ExportResult(dest, iid, len(doc.state.files), plan.total)
+
+
+def _checked_document(archive: ArchiveRoot, rid: str, iid: str) -> tuple[InstanceDoc, bytes]:
+    """instance.json as stored, checked against the bag's tagmanifest first: an export computes its tag
+    manifests afresh, so a damaged document would otherwise leave as part of a valid bag. Repaired from a
+    replica that holds it intact (as any verified read); FixityError when none does."""
+    alg = archive.config.primary
+    rel = f"instances/{iid}/instance.json"
+    try:
+        listed = bagwrite.parse_manifest(archive.store.read_document(rid, f"instances/{iid}/tagmanifest-{alg}.txt")
+                                         .decode("utf-8", "replace"))
+    except NotFound:
+        listed = {}
+    expected = listed.get("instance.json")
+    raw = archive.instance_bytes(rid, iid)
+    found = hashlib.new(alg, raw).hexdigest()
+    if expected is None or found == expected:      # (no tagmanifest: fsck reports it; nothing to check by)
+        return archive.instance(rid, iid), raw
+    error = FixityError(resource=rid, instance=iid, path="instance.json", algorithm=alg, expected=expected,
+                        found=found, stored=rel)
+    record_failure(archive, error, "export")
+    from .repair import heal
+    if heal(archive, rid, iid, rel, alg, expected, "export") is not None:
+        archive.forget_document(rid, iid)
+        raw = archive.instance_bytes(rid, iid)
+        if hashlib.new(alg, raw).hexdigest() == expected:
+            return archive.instance(rid, iid), raw
+    raise error
 
 
 def _write(plan: _Plan, dest: Path, tar: bool, advance) -> None:

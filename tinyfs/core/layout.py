@@ -259,6 +259,13 @@ class ArchiveRoot:
             while len(self._docs) > DOC_CACHE_KEEP and self._docs_bytes > self.doc_cache_bytes:
                 self._docs_bytes -= self._docs.popitem(last=False)[1][1]
 
+    def forget_document(self, rid: str, iid: str) -> None:
+        """Drop a cached document whose stored instance.json was found damaged and has been repaired."""
+        with self._docs_lock:
+            old = self._docs.pop((rid, iid), None)
+            if old is not None:
+                self._docs_bytes -= old[1]
+
     def state(self, rid: str, iid: str | None = None) -> State:
         """The state at `iid` (default: the head); an empty state for a resource with no instance."""
         iid = iid or self.head(rid)
