@@ -452,3 +452,39 @@ def test_rebased_state_makes_a_valid_tree_and_names_what_it_dropped():
     assert set(state.files) == {"p", "k/x", "k/y", "k/deep/n", "l/z"}
     assert state.dirs["k"] == DirEntry(0o700, 5) and "p" not in state.dirs and "l" in state.dirs
     assert state.hardlinks == (("k/x", "k/y"),)
+
+
+def test_merging_both_ways_settles(tmp_path):
+    """A into B, then B into A, then again: instances that came from the other side are not sent back
+    (found by a newcomer's trial: each round added 5 instances per direction, flipping the content)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_tinyfs("init", a)
+    commit(a, "doc", add={"common.txt": b"common\n"})
+    run_tinyfs("migrate", a, b)
+    commit(a, "doc", add={"both.txt": b"A\n"})
+    commit(b, "doc", add={"both.txt": b"N\n"})
+    commit(b, "doc", add={"b-only.txt": b"b\n"})
+    run_tinyfs("migrate", a, b, "--merge")
+    run_tinyfs("migrate", b, a, "--merge")
+    settled = chains(a), chains(b)
+    for _ in range(2):
+        assert " 0 merged" in run_tinyfs("migrate", a, b, "--merge").stdout
+        assert " 0 merged" in run_tinyfs("migrate", b, a, "--merge").stdout
+    assert (chains(a), chains(b)) == settled
+    for root in (a, b):
+        state = ArchiveRoot(root).state("doc")
+        assert set(state.files) == {"common.txt", "both.txt", "b-only.txt"}
+        check_archive_ok(root)
+
+
+def test_migrate_takes_a_file_srcs_primary_lost_from_srcs_replica(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    run_tinyfs("init", src)
+    run_tinyfs("store", "add", src, tmp_path / "src-replica")
+    commit(src, "doc", add={"f.txt": b"the bytes\n" * 100})
+    (path,) = src.glob("resources/*/*/doc/instances/*/data/f.txt")
+    os.chmod(path, 0o644)
+    path.write_bytes(b"rotten\n")
+    run_tinyfs("migrate", src, dst)
+    assert Archive(dst).get("doc").read("f.txt") == b"the bytes\n" * 100
+    check_archive_ok(dst)

@@ -7,6 +7,7 @@ import filecmp
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,22 @@ def test_an_instance_storing_no_new_bytes_is_a_whole_bag_in_every_store(tmp_path
     archive_ok(tmp_path / "b")
     r = tinyfs("fsck", a, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_full_replica_is_named_as_full_not_the_source_as_damaged(tmp_path, tinyfs):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        a = tmp_path / "a"
+        tinyfs("init", a)
+        tinyfs("store", "add", a, small / "replica")
+        (tmp_path / "big.bin").write_bytes(os.urandom(3 << 20))
+        r = tinyfs("ingest", a, "doc", tmp_path / "big.bin", check=False)
+        assert r.returncode == 2 and "No space left on device" in r.stderr and "no good copy" not in r.stderr
+        assert str(small / "replica") in r.stderr
+        assert ArchiveRoot(small / "replica").instance_ids("doc") == []          # whole instances only
+        assert not list((small / "replica" / "transactions").glob(".commit-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -402,7 +402,8 @@ def _status_line(row: dict) -> str:
     check = row["last_fsck"]
     checked = ("never checked" if check is None else
                f"last full fsck {check['time']}: " + ("clean" if not check["problems"] else f"{check['problems']} problem(s)"))
-    return f"{row['name']}\t{row['url']}\t{row['instances']} instances\t{state}\t{checked}"
+    held = f"{row['instances']} instances" if row["reachable"] else "? instances"
+    return f"{row['name']}\t{row['url']}\t{held}\t{state}\t{checked}"
 
 
 def cmd_purge(args) -> int:

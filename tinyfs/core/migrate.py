@@ -157,9 +157,10 @@ def _copy_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
     """The instances DST lacks, with their ids, after the ones it has (catch_up's copy, one at a time for
     the progress); then DST's own replicas take them too."""
     missing = replicas.check_prefix(src, dst, rid, what=str(dst.root))
+    sources = replicas.sources_of(src) if missing else [src]   # a file SRC's primary lost: from a replica
     for iid in src.instance_ids(rid):
         if iid in missing:
-            replicas.copy_instance([src], dst, rid, iid)
+            replicas.copy_instance(sources, dst, rid, iid)
             report.copied += 1
         else:
             report.held += 1
@@ -181,8 +182,8 @@ def merge_resource(src: ArchiveRoot, dst: ArchiveRoot, rid: str, report: Migrate
     waiting: list[dict] = []                # records of unchanged instances, for the next merged one
     try:
         for iid in src_ids:
-            if iid in held:
-                report.held += 1
+            if iid in held or _came_from(src, rid, iid) & held:
+                report.held += 1                # (or SRC got it from DST by an earlier merge the other way)
             else:
                 record = origin_record(src, rid, iid, events.get((rid, iid), []))
                 made, record = _rebase_one(src, dst, rid, iid, record, waiting, bring)
@@ -210,6 +211,15 @@ def holds(dst: ArchiveRoot, rid: str) -> set[str]:
             held.add(origin["instance"])
             held.update(o["instance"] for o in origin.get("unchanged", ()))
     return held
+
+
+def _came_from(src: ArchiveRoot, rid: str, iid: str) -> set[str]:
+    """The instances an SRC instance was merged from (its origin and the unchanged ones it names): where
+    DST holds them, DST has its change already — merging A into B and then B into A settles."""
+    origin = src.instance(rid, iid).origin
+    if not origin:
+        return set()
+    return {origin["instance"], *(o["instance"] for o in origin.get("unchanged", ()))}
 
 
 def _merged_in_log(dst: ArchiveRoot) -> dict[str, set[str]]:
@@ -374,6 +384,7 @@ class Bringer:
 
     def __init__(self, src: ArchiveRoot, rid: str, dst: ArchiveRoot):
         self.src, self.rid = src, rid
+        self.sources = replicas.sources_of(src)
         self.work = dst.transactions / f"{WORK_PREFIX}{uuid.uuid4().hex}"
         self.copies: dict[str, Path] = {}                    # stored path -> its copy
         self.manifests: dict[tuple[str, str], dict[str, str]] = {}
@@ -388,7 +399,7 @@ class Bringer:
                 raise NotFound(f"{self.src.root}: {self.rid}/{stored} is in no manifest of its bag")
             self.work.mkdir(exist_ok=True)
             dest = self.work / str(len(self.copies))
-            replicas.copy_checked([self.src], self.rid, stored, (self.src.config.primary, digest), dest)
+            replicas.copy_checked(self.sources, self.rid, stored, (self.src.config.primary, digest), dest)
             self.copies[stored] = dest
         return dest
 

@@ -54,6 +54,14 @@ class CopyFailed(TinyfsError):
     """No source store holds a good copy of a stored file."""
 
 
+class WriteFailed(TinyfsError):
+    """Writing a copy failed (the receiving store's disk, e.g. full): no source is to blame."""
+
+    def __init__(self, dest: Path, error: OSError):
+        super().__init__(f"cannot write the copy {dest}: {error.strerror or error}")
+        self.errno = error.errno or self.errno
+
+
 @dataclass(frozen=True)
 class ReplicaSpec:
     name: str
@@ -160,7 +168,8 @@ def add_replica(archive: ArchiveRoot, url: str, *, endpoint: str | None = None, 
     (an S3 prefix: empty), or an existing one whose chains are all prefixes of the primary's (it is then
     behind, and `tinyfs replicate` catches it up). Nothing is written to ROOT on a refusal."""
     found = load(archive.root)
-    name = name or f"r{len(found.replicas) + 1}"
+    taken = {r.name for r in found.replicas}
+    name = name or next(f"r{n}" for n in range(1, len(taken) + 2) if f"r{n}" not in taken)
     if not NAME.fullmatch(name):
         raise InvalidName(f"store name {name!r}: lower-case letters, digits, '-' and '_', at most 32")
     if any(r.name == name for r in found.replicas):
@@ -373,14 +382,21 @@ def copy_checked(sources: list[ArchiveRoot], rid: str, rel: str, expected: tuple
 def _copy_hashing(src: Path, dest: Path, algorithm: str | None) -> str:
     """Copy `src` to `dest` and return the digest of the bytes copied. A large file is hashed by a second
     thread while the next chunk is read and written (hashlib releases the GIL): sha512 runs at about
-    700 MiB/s a core here, as slow as the copy itself."""
+    700 MiB/s a core here, as slow as the copy itself. An error writing `dest` is a WriteFailed (the
+    caller must not blame the source for it)."""
     h = hashlib.new(algorithm) if algorithm else None
-    with open(src, "rb", buffering=0) as fin, open(dest, "wb", buffering=0) as fout:
+    with open(src, "rb", buffering=0) as fin, _created(dest) as fout:
+        def write(chunk: bytes) -> None:
+            try:
+                fout.write(chunk)
+            except OSError as e:
+                raise WriteFailed(dest, e) from None
+
         if h is None or os.fstat(fin.fileno()).st_size <= PIPELINE_ABOVE:
             while chunk := fin.read(CHUNK):
                 if h:
                     h.update(chunk)
-                fout.write(chunk)
+                write(chunk)
         else:
             with ThreadPoolExecutor(1, thread_name_prefix="copy-hash") as hasher:
                 hashing = None
@@ -388,10 +404,17 @@ def _copy_hashing(src: Path, dest: Path, algorithm: str | None) -> str:
                     if hashing is not None:
                         hashing.result()
                     hashing = hasher.submit(h.update, chunk)
-                    fout.write(chunk)
+                    write(chunk)
                 if hashing is not None:
                     hashing.result()
     return h.hexdigest() if h else ""
+
+
+def _created(dest: Path):
+    try:
+        return open(dest, "wb", buffering=0)
+    except OSError as e:
+        raise WriteFailed(dest, e) from None
 
 
 PIPELINE_ABOVE = 8 << 20      # smaller files: hashed in line (a thread hand-off costs more)
@@ -489,6 +512,11 @@ def replicate(archive: ArchiveRoot, rids: list[str] | None = None, stores: list[
         archive.events.append("replicate.finished", copied=report.copied,
                               failed={k: len(v) for k, v in report.failed.items()})
     return report
+
+
+def sources_of(archive: ArchiveRoot) -> list[ArchiveRoot]:
+    """The archive's stores that answer, the primary first: where a copy may take each file from."""
+    return [archive, *(r.archive for r in replicas_of(archive).replicas if _opens(r))]
 
 
 def _opens(r: Replica) -> bool:

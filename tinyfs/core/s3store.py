@@ -422,8 +422,10 @@ class S3Store:
         if not (info.size == path.stat().st_size and (len(info.etag) != 32 or _md5(path) == info.etag)):
             raise ObjectExists(f"{self.objects.where(key)}: taken by other bytes than this publish's",
                                code="PreconditionFailed")
-        log.warning("%s: already written by this publish (an answer was lost): kept",
-                    self.objects.where(key))
+        # (info, not a warning: a copy of an instance resumed after an interruption meets every object its
+        # first attempt sent, and said so once per object)
+        log.info("%s: already holds these bytes (an answer was lost, or an interrupted copy sent them): kept",
+                 self.objects.where(key))
         return info.version_id
 
     def _upload_resource_json(self, rid: str, body: bytes) -> dict[str, str]:
