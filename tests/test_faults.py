@@ -59,6 +59,19 @@ def test_crash_torture_reduced_on_an_s3_store(tmp_path):
     assert lines[-1].startswith("torture: 12 trials") and "store s3" in lines[-1]
 
 
+@pytest.mark.core
+@pytest.mark.slow
+def test_crash_torture_of_copies_reduced(tmp_path):
+    """12 trials of scripts/torture-replicas: replicated commits (a local and an S3 replica), migrations
+    and merges killed at random instants, resumed, checked."""
+    seed = os.environ.get("TINYFS_TORTURE_SEED", "20261205")
+    r = subprocess.run([str(HERE / "scripts" / "torture-replicas"), "--kind", "all", "--s3", "--trials", "12",
+                        "--seed", seed, "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and lines and lines[-1].startswith("torture-replicas: 12 trials, 0 failures"), \
+        r.stdout[-5000:] + r.stderr[-3000:]
+
+
 # -- a full disk ------------------------------------------------------------------------------
 
 @pytest.fixture
