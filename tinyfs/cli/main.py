@@ -27,7 +27,7 @@ from ..core.errors import InvalidBag, TinyfsError
 log = logging.getLogger("tinyfs")
 
 COMMANDS = ("init", "mount", "umount", "ingest", "ls", "cat", "events", "fsck", "export", "recover", "purge",
-            "store", "replicate", "status", "migrate", "repair")
+            "store", "replicate", "status", "migrate", "repair", "serve", "serve-passwd")
 EXIT_OK, EXIT_DAMAGE, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -420,6 +420,28 @@ def cmd_mount(args) -> int:
                          foreground=args.foreground)
 
 
+def cmd_serve(args) -> int:
+    from ..web.server import serve
+
+    return serve(args.root, args.listen, users=args.users, anonymous=args.anonymous,
+                 proxy_header=args.proxy_header, cert=args.cert, key=args.key, threads=args.threads)
+
+
+def cmd_serve_passwd(args) -> int:
+    from ..web.auth import set_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"password for {args.user}: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("serve-passwd: the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    set_password(args.file, args.user, password)
+    return EXIT_OK
+
+
 def cmd_umount(args) -> int:
     from .mountcmd import umount_command
 
@@ -478,6 +500,24 @@ def _add_setup_commands(command: Command) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (systemd, debugging)")
     p.add_argument("-o", dest="options", action="append", metavar="OPTIONS", help="mount options, e.g. allow_other")
+
+    p = command("serve", cmd_serve, "serve an archive over WebDAV and HTTP")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:8080)")
+    p.add_argument("--users", metavar="FILE", help="users and argon2 password hashes (tinyfs serve-passwd)")
+    p.add_argument("--anonymous", choices=("none", "read", "write"), default="none",
+                   help="what a request without credentials may do (default none; write: tests and "
+                        "trusted networks only)")
+    p.add_argument("--proxy-header", metavar="NAME", help="trust this request header (set by a reverse "
+                   "proxy that authenticates, e.g. X-Remote-User) as the user; listen on loopback then")
+    p.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM); with --key")
+    p.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
+    p.add_argument("--threads", type=int, default=32, metavar="N", help="requests served at once (default 32)")
+
+    p = command("serve-passwd", cmd_serve_passwd, "add a user of `tinyfs serve`, or change their password")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("user", metavar="USER")
 
     p = command("umount", cmd_umount, "unmount a mounted archive")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -1,0 +1,105 @@
+"""The `tinyfs serve` process: one archive, one cheroot server (a thread per request, TLS optional).
+
+The server holds the archive's lock as a mount does (core.layout.lock_archive): one process owns an
+archive's open transactions, so a mount and a server of one archive are not run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from cheroot import wsgi
+
+from ..core.layout import ArchiveRoot
+from ..core.recover import recover
+from .app import Context, make_app
+from .auth import Access, Users
+
+log = logging.getLogger(__name__)
+THREADS = 32                     # requests served at once (readers, uploads, a commit waiting for its disk)
+TIMEOUT = 60                     # seconds a client may stay silent inside a request (slow clients)
+MAX_HEADER = 64 * 1024           # bytes of request line and headers
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or :PORT (loopback)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--listen {text!r}: expected HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def build(root: str | os.PathLike, listen: str, *, users: str | None = None, anonymous: str = "none",
+          proxy_header: str | None = None, cert: str | None = None, key: str | None = None,
+          threads: int = THREADS) -> tuple[wsgi.Server, Context]:
+    """The server, not started; ValueError/TinyfsError for a bad option (nothing changed)."""
+    host, port = parse_listen(listen)
+    archive = ArchiveRoot(root)
+    access = Access(Users(users) if users else None, anonymous, proxy_header)
+    if access.users is None and proxy_header is None and anonymous != "write":
+        log.warning("no --users and no --proxy-header: only anonymous %s access is possible",
+                    "read" if anonymous == "read" else "(none)")
+    if bool(cert) != bool(key):
+        raise ValueError("--cert and --key go together")
+    ctx = Context(archive, access)
+    server = wsgi.Server((host, port), make_app(ctx), numthreads=threads, timeout=TIMEOUT,
+                         server_name="tinyfs")
+    server.max_request_header_size = MAX_HEADER
+    if cert:
+        from cheroot.ssl.builtin import BuiltinSSLAdapter
+        server.ssl_adapter = BuiltinSSLAdapter(cert, key)
+    return server, ctx
+
+
+def serve(root: str | os.PathLike, listen: str, **options) -> int:
+    """Serve until SIGTERM or SIGINT; recovery first, as a mount does."""
+    from ..fs.mount import lock_archive
+
+    server, ctx = build(root, listen, **options)
+    lock = lock_archive(ctx.archive)
+    try:
+        for line in recover(ctx.archive, store=False):
+            log.info("recovery: %s", line)
+        _attach_deposits(ctx)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        signal.signal(signal.SIGINT, lambda *_: server.stop())
+        server.prepare()
+        scheme = "https" if options.get("cert") else "http"
+        host, port = server.bind_addr[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"tinyfs: serving {ctx.archive.root} on {scheme}://{shown}:{port}/", file=sys.stderr, flush=True)
+        _notify_ready()
+        server.serve()
+    finally:
+        server.stop()
+        os.close(lock)
+    return 0
+
+
+def _attach_deposits(ctx: Context) -> None:
+    try:
+        from ..core.deposit import Deposits
+    except ImportError:        # (until core.deposit lands)
+        return
+    ctx.deposits = Deposits(ctx.archive)
+
+
+def _notify_ready() -> None:
+    """sd_notify READY=1 when run as a Type=notify systemd service."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(address)
+        s.sendall(b"READY=1")
+
+
+__all__ = ["build", "serve", "parse_listen"]
