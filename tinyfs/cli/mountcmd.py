@@ -112,8 +112,7 @@ def _daemon_pidfd(root: Path) -> int | None:
     holds), taken before the unmount so that it names that very process; None when there is none."""
     import fcntl
 
-    from ..core.layout import LOCKS
-    from ..fs.mount import MOUNT_LOCK
+    from ..core.layout import LOCKS, MOUNT_LOCK
 
     try:
         fd = os.open(root / "transactions" / LOCKS / MOUNT_LOCK, os.O_RDONLY)
@@ -155,8 +154,7 @@ def _unescape(field: str) -> str:
 def _wait_for_daemon(root: Path, timeout: float) -> None:
     import fcntl
 
-    from ..core.layout import LOCKS
-    from ..fs.mount import MOUNT_LOCK
+    from ..core.layout import LOCKS, MOUNT_LOCK
 
     path = root / "transactions" / LOCKS / MOUNT_LOCK
     deadline = time.monotonic() + timeout

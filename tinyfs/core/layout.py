@@ -40,6 +40,7 @@ FORMAT = "tinyfs/1"
 MODES = ("preservation", "worm", "dynamic")
 DIGESTS = ("sha512", "sha256", "sha384", "sha224", "sha1", "md5")
 LOCKS = ".locks"
+MOUNT_LOCK = ".mount.lock"  # flock held by the one process (mount or server) owning the transactions
 
 
 @dataclass(frozen=True)
@@ -327,3 +328,17 @@ def doc_bytes(doc: InstanceDoc) -> int:
     entries = len(doc.state.files) + len(doc.state.dirs) + len(doc.state.links) + 1
     return entries * (ENTRY_BYTES + (ENCODED_BYTES if doc.encoded is not None else 0))
 
+
+def lock_archive(archive: ArchiveRoot) -> int:
+    """Hold the archive's mount lock for the life of the process; Busy when another mount has it."""
+    locks = archive.transactions / LOCKS
+    locks.mkdir(exist_ok=True)
+    fd = os.open(locks / MOUNT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy(f"{archive.root} is already in use by another tinyfs process (mount or server)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import gc
 import logging
 import os
@@ -22,13 +21,12 @@ import pyfuse3
 import trio
 
 from ..core.errors import Busy, TinyfsError
-from ..core.layout import LOCKS, ArchiveRoot
+from ..core.layout import MOUNT_LOCK, ArchiveRoot, lock_archive  # noqa: F401 (re-exported)
 from ..core.recover import recover
 from .notify import sd_notify
 from .ops import CACHE_BYTES, Operations
 
 log = logging.getLogger(__name__)
-MOUNT_LOCK = ".mount.lock"
 # What `-o` may hold. mount(8) and mount.fuse3 hand a fuse.tinyfs fstab line over as
 # `tinyfs SOURCE MOUNTPOINT -o rw,allow_other,dev,suid` (mount.fuse3 adds dev,suid when run by root),
 # so every word they may pass must be accepted.
@@ -96,21 +94,6 @@ def cache_bytes(options: list[str]) -> int:
         if opt.startswith("cache_mib="):
             return int(opt.partition("=")[2]) << 20
     return CACHE_BYTES
-
-
-def lock_archive(archive: ArchiveRoot) -> int:
-    """Hold the archive's mount lock for the life of the process; Busy when another mount has it."""
-    locks = archive.transactions / LOCKS
-    locks.mkdir(exist_ok=True)
-    fd = os.open(locks / MOUNT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Busy(f"{archive.root} is already mounted by another tinyfs process") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 def clear_dead_mount(mountpoint: Path) -> None:

@@ -57,7 +57,7 @@ def build(root: str | os.PathLike, listen: str, *, users: str | None = None, ano
 
 def serve(root: str | os.PathLike, listen: str, **options) -> int:
     """Serve until SIGTERM or SIGINT; recovery first, as a mount does."""
-    from ..fs.mount import lock_archive
+    from ..core.layout import lock_archive
 
     server, ctx = build(root, listen, **options)
     lock = lock_archive(ctx.archive)
