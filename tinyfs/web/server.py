@@ -65,19 +65,30 @@ def serve(root: str | os.PathLike, listen: str, **options) -> int:
         for line in recover(ctx.archive, store=False):
             log.info("recovery: %s", line)
         _attach_deposits(ctx)
-        signal.signal(signal.SIGTERM, lambda *_: server.stop())
-        signal.signal(signal.SIGINT, lambda *_: server.stop())
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
         server.prepare()
         scheme = "https" if options.get("cert") else "http"
         host, port = server.bind_addr[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"tinyfs: serving {ctx.archive.root} on {scheme}://{shown}:{port}/", file=sys.stderr, flush=True)
         _notify_ready()
-        server.serve()
+        try:
+            server.serve()
+        except Stopping:
+            log.info("stopping")
     finally:
         server.stop()
         os.close(lock)
     return 0
+
+
+class Stopping(SystemExit):
+    """SIGTERM or SIGINT: raised in the main thread; cheroot's loop lets SystemExit through (and logs others)."""
+
+
+def _stop(*_) -> None:
+    raise Stopping()
 
 
 def _attach_deposits(ctx: Context) -> None:
