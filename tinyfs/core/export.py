@@ -38,6 +38,7 @@ import os
 import stat
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,29 @@ def export(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *, instance:
     advance = progress("exporting", plan.total) if progress else None
     _write(plan, dest, tar, advance)
     return ExportResult(dest, iid, len(doc.state.files), plan.total)
+
+
+def stream(archive: ArchiveRoot, rid: str, out, *, instance: str | None = None, form: str = "tar",
+           top: str | None = None) -> str:
+    """Write the bag of a state to the file object `out` as it is made: a tar (PAX, the tar form above) or
+    a zip (no hard links or xattrs: each path of a link group is a copy; modes in the external attributes).
+    `out` may be a pipe or a socket (nothing is sought). Returns the instance id. A damaged stored file
+    raises FixityError in the middle: the consumer must treat the stream as failed (an HTTP server cuts
+    the connection), never as a shorter bag."""
+    iid = archive.resolve_instance(rid, instance)
+    doc, raw_doc = _checked_document(archive, rid, iid)
+    for path in doc.state.entries():
+        check_logical_path(path)
+    plan = _Plan(archive, rid, doc, raw_doc)
+    top = top or f"{rid}-{iid}"
+    if form == "tar":
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+            _fill_tar(plan, tf, top, None)
+    elif form == "zip":
+        _write_zip(plan, out, top)
+    else:
+        raise ValueError(f"no bag form {form!r} (tar or zip)")
+    return iid
 
 
 def _checked_document(archive: ArchiveRoot, rid: str, iid: str) -> tuple[InstanceDoc, bytes]:
@@ -346,6 +370,42 @@ def _fill_tar(plan: _Plan, tf: tarfile.TarFile, top: str, advance) -> None:
             with plan.open(path) as src:
                 tf.addfile(info, _Counting(src, advance) if advance else src)
                 src.finish()        # tar took the recorded size: a longer stored file is damaged too
+
+
+def _write_zip(plan: _Plan, out, top: str) -> None:
+    state = plan.doc.state
+    now_ns = int(plan.archive.instance_mtime(plan.rid, plan.doc.id) * 1e9)
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1, strict_timestamps=False,
+                         allowZip64=True) as zf:
+        with tempfile.TemporaryDirectory(prefix=".tinyfs-export-tags-") as tags:
+            plan.write_tags(Path(tags))
+            for name in sorted(os.listdir(tags), key=_tag_order):
+                zf.writestr(_zip_info(f"{top}/{name}", 0o644, now_ns), Path(tags, name).read_bytes())
+        root = state.root or DirEntry(0o755, now_ns)
+        zf.writestr(_zip_info(f"{top}/data/", dir_mode(root.mode), root.mtime_ns, directory=True), b"")
+        for path in sorted([*state.dirs, *state.files], key=lambda p: p.split("/")):
+            if path in state.dirs:
+                d = state.dirs[path]
+                zf.writestr(_zip_info(f"{top}/data/{path}/", dir_mode(d.mode), d.mtime_ns, directory=True), b"")
+                continue
+            f = state.files[path]
+            info = _zip_info(f"{top}/data/{path}", file_mode(f.mode), f.mtime_ns)
+            info.file_size = f.size
+            with plan.open(path) as src, zf.open(info, "w", force_zip64=f.size > 2**31) as dst:
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+                src.finish()
+
+
+def _zip_info(name: str, mode: int, mtime_ns: int, directory: bool = False) -> zipfile.ZipInfo:
+    import time
+
+    seconds = max(mtime_ns // 1_000_000_000, 315532800)        # zip times start in 1980
+    info = zipfile.ZipInfo(name, time.gmtime(seconds)[:6])
+    kind = stat.S_IFDIR if directory else stat.S_IFREG
+    info.external_attr = ((kind | mode) << 16) | (0x10 if directory else 0)
+    info.compress_type = zipfile.ZIP_STORED if directory else zipfile.ZIP_DEFLATED
+    return info
 
 
 def _info(name: str, kind: bytes, mode: int, mtime_ns: int) -> tarfile.TarInfo:

@@ -18,7 +18,7 @@ from wsgidav.wsgidav_app import WsgiDAVApp
 
 from ..core.layout import ArchiveRoot
 from .auth import Access
-from .errors import one_line
+from .errors import one_line, status_of
 
 log = logging.getLogger(__name__)
 USER = "tinyfs.user"          # environ key: the authenticated user, None when anonymous
@@ -54,9 +54,13 @@ def make_app(ctx: Context):
         environ["wsgidav.auth.realm"] = REALM
         environ["wsgidav.auth.roles"] = None
         environ["wsgidav.auth.permissions"] = None
-        handler = http.route(ctx, environ)
-        if handler is not None:
-            return handler(environ, start_response)
+        try:
+            handler = http.route(ctx, environ)
+            if handler is not None:
+                return handler(environ, start_response)
+        except Exception as e:          # a request never takes the server down: 500 and one line, logged
+            log.exception("%s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            return answer(start_response, status_of(e), str(e))
         return dav(environ, start_response)
 
     return app
