@@ -32,7 +32,7 @@ from tinyfs.fs.ops import CACHE_BYTES
 
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = PROJECT / "systemd"
-UNIT_FILES = ("tinyfs@.service", "tinyfs-fsck@.service", "tinyfs-fsck@.timer", "tinyfs-replicate@.service",
+UNIT_FILES = ("tinyfs@.service", "tinyfs-serve@.service", "tinyfs-fsck@.service", "tinyfs-fsck@.timer", "tinyfs-replicate@.service",
               "tinyfs-replicate@.timer")
 VENV_BIN = Path(sys.executable).parent
 HAS_FUSE = bool(shutil.which("fusermount3")) and os.path.exists("/dev/fuse")
@@ -552,4 +552,4 @@ def test_units_use_only_configured_variables():
     """Every ${VAR} the units use is one the configuration file defines (a typo would expand to '')."""
     for name in UNIT_FILES:
         used = set(re.findall(r"\$\{(\w+)\}", (UNITS / name).read_text()))
-        assert used <= {"ARCHIVE", "MOUNTPOINT", "OPTIONS"}, (name, used)
+        assert used <= {"ARCHIVE", "MOUNTPOINT", "OPTIONS", "LISTEN"}, (name, used)
