@@ -490,7 +490,7 @@ def test_mount_is_exclusive_and_refuses_a_second(root, tmp_path, mnt):
     other.mkdir()
     r = subprocess.run([*tinyfs_argv(), "mount", "--foreground", str(root), str(other)], capture_output=True,
                        text=True, timeout=30)
-    assert r.returncode != 0 and "already mounted" in r.stderr
+    assert r.returncode != 0 and "already in use by another tinyfs process" in r.stderr
     assert "Traceback" not in r.stderr
 
 

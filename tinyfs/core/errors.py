@@ -64,6 +64,30 @@ class Busy(TinyfsError):
     errno = _errno.EBUSY
 
 
+class NotADirectory(TinyfsError):
+    """A path goes through, or names as a directory, something that is not one."""
+
+    errno = _errno.ENOTDIR
+
+
+class IsADirectory(TinyfsError):
+    """A directory where a file is needed (its bytes written or read)."""
+
+    errno = _errno.EISDIR
+
+
+class NoSpace(TinyfsError):
+    """The archive's file system has no room for the bytes (or would keep too little to go on working)."""
+
+    errno = _errno.ENOSPC
+
+
+class ShortInput(TinyfsError):
+    """An upload ended before the length it announced: nothing of it was kept."""
+
+    errno = _errno.EINVAL
+
+
 class Inconsistent(TinyfsError):
     """What a commit read does not hold together: a file's size is not the one it was hashed at, or paths
     that hard links make one file are recorded differently. Most often bytes changed during the commit;

@@ -22,16 +22,17 @@ from .staging import BaseTree, Node, Staging, node_entry
 SizeOf = Callable[[int, Node], int]
 
 
-def commit_request(staging: Staging, rid: str, committer: int, size_of: SizeOf | None = None) -> CommitRequest:
+def commit_request(staging: Staging, rid: str, committer: int | str, size_of: SizeOf | None = None) -> CommitRequest:
     """The changes since the base, from the staging. A transaction staged before the overlay has every
     entry as a row and no base tree to tell removals: it hands over its whole tree (`full`).
-    The creator is user.tinyfs.creator, else the name of `committer` (the uid that commits)."""
+    The creator is the transaction's creator metadata, else `committer`: the name of the uid that commits
+    (the mount), or the name of the user who commits (the server)."""
     changes, linked = staged_changes(staging, size_of or _recorded_size)
     meta = {k: staging.get_meta(k) for k in ("message", "creator", "label")}
     path = staging.path
     return CommitRequest(rid, staging.get_meta("base") or None, changes, full=not staging.overlay, walked=True,
                          message=meta["message"],
-                         creator=meta["creator"] or user_name(committer), label=meta["label"] or None,
+                         creator=meta["creator"] or _name(committer), label=meta["label"] or None,
                          before_publish=lambda iid: Staging.mark_committing(path, iid),
                          hardlinks=link_groups(linked),
                          root=staging.root_entry())
@@ -98,6 +99,10 @@ def _add_removals(changes: dict[str, Change], tree: BaseTree, at_home: set[int],
 
 def _recorded_size(_sino: int, node: Node) -> int:
     return node.size
+
+
+def _name(committer: int | str) -> str:
+    return committer if isinstance(committer, str) else user_name(committer)
 
 
 def user_name(uid: int) -> str:

@@ -109,6 +109,17 @@ def _uses_reserve_when_full(fn):
     return wrapper
 
 
+# Staged bytes never take the last HEADROOM bytes of the file system: txn.db needs a few pages to go on
+# recording changes (an unlink is how a user frees space), and a commit needs room for its tag files.
+HEADROOM = 2 << 20
+
+
+def free_bytes(fd_or_path: int | str | os.PathLike) -> int:
+    """Free bytes of the file system holding an open file or a path (root may use the reserved blocks)."""
+    st = os.fstatvfs(fd_or_path) if isinstance(fd_or_path, int) else os.statvfs(fd_or_path)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
 def make_reserve(path: Path) -> None:
     """Best effort: (re)create the reserve of a transaction directory."""
     target = path / RESERVE
@@ -549,6 +560,73 @@ class Staging:
             fd = os.open(self.blob_path(ino), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
             os.close(fd)
         return ino
+
+    @_uses_reserve_when_full
+    def make_file(self, parent: int, name: str, mode: int, uid: int, gid: int, bytes_from: Path, size: int,
+                  digests: str | None, mtime_ns: int, xattrs: dict[str, bytes] | None = None) -> tuple[int, int | None]:
+        """A new file at (parent, name) whose bytes are the finished file `bytes_from` (in blobs/), moved in
+        as its blob within the SQLite transaction that makes the entry: a crash leaves the entry with its
+        bytes, or no entry (and a blob file no row claims: see `sweep_blobs`). A name already there (not a
+        directory: the caller checks) is replaced. Returns (the new inode, the replaced one or None)."""
+        replaced = self.lookup(parent, name)
+        self._own(parent, replaced)
+        now = time.time_ns()
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute("INSERT INTO inodes (kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, digests) "
+                                  "VALUES ('f',?,?,?,?,?,?,1,?)", (mode & 0o7777, uid, gid, size, mtime_ns, now, digests))
+            ino = cur.lastrowid
+            self._set_name(parent, name, ino)
+            if replaced is not None:
+                self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, replaced))
+            self.db.executemany("INSERT INTO xattrs VALUES (?,?,?)", [(ino, k, v) for k, v in (xattrs or {}).items()])
+            self._touch(parent, now)
+            os.rename(bytes_from, self.blob_path(ino))
+        self._nlinks[ino] = 1
+        self._names_changed(replaced)
+        if replaced is not None:
+            self._cached(replaced, ctime_ns=now)
+        return ino, replaced
+
+    @_uses_reserve_when_full
+    def replace_bytes(self, ino: int, bytes_from: Path, size: int, digests: str | None, mtime_ns: int,
+                      mode: int | None = None, xattrs: dict[str, bytes] | None = None) -> None:
+        """Give file `ino` (every name of it) the finished file `bytes_from` (in blobs/) as its bytes, in one
+        SQLite transaction with its new size and digests: a crash leaves the old bytes or the new ones
+        whole. The digests recorded for the old bytes are forgotten first (durably), so that no crash can
+        pair the new bytes with them. `xattrs`, when given, replace the file's."""
+        self._own(ino)
+        node = self.node(ino)
+        if node.digests:
+            self.update(ino, digests=None)
+        now = time.time_ns()
+        fields = {"blob": 1, "base": None, "size": size, "digests": digests, "mtime_ns": mtime_ns, "ctime_ns": now,
+                  "incomplete": 0}
+        if mode is not None:
+            fields["mode"] = mode & 0o7777
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(f"UPDATE inodes SET {sets} WHERE id=?", (*fields.values(), ino))
+            if xattrs is not None:
+                self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+                self.db.executemany("INSERT INTO xattrs VALUES (?,?,?)", [(ino, k, v) for k, v in xattrs.items()])
+            os.rename(bytes_from, self.blob_path(ino))
+        self._cached(ino, **fields)
+
+    def sweep_blobs(self) -> int:
+        """After a crash: delete files in blobs/ that no row claims as its bytes (an upload or a copy cut
+        short, a blob moved in by a change that never committed). Returns how many went."""
+        owned = {str(r[0]) for r in self.db.execute("SELECT id FROM inodes WHERE kind='f' AND blob=1")}
+        gone = 0
+        for name in os.listdir(self.blobs):
+            if name not in owned:
+                try:
+                    os.unlink(self.blobs / name)
+                    gone += 1
+                except (FileNotFoundError, IsADirectoryError):
+                    pass
+        return gone
 
     @_uses_reserve_when_full
     def link(self, ino: int, parent: int, name: str) -> None:

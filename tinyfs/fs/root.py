@@ -17,7 +17,8 @@ import stat
 import trio
 
 from ..core.commit import commit
-from ..core.errors import Forbidden, Incomplete, LabelTaken, NameTooLong, NotFound, Stale, TinyfsError
+from ..core.errors import Forbidden, NotFound, TinyfsError
+from ..core.failures import known_failure, record_failed_commit
 from ..core.ids import is_rid
 from ..core.limits import EVENT_TEXT_MAX
 from ..core.request import check_not_writing
@@ -36,9 +37,6 @@ TOP = (*SECTIONS, "transactions", "commit", "events.jsonl")
 WRITABLE = ("transactions", "commit")
 # Errors a commit may meet that would mean something else to the client of a rename: answered as EIO
 NEVER_FROM_COMMIT = (errno.EXDEV, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
-# Commit failures that only the transaction's content and the resource's instances decide (ESTALE, a label
-# taken, a path too long, a file whose bytes are incomplete): see RootTree._known_failure
-DECIDED_BY_INPUTS = (Stale, LabelTaken, NameTooLong, Incomplete)
 
 
 class RootTree(Tree):
@@ -287,19 +285,14 @@ class RootTree(Tree):
         await trio.to_thread.run_sync(self.services.kernel.forget_now, stale)
 
     def _failed(self, txn: OpenTxn, error: Exception, event: bool = False) -> OSError:
-        """Record a failed commit -- the transaction's state and error, one warning, and (`event`) the
-        commit.failed event where core.commit did not append it -- and return the error to answer with."""
+        """Record a failed commit (core.failures: the transaction's state and error, one warning, and with
+        `event` the commit.failed event where core.commit did not append it) and return the error to
+        answer with."""
         code = getattr(error, "errno", None) or errno.EIO
         if code in NEVER_FROM_COMMIT and not event:
             code = errno.EIO
-        message = str(error)
-        txn.staging.set_meta("state", "failed")
-        txn.staging.set_meta("error", message)
-        log.warning("commit of %s failed: %s", txn.rid, message)
-        if event:
-            self.archive.events.append("commit.failed", txn.rid, None, error=message, via="mount")
-        txn.failure = (code, message, self._inputs(txn)) if isinstance(error, DECIDED_BY_INPUTS) else None
-        return fail(code, message)
+        txn.failure = record_failed_commit(self.archive, txn.staging, txn.rid, error, event=event, via="mount")
+        return fail(code, str(error))
 
     def _known_failure(self, txn: OpenTxn) -> OSError | None:
         """The failure of the transaction's last commit, when neither the transaction nor the resource's
@@ -309,12 +302,7 @@ class RootTree(Tree):
         once, its lookups revalidated, when the file system answers ESTALE (one `mv`, one renameat2, two
         RENAME requests 20-30 ms apart). Answered from here, the second one is not attempted again and
         adds no warning or event: one failure, logged once."""
-        if txn.failure is None:
+        known = known_failure(self.archive, txn.staging, txn.rid, txn.failure)
+        if known is None:
             return None
-        code, message, inputs = txn.failure
-        return fail(code, message) if inputs == self._inputs(txn) else None
-
-    def _inputs(self, txn: OpenTxn) -> tuple[int, str | None]:
-        """What decides a commit's outcome besides this code: the transaction (its change count) and the
-        resource's head."""
-        return txn.staging.changes(), self.archive.head(txn.rid)
+        return fail(getattr(known.error, "errno", None) or errno.EIO, str(known.error))

@@ -21,27 +21,19 @@ from typing import NamedTuple
 from ..core.commit import CommitRequest
 from ..core.digests import MultiHash, hash_file
 from ..core.durable import start_writeback
+from ..core.failures import Failure
 from ..core.fixity import FixityError, record_failure
 from ..core.layout import ArchiveRoot
 from ..core.request import commit_request
-from ..core.staging import Node, Staging
+from ..core.staging import HEADROOM, Node, Staging, free_bytes
 from .tree import fail
 
 log = logging.getLogger(__name__)
 
 
-# Staged bytes never take the last HEADROOM bytes of the file system: txn.db needs a few pages to go on
-# recording changes (an unlink is how a user frees space), and a commit needs room for its tag files.
-HEADROOM = 2 << 20
-
 # Every WRITEBACK_CHUNK written, the disk is asked to start on the chunk before (a big file's bytes then
 # reach the disk during the copy, and the commit's syncfs has little left to do).
 WRITEBACK_CHUNK = 16 << 20
-
-
-def _free_bytes(fd: int) -> int:
-    st = os.fstatvfs(fd)
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 class FreeSpace:
@@ -61,7 +53,7 @@ class FreeSpace:
         with self.lock:
             now = time.monotonic()
             if self.estimate < n + HEADROOM + self.MARGIN or now - self.checked > self.MAX_AGE:
-                self.estimate, self.checked = _free_bytes(fd), now
+                self.estimate, self.checked = free_bytes(fd), now
             if self.estimate < n + HEADROOM:
                 return False
             self.estimate -= n
@@ -161,9 +153,9 @@ class OpenTxn:
         self.committing = False
         self.free = FreeSpace()
         self._base_stored: dict[str, str] | None = None   # digest -> stored path, of the base instance
-        # (errno, message, what decided it) of the last failed commit, when only the transaction's content
-        # and the resource's instances decided it (root.RootTree._known_failure)
-        self.failure: tuple[int, str, tuple] | None = None
+        # the last failed commit, when only the transaction's content and the resource's instances decided
+        # it (core.failures)
+        self.failure: Failure | None = None
 
     # -- base bytes -----------------------------------------------------------
     def base_path(self, node: Node) -> str:
