@@ -23,8 +23,20 @@ from .model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State, link_grou
 InstanceRef = InstanceDoc | str | None     # an instance as Resource takes it: itself, its id or label, or the head
 
 
+# scheme -> what opens an archive by URL (`Archive("https://...")`): registered by the layers above the
+# core (tinyfs/__init__.py registers the HTTP client of tinyfs.web), so that the core knows no protocol.
+URL_OPENERS: dict[str, Callable[..., object]] = {}
+
+
 class Archive:
-    """An archive root. `with Archive(path) as a:` or plain use; nothing needs closing today."""
+    """An archive root. `with Archive(path) as a:` or plain use; nothing needs closing today.
+    `Archive(url)` opens an archive served elsewhere (an opener registered in URL_OPENERS)."""
+
+    def __new__(cls, root: str | os.PathLike = "", **options):
+        scheme, sep, _ = str(root).partition("://")
+        if cls is Archive and sep and scheme.lower() in URL_OPENERS:
+            return URL_OPENERS[scheme.lower()](str(root), **options)
+        return super().__new__(cls)
 
     def __init__(self, root: str | os.PathLike, *, copies: int | None = None):
         self.root = ArchiveRoot(root)

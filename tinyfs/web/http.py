@@ -45,10 +45,17 @@ def route(ctx, environ):
     """The handler of a plain-HTTP request, or None for WebDAV."""
     method = environ["REQUEST_METHOD"]
     parts = [p for p in environ.get("PATH_INFO", "").split("/") if p]
-    if method not in ("GET", "HEAD") or not parts or parts[0] not in READ_ONLY:
-        return None
     query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
     form = (query.get("format") or [""])[0]
+    if parts[:1] == ["transactions"] and ctx.deposits is not None:
+        if method == "MOVE" and len(parts) == 2 and _destination(environ)[:1] == ["commit"]:
+            return lambda environ, start_response: _commit(ctx, parts[1], environ, start_response)
+        if method == "PUT" and len(parts) >= 2 and form == "tar":
+            return lambda environ, start_response: _untar(ctx, parts[1], "/".join(parts[2:]), environ,
+                                                          start_response)
+        return None
+    if method not in ("GET", "HEAD") or not parts or parts[0] not in READ_ONLY:
+        return None
     try:
         if form:
             return _formatted(ctx, parts, form, environ)
@@ -70,6 +77,54 @@ def _answer(start_response, status: int, text: str, headers: list | None = None)
     from .app import answer
 
     return answer(start_response, status, text, headers)
+
+
+# -- deposits ---------------------------------------------------------------------------------------------
+
+def _destination(environ) -> list[str]:
+    from .app import _destination_path
+
+    return [p for p in (_destination_path(environ) or "").split("/") if p]
+
+
+def _commit(ctx, rid: str, environ, start_response):
+    """MOVE /transactions/<rid> to /commit/<rid>: answered once the instance is durable (201, its JSON);
+    a refusal answers the status of its error with the line saying why, the transaction left as it was."""
+    from .app import USER
+
+    dest = _destination(environ)
+    if dest not in (["commit"], ["commit", rid]):
+        return _answer(start_response, 400, f"commit by MOVE to /commit/{rid}")
+    try:
+        result = ctx.deposits.commit(rid, environ.get(USER) or "")
+    except (TinyfsError, OSError) as e:
+        return _answer(start_response, status_of(e), one_line(str(e)))
+    body = {"resource": rid, "instance": result.instance, "added": result.added, "changed": result.changed,
+            "removed": result.removed, "files_stored": result.files_stored, "bytes_stored": result.bytes_stored}
+    data = (json.dumps(body) + "\n").encode("utf-8")
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    if result.instance:
+        headers.append(("Location", f"/instances/{rid}/{result.instance}/"))
+    start_response("201 Created" if result.instance else "200 OK", headers)
+    return [data]
+
+
+def _untar(ctx, rid: str, under: str, environ, start_response):
+    """PUT /transactions/<rid>/<dir>?format=tar: a tar stream unpacked into the transaction, as `tar -x`
+    into the mount would (core.deposit.PathTxn.extract_tar)."""
+    from .app import USER
+
+    txn = ctx.deposits.get(rid)
+    if txn is None:
+        return _answer(start_response, 404, f"no open transaction for {rid!r}")
+    try:
+        txn.check_owner(environ.get(USER) or "")
+        count = txn.extract_tar(environ["wsgi.input"], under)
+    except (TinyfsError, OSError) as e:
+        return _answer(start_response, status_of(e), one_line(str(e)))
+    except Exception as e:          # tarfile.ReadError and the like: the body is not a tar
+        return _answer(start_response, 400, f"not a tar stream: {one_line(str(e))}")
+    return _json({"members": count})(environ, start_response)
 
 
 # -- JSON and bags ------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 
 from cheroot import wsgi
 
+from ..core.deposit import Deposits
 from ..core.layout import ArchiveRoot
 from ..core.recover import recover
 from .app import Context, make_app
@@ -59,12 +60,14 @@ def serve(root: str | os.PathLike, listen: str, **options) -> int:
     """Serve until SIGTERM or SIGINT; recovery first, as a mount does."""
     from ..core.layout import lock_archive
 
+    # the CLI lets SIGPIPE end it (`tinyfs cat | head`); a server must see EPIPE of a client gone instead
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     server, ctx = build(root, listen, **options)
     lock = lock_archive(ctx.archive)
     try:
         for line in recover(ctx.archive, store=False):
             log.info("recovery: %s", line)
-        _attach_deposits(ctx)
+        ctx.deposits = Deposits(ctx.archive)
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         server.prepare()
@@ -79,6 +82,8 @@ def serve(root: str | os.PathLike, listen: str, **options) -> int:
             log.info("stopping")
     finally:
         server.stop()
+        if ctx.deposits is not None:
+            ctx.deposits.close()
         os.close(lock)
     return 0
 
@@ -89,14 +94,6 @@ class Stopping(SystemExit):
 
 def _stop(*_) -> None:
     raise Stopping()
-
-
-def _attach_deposits(ctx: Context) -> None:
-    try:
-        from ..core.deposit import Deposits
-    except ImportError:        # (until core.deposit lands)
-        return
-    ctx.deposits = Deposits(ctx.archive)
 
 
 def _notify_ready() -> None:
