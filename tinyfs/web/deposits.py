@@ -26,7 +26,7 @@ from wsgidav.dav_provider import DAVCollection, DAVNonCollection
 from ..core.errors import InvalidName, TinyfsError
 from ..core.ids import is_rid
 from .app import USER, Context
-from .errors import one_line, status_of
+from .errors import etag_of, one_line, status_of
 
 log = logging.getLogger(__name__)
 NS = "urn:tinyfs:"                 # PROPPATCH names: {urn:tinyfs:}message, creator, label; state, error read-only
@@ -292,7 +292,7 @@ class TxnFile(_InTxn, DAVNonCollection):
     def get_etag(self):
         if self.info is None or self.info.kind != "f" or not self.info.digest:
             return None
-        return f"{self.ctx.archive.config.primary}:{self.info.digest}"
+        return etag_of(self.ctx.archive.config.primary, self.info.digest)
 
     def support_etag(self) -> bool:
         return self.get_etag() is not None

@@ -27,6 +27,7 @@ from ..core.ids import is_rid
 from ..core.layout import ArchiveRoot
 from ..core.model import DirEntry, FileEntry, InstanceDoc, LinkEntry
 from .app import Context
+from .errors import etag_of
 
 SYMLINK_TYPE = "inode/symlink"
 
@@ -38,7 +39,7 @@ class Found:
     """A file (or a link, shown as one) of a view: its size, time, digest and how to read it."""
     size: int
     mtime: float                  # seconds
-    etag: str | None              # <alg>:<hex> of its bytes (what user.tinyfs.digest says), or None
+    etag: str | None              # its digest (errors.etag_of), or None
     content_type: str
     open: Callable[[], io.RawIOBase]      # the bytes: verified as they are read when a digest is recorded
     digest_checked: bool          # open() verifies (a recorded digest); False: served as stored
@@ -87,7 +88,7 @@ def locate(archive: ArchiveRoot, parts: list[str]) -> Found | None:
 def _state_file(archive: ArchiveRoot, at: StateAt) -> Found | None:
     entry = at.doc.state.get(at.path)
     if isinstance(entry, FileEntry):
-        return Found(entry.size, entry.mtime_ns / 1e9, f"{at.doc.digest}:{entry.digest}", _type_of(at.path),
+        return Found(entry.size, entry.mtime_ns / 1e9, etag_of(at.doc.digest, entry.digest), _type_of(at.path),
                      lambda: open_verified(archive, at.rid, at.doc, at.path, "http"), True)
     if isinstance(entry, LinkEntry):
         body = entry.target.encode("utf-8", "surrogateescape")
@@ -111,7 +112,7 @@ def _aip_file(archive: ArchiveRoot, rid: str, path: str) -> Found | None:
         payload = doc.payload().get(path)
         if payload is not None:
             digest, _, logical = payload
-            return Found(size, mtime_ns / 1e9, f"{doc.digest}:{digest}", _type_of(path),
+            return Found(size, mtime_ns / 1e9, etag_of(doc.digest, digest), _type_of(path),
                          lambda: open_verified(archive, rid, doc, logical, "http"), True)
     return Found(size, mtime_ns / 1e9, None, _type_of(path), lambda: io.FileIO(bags.file(rid, path), "r"), False)
 
