@@ -759,3 +759,52 @@ def test_extract_tar_refuses_what_tar_x_would_not_make(based, tmp_path, bad, err
     assert [n for n, _ in t.list("ok")] == ["first.txt"]
     with pytest.raises(InvalidName):
         t.extract_tar(io.BytesIO(b"this is not a tar stream at all" * 100))
+
+
+# -- threads ---------------------------------------------------------------------------------------------------
+def test_puts_from_many_threads_all_land(based):
+    from concurrent.futures import ThreadPoolExecutor
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    t.mkdir("many")
+    bodies = {f"many/f{i:03}.bin": os.urandom(1000 + i * 37) for i in range(64)}
+
+    def put(item):
+        path, body = item
+        assert t.put(path, io.BytesIO(body), len(body)) is True
+        return [n for n, _ in t.list("many")]       # readers meanwhile see whole entries only
+
+    with ThreadPoolExecutor(8) as pool:
+        for listing in pool.map(put, bodies.items()):
+            assert all(t.stat(f"many/{n}").size == len(bodies[f"many/{n}"]) for n in listing)
+    iid = d.commit("r1", ALICE).instance
+    state = based.root.state("r1", iid)
+    for path, body in bodies.items():
+        assert state.files[path].digest == hashlib.sha512(body).hexdigest()
+    assert read(based, "r1", "many/f063.bin") == bodies["many/f063.bin"]
+
+
+def test_two_commits_at_once_one_is_busy(based):
+    import threading
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    t.put("big.bin", io.BytesIO(os.urandom(20 << 20)))     # hashed once more by the commit: it takes a while
+    outcomes, start = [], threading.Barrier(2)
+
+    def commit():
+        start.wait()
+        try:
+            outcomes.append(d.commit("r1", ALICE).instance)
+        except Busy:
+            outcomes.append("busy")
+        except NotFound:
+            outcomes.append("gone")     # the other one had finished already
+
+    threads = [threading.Thread(target=commit) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    head = based.root.head("r1")
+    assert head in outcomes and [o for o in outcomes if o != head][0] in ("busy", "gone")
+    assert len(based.root.instance_ids("r1")) == 2

@@ -673,25 +673,24 @@ class PathTxn:
             staging.update(made, mtime_ns=mtime)
 
     def _copy_file(self, source: int, node: Node, parent: int, name: str) -> int:
+        """(under the lock) A new file with the bytes, mode, mtime and xattrs of `source`, made in one step."""
         staging = self.staging
         xattrs = staging.xattrs(source)
         if not node.blob:     # a base file: the copy names the same stored bytes
-            made = staging.make(parent, name, "f", node.mode, self.uid, self.gid, create_blob=False)
-            staging.update(made, blob=0, base=node.base, size=node.size, mtime_ns=node.mtime_ns)
-        else:
-            part = staging.blobs / f"{uuid.uuid4().hex}{PART_SUFFIX}"
-            self._check_room_for(node.size)
+            made, _ = staging.make_file(parent, name, node.mode, self.uid, self.gid, None, node.size, None,
+                                        node.mtime_ns, xattrs, base=node.base)
+            return made
+        part = staging.blobs / f"{uuid.uuid4().hex}{PART_SUFFIX}"
+        self._check_room_for(node.size)
+        try:
+            _copy_bytes(staging.blob_path(source), part)
+            made, _ = staging.make_file(parent, name, node.mode, self.uid, self.gid, part, node.size,
+                                        node.digests, node.mtime_ns, xattrs)
+        finally:
             try:
-                _copy_bytes(staging.blob_path(source), part)
-                made, _ = staging.make_file(parent, name, node.mode, self.uid, self.gid, part, node.size,
-                                            node.digests, node.mtime_ns)
-            finally:
-                try:
-                    os.unlink(part)
-                except FileNotFoundError:
-                    pass
-        for key, value in xattrs.items():
-            staging.set_xattr(made, key, value)
+                os.unlink(part)
+            except FileNotFoundError:
+                pass
         return made
 
     # -- attributes ----------------------------------------------------------------------------------------

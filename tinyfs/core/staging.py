@@ -562,26 +562,32 @@ class Staging:
         return ino
 
     @_uses_reserve_when_full
-    def make_file(self, parent: int, name: str, mode: int, uid: int, gid: int, bytes_from: Path, size: int,
-                  digests: str | None, mtime_ns: int, xattrs: dict[str, bytes] | None = None) -> tuple[int, int | None]:
+    def make_file(self, parent: int, name: str, mode: int, uid: int, gid: int, bytes_from: Path | None, size: int,
+                  digests: str | None, mtime_ns: int, xattrs: dict[str, bytes] | None = None,
+                  base: str | None = None) -> tuple[int, int | None]:
         """A new file at (parent, name) whose bytes are the finished file `bytes_from` (in blobs/), moved in
         as its blob within the SQLite transaction that makes the entry: a crash leaves the entry with its
-        bytes, or no entry (and a blob file no row claims: see `sweep_blobs`). A name already there (not a
-        directory: the caller checks) is replaced. Returns (the new inode, the replaced one or None)."""
+        bytes, or no entry (and a blob file no row claims: see `sweep_blobs`). Without `bytes_from`, its
+        bytes are the base's stored bytes of digest `base` (a copy of a base file: nothing to copy). A name
+        already there (not a directory: the caller checks) is replaced. Returns (the new inode, the
+        replaced one or None)."""
         replaced = self.lookup(parent, name)
         self._own(parent, replaced)
         now = time.time_ns()
         with self.db:
             self.db.execute("BEGIN")
-            cur = self.db.execute("INSERT INTO inodes (kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, digests) "
-                                  "VALUES ('f',?,?,?,?,?,?,1,?)", (mode & 0o7777, uid, gid, size, mtime_ns, now, digests))
+            cur = self.db.execute("INSERT INTO inodes (kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, base, "
+                                  "digests) VALUES ('f',?,?,?,?,?,?,?,?,?)",
+                                  (mode & 0o7777, uid, gid, size, mtime_ns, now, 0 if bytes_from is None else 1,
+                                   base, digests))
             ino = cur.lastrowid
             self._set_name(parent, name, ino)
             if replaced is not None:
                 self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, replaced))
             self.db.executemany("INSERT INTO xattrs VALUES (?,?,?)", [(ino, k, v) for k, v in (xattrs or {}).items()])
             self._touch(parent, now)
-            os.rename(bytes_from, self.blob_path(ino))
+            if bytes_from is not None:
+                os.rename(bytes_from, self.blob_path(ino))
         self._nlinks[ino] = 1
         self._names_changed(replaced)
         if replaced is not None:
