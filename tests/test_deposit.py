@@ -633,6 +633,7 @@ def make_source(top):
     os.symlink("../big.bin", top / "docs" / "to-big")
     os.symlink("nowhere/at/all", top / "dangling")
     os.symlink("docs/sub dir", top / "to-dir")
+    os.link(top / "dangling", top / "docs" / "dangling-again", follow_symlinks=False)   # a hard link to a link
     os.setxattr(top / "docs" / "readme.txt", "user.dc.title", "Read me ✓".encode())
     os.setxattr(top / "big.bin", "user.binary", b"\x00\x01\xfe\xff")
     stamp = 1_700_000_000_123_456_789

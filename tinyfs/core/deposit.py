@@ -103,15 +103,21 @@ class Deposits:
         check_rid(rid)
         if not user:
             raise InvalidName("a transaction opened by the server needs a user")
+        if self.get(rid) is not None:
+            raise AlreadyExists(f"a transaction for {rid!r} is already open")
+        # (not under self._lock: reading a large base takes a while, and every request asks `get`)
+        head = self.archive.head(rid)
+        root = self.archive.state(rid, head).root if head else None     # the root starts as recorded
+        staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
+                                 os.getuid(), os.getgid(), meta={"user": user, "via": VIA}, root=root)
+        staging.read_base()
         with self._lock:
-            if self._get_locked(rid) is not None:
-                raise AlreadyExists(f"a transaction for {rid!r} is already open")
-            head = self.archive.head(rid)
-            root = self.archive.state(rid, head).root if head else None     # the root starts as recorded
-            staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
-                                     os.getuid(), os.getgid(), meta={"user": user, "via": VIA}, root=root)
-            staging.read_base()
-            txn = self._open[rid] = PathTxn(self.archive, rid, staging)
+            # a request may have found it on disk meanwhile (get): that object is the one to share
+            txn = self._open.get(rid)
+            if txn is None:
+                txn = self._open[rid] = PathTxn(self.archive, rid, staging)
+            else:
+                staging.close()
         self.archive.events.append("transaction.opened", rid, head, via=VIA, user=user)
         return txn
 
@@ -199,8 +205,9 @@ class Deposits:
                 request = commit_request(txn.staging, rid, user)
         except TinyfsError as e:
             raise self._failed(txn, e, event=True) from None
-        except BaseException as e:
-            raise self._failed(txn, _internal(e), event=True) from e
+        except BaseException as e:       # a bug too: the transaction must not stay "committing"
+            self._failed(txn, _internal(e), event=True)
+            raise
         try:
             result = commit(self.archive, request)
         except (TinyfsError, OSError) as e:
@@ -770,7 +777,11 @@ class PathTxn:
             existing = f"{under}/{target}".strip("/")
             if existing != path:
                 self._replace_name(path)
-                self.hardlink(path, existing)
+                linked = self.stat(existing)
+                if linked.kind == "l":       # a hard link to a symbolic link: recorded as a link of its own
+                    self.symlink(path, linked.target, linked.mtime_ns)
+                else:
+                    self.hardlink(path, existing)
         else:
             raise Forbidden(f"{member.name}: tinyfs archives regular files, directories and symbolic links only "
                             f"(a {_KIND_NAMES.get(member.type, 'special file')} was refused)", path=member.name)
