@@ -809,3 +809,22 @@ def test_two_commits_at_once_one_is_busy(based):
     head = based.root.head("r1")
     assert head in outcomes and [o for o in outcomes if o != head][0] in ("busy", "gone")
     assert len(based.root.instance_ids("r1")) == 2
+
+
+def test_a_worm_archive_takes_deposits_and_keeps_every_bag_read_only(tmp_path, archive_ok):
+    worm = Archive.init(tmp_path / "worm", mode="worm")
+    with worm.new("r1") as t:
+        t.add_bytes("kept.txt", b"written once")
+    d = deposits(worm)
+    for n, body in enumerate((b"written twice", b"written thrice")):
+        t = d.open("r1", ALICE)
+        t.put("kept.txt", io.BytesIO(body))
+        t.put(f"added{n}.txt", io.BytesIO(b"new"))
+        iid = d.commit("r1", ALICE).instance
+        assert read(worm, "r1", "kept.txt") == body and d.rids() == []
+        bag = next(worm.root.root.glob(f"resources/*/*/r1/instances/{iid}"))
+        modes = {p.relative_to(bag).as_posix(): p.stat().st_mode & 0o777 for p in bag.rglob("*") if p.is_file()}
+        assert set(modes.values()) == {0o444}, modes
+    assert len(worm.root.instance_ids("r1")) == 3
+    assert not [p for p in worm.root.transactions.iterdir() if p.name not in (".locks",)]
+    archive_ok(worm.root.root)
