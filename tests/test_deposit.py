@@ -180,6 +180,11 @@ def test_paths_are_checked(based):
         t.mkdir(parent)
     with pytest.raises(NameTooLong):     # a name that fits, in a place where the path would not
         t.put(f"{parent}/{'q' * 250}", io.BytesIO(b""))
+    t.put(f"{parent}/{'q' * 70}", io.BytesIO(b""))     # 4,090 bytes
+    with pytest.raises(NameTooLong):     # moved to a longer name, the file below would be 4,145 bytes
+        t.move("p" * 200, "r" * 255, overwrite=False)
+    with pytest.raises(NameTooLong):
+        t.copy("p" * 200, "r" * 255, overwrite=False)
     t.delete("p" * 200)
     assert [n for n, _ in t.list("")] == ["a.txt", "d"]
 
@@ -828,3 +833,32 @@ def test_a_worm_archive_takes_deposits_and_keeps_every_bag_read_only(tmp_path, a
     assert len(worm.root.instance_ids("r1")) == 3
     assert not [p for p in worm.root.transactions.iterdir() if p.name not in (".locks",)]
     archive_ok(worm.root.root)
+
+
+def test_a_copy_that_fails_leaves_the_target_as_it_was(based, monkeypatch):
+    import tinyfs.core.deposit as deposit_module
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    for n in range(3):
+        t.put(f"d/staged{n}.bin", io.BytesIO(b"s" * 1000))
+    t.mkdir("target")
+    t.put("target/kept.txt", io.BytesIO(b"kept"))
+    copied = []
+    real = deposit_module._copy_bytes
+
+    def copy_bytes(source, dest):        # the disk fills up at the second staged file
+        if copied:
+            raise NoSpace("no room to copy 1,000 bytes")
+        copied.append(source)
+        real(source, dest)
+
+    monkeypatch.setattr(deposit_module, "_copy_bytes", copy_bytes)
+    blobs = sorted(os.listdir(t.staging.blobs))
+    with pytest.raises(NoSpace):
+        t.copy("d", "target", overwrite=True)
+    assert copied and [n for n, _ in t.list("")] == ["a.txt", "d", "target"]
+    assert [n for n, _ in t.list("target")] == ["kept.txt"]
+    assert sorted(os.listdir(t.staging.blobs)) == blobs
+    monkeypatch.setattr(deposit_module, "_copy_bytes", real)
+    assert t.copy("d", "target", overwrite=True) is True
+    assert [n for n, _ in t.list("target")] == ["b.bin", "e", "staged0.bin", "staged1.bin", "staged2.bin"]

@@ -531,20 +531,26 @@ class PathTxn:
         """(under the lock) Make room at (parent, name) for a move (`keep`: what moves) or a copy of
         something in `source_parent`: True when something was there. A file there, replaced by a file,
         is left for the rename to replace in one step; anything else goes first."""
-        staging = self.staging
-        there = staging.lookup(parent, name)
+        there = self._check_target(parent, name, path, overwrite, source_parent)
         if there is None:
             return False
-        if not overwrite:
-            raise AlreadyExists(f"{path}: already exists", path=path)
         if there == keep:           # another name of the same file: replaced by the move
             return True
-        kind = self._node(there).kind
-        if kind == "d" and staging.is_ancestor(there, source_parent):
-            raise Forbidden(f"{path}: replacing it would remove what is moved or copied")
-        if kind == "d" or keep is None or self._node(keep).kind == "d":
+        if self._node(there).kind == "d" or keep is None or self._node(keep).kind == "d":
             self._remove(parent, name, there)
         return True
+
+    def _check_target(self, parent: int, name: str, path: str, overwrite: bool, source_parent: int) -> int | None:
+        """(under the lock) What is at (parent, name), if it may be replaced by what comes from
+        `source_parent`: AlreadyExists without `overwrite`; Forbidden for a directory holding the source."""
+        there = self.staging.lookup(parent, name)
+        if there is None:
+            return None
+        if not overwrite:
+            raise AlreadyExists(f"{path}: already exists", path=path)
+        if self._node(there).kind == "d" and self.staging.is_ancestor(there, source_parent):
+            raise Forbidden(f"{path}: replacing it would remove what is moved or copied")
+        return there
 
     # -- bytes -------------------------------------------------------------------------------------------
     def put(self, path: str, stream: BinaryIO, length: int | None = None, mode: int | None = None,
@@ -640,7 +646,8 @@ class PathTxn:
     def copy(self, src: str, dst: str, overwrite: bool, recursive: bool = True) -> bool:
         """Copy `src` to `dst` (a directory with everything in it unless not `recursive`: then empty),
         modes, mtimes and xattrs kept, hard links within it kept as links; True when something at `dst`
-        was replaced (removed first). A base file's copy shares its stored bytes (nothing is copied)."""
+        was replaced. A base file's copy shares its stored bytes (nothing is copied). The copy is made
+        under a name of its own beside `dst`, then moved there: a copy that fails leaves `dst` as it was."""
         with self.lock:
             staging = self._changing()
             ino = self._resolve(src)
@@ -650,8 +657,20 @@ class PathTxn:
                 raise Forbidden(f"{src}: copied onto itself")
             if self._node(ino).kind == "d" and staging.is_ancestor(ino, new_parent):
                 raise Forbidden(f"{src or 'the root'} cannot be copied into itself ({dst})")
+            self._check_target(new_parent, new, dst, overwrite, src_parent)
+            staging.check_room(new_parent, new, moving=ino)     # (every path below it, too)
+            aside = f".tinyfs-copy-{uuid.uuid4().hex[:12]}"
+            try:
+                self._copy(ino, new_parent, aside, recursive)
+            except BaseException:
+                made = staging.lookup(new_parent, aside)
+                if made is not None:
+                    self._remove(new_parent, aside, made)
+                raise
             replaced = self._clear_target(new_parent, new, dst, overwrite, src_parent)
-            self._copy(ino, new_parent, new, recursive)
+            gone = staging.rename(new_parent, aside, new_parent, new)
+            if gone is not None:
+                staging.drop_if_orphan(gone)
             return replaced
 
     def _copy(self, ino: int, parent: int, name: str, recursive: bool) -> None:
@@ -663,7 +682,6 @@ class PathTxn:
         while stack:
             source, parent, name = stack.pop()
             node = self._node(source)
-            staging.check_room(parent, name)
             if node.kind == "f" and source in copies:
                 staging.link(copies[source], parent, name)
             elif node.kind == "f":
