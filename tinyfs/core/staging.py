@@ -566,7 +566,8 @@ class Staging:
                   digests: str | None, mtime_ns: int, xattrs: dict[str, bytes] | None = None,
                   base: str | None = None) -> tuple[int, int | None]:
         """A new file at (parent, name) whose bytes are the finished file `bytes_from` (in blobs/), moved in
-        as its blob within the SQLite transaction that makes the entry: a crash leaves the entry with its
+        as its blob within the SQLite transaction that makes the entry (`bytes_from` stays for the caller
+        to remove): a crash leaves the entry with its
         bytes, or no entry (and a blob file no row claims: see `sweep_blobs`). Without `bytes_from`, its
         bytes are the base's stored bytes of digest `base` (a copy of a base file: nothing to copy). A name
         already there (not a directory: the caller checks) is replaced. Returns (the new inode, the
@@ -587,7 +588,7 @@ class Staging:
             self.db.executemany("INSERT INTO xattrs VALUES (?,?,?)", [(ino, k, v) for k, v in (xattrs or {}).items()])
             self._touch(parent, now)
             if bytes_from is not None:
-                os.rename(bytes_from, self.blob_path(ino))
+                self._move_in(bytes_from, ino)
         self._nlinks[ino] = 1
         self._names_changed(replaced)
         if replaced is not None:
@@ -597,8 +598,8 @@ class Staging:
     @_uses_reserve_when_full
     def replace_bytes(self, ino: int, bytes_from: Path, size: int, digests: str | None, mtime_ns: int,
                       mode: int | None = None, xattrs: dict[str, bytes] | None = None) -> None:
-        """Give file `ino` (every name of it) the finished file `bytes_from` (in blobs/) as its bytes, in one
-        SQLite transaction with its new size and digests: a crash leaves the old bytes or the new ones
+        """Give file `ino` (every name of it) the finished file `bytes_from` (in blobs/; it stays for the
+        caller to remove) as its bytes, in one SQLite transaction with its new size and digests: a crash leaves the old bytes or the new ones
         whole. The digests recorded for the old bytes are forgotten first (durably), so that no crash can
         pair the new bytes with them. `xattrs`, when given, replace the file's."""
         self._own(ino)
@@ -617,8 +618,20 @@ class Staging:
             if xattrs is not None:
                 self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
                 self.db.executemany("INSERT INTO xattrs VALUES (?,?,?)", [(ino, k, v) for k, v in xattrs.items()])
-            os.rename(bytes_from, self.blob_path(ino))
+            self._move_in(bytes_from, ino)
         self._cached(ino, **fields)
+
+    def _move_in(self, bytes_from: Path, ino: int) -> None:
+        """(in the caller's SQLite transaction, its last step) Make `bytes_from` the blob of `ino`: a hard
+        link under a name of its own, renamed over the blob. `bytes_from` stays (its caller removes it),
+        so that a change tried again (`_uses_reserve_when_full`) can move it in again."""
+        aside = self.blobs / f"{ino}.in"
+        try:
+            os.unlink(aside)
+        except FileNotFoundError:
+            pass
+        os.link(bytes_from, aside)
+        os.rename(aside, self.blob_path(ino))
 
     def sweep_blobs(self) -> int:
         """After a crash: delete files in blobs/ that no row claims as its bytes (an upload or a copy cut
