@@ -169,9 +169,10 @@ class Deposits:
         return txn
 
     def rollback(self, rid: str, user: str) -> None:
-        """Drop the transaction `rid` of `user` and everything staged in it."""
+        """Drop the transaction `rid` of `user` and everything staged in it (uploads still arriving fail)."""
         txn = self._idle(rid, user)
         with txn.lock:
+            txn._looking()         # (NotFound if another request ended it meanwhile)
             if txn.committing:
                 raise Busy(f"the transaction for {rid!r} is being committed")
             trash = Staging.detach(txn.staging.path)
@@ -184,6 +185,7 @@ class Deposits:
         stays as it was (its state "failed", the error recorded) and the core's typed error is raised."""
         txn = self._idle(rid, user)
         with txn.lock:
+            txn._looking()         # (NotFound if another request ended it meanwhile)
             if txn.committing:
                 raise Busy(f"the transaction for {rid!r} is being committed")
             if txn.writing:
