@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from test_faults import MIB, fill_rest, needs_root, small_fs  # noqa: F401  (small_fs: a loop-mounted disk)
 
 from tinyfs.core.api import Archive
 from tinyfs.core.deposit import Deposits, PathTxn
@@ -862,3 +863,47 @@ def test_a_copy_that_fails_leaves_the_target_as_it_was(based, monkeypatch):
     monkeypatch.setattr(deposit_module, "_copy_bytes", real)
     assert t.copy("d", "target", overwrite=True) is True
     assert [n for n, _ in t.list("target")] == ["b.bin", "e", "staged0.bin", "staged1.bin", "staged2.bin"]
+
+
+# -- a full disk ---------------------------------------------------------------------------------------------
+
+
+class Endless(io.RawIOBase):
+    """A body of random bytes that never ends (the client sends no length)."""
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        b[:len(b)] = os.urandom(len(b))
+        return len(b)
+
+
+@needs_root
+def test_a_full_disk_refuses_puts_and_commits_and_leaves_the_transaction(small_fs):  # noqa: F811
+    archive = Archive.init(small_fs / "archive")
+    with archive.new("r1") as t:
+        t.add_bytes("a.txt", b"alpha\n")
+    d = deposits(archive)
+    t = d.open("r1", ALICE)
+    blobs = t.staging.blobs
+    with pytest.raises(NoSpace):                          # no length: refused once the disk fills up
+        t.put("a.txt", Endless())
+    assert os.listdir(blobs) == []
+    with t.open_read("a.txt") as f:
+        assert f.read() == b"alpha\n"
+    kept, spare = os.urandom(6 * MIB), os.urandom(8 * MIB)
+    t.put("kept.bin", io.BytesIO(kept), len(kept))
+    t.put("spare.bin", io.BytesIO(spare), len(spare))
+    t.mkdir("many")
+    for i in range(3000):     # manifests and instance.json of a few MiB: more than the disk will have left
+        t.put(f"many/{i:05d}-{'x' * 200}.txt", io.BytesIO(f"small {i}\n".encode()))
+    fill_rest(small_fs)                                   # another process fills the disk
+    with pytest.raises(NoSpace):
+        d.commit("r1", ALICE)
+    assert t.meta()["state"] == "failed" and archive.root.state("r1").files.keys() == {"a.txt"}
+    assert not [n for n in os.listdir(archive.root.transactions) if n.startswith(".commit-")]
+    t.delete("spare.bin")                                 # room made by deleting from the transaction
+    iid = d.commit("r1", ALICE).instance
+    state = archive.root.state("r1", iid)
+    assert len(state.files) == 3002 and read(archive, "r1", "kept.bin") == kept
