@@ -752,6 +752,7 @@ def member(name, kind=None, data=b"", linkname=""):
 @pytest.mark.parametrize("bad, error", [
     ("../x", InvalidName), ("a/../../x", InvalidName), ("/etc/passwd", InvalidName),
     ("dev", Forbidden), ("fifo", Forbidden), ("hardlink-up", InvalidName), ("bad\\x00", InvalidName),
+    ("ok/not-utf8-\udcff", InvalidName),
 ])
 def test_extract_tar_refuses_what_tar_x_would_not_make(based, tmp_path, bad, error):
     import tarfile
@@ -907,3 +908,33 @@ def test_a_full_disk_refuses_puts_and_commits_and_leaves_the_transaction(small_f
     iid = d.commit("r1", ALICE).instance
     state = archive.root.state("r1", iid)
     assert len(state.files) == 3002 and read(archive, "r1", "kept.bin") == kept
+
+
+def test_a_rollback_during_an_upload_ends_it_cleanly(based):
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    path = t.staging.path
+
+    class RolledBackMidway(io.RawIOBase):
+        def __init__(self):
+            self.n = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            self.n += 1
+            if self.n == 2:
+                d.rollback("r1", ALICE)
+            if self.n > 4:
+                return 0
+            b[:4] = b"data"
+            return 4
+
+    with pytest.raises(NotFound):
+        t.put("late.txt", RolledBackMidway())
+    assert not path.exists() and d.rids() == []
+    assert not [n for n in os.listdir(based.root.transactions) if n.startswith(".trash-")]
+    t2 = d.open("r1", ALICE)
+    with pytest.raises(NotFound):
+        t2.stat("late.txt")
