@@ -41,6 +41,7 @@ from typing import BinaryIO
 
 from .commit import CommitResult, commit
 from .digests import CHUNK, MultiHash
+from .durable import start_writeback
 from .errors import (
     AlreadyExists,
     Busy,
@@ -66,6 +67,10 @@ log = logging.getLogger(__name__)
 
 VIA = "http"
 META = ("message", "creator", "label")
+RECEIVE_CHUNK = 1 << 20        # bytes of a body read, written and hashed at a time
+# Every WRITEBACK_CHUNK received, the disk is asked to start on the chunk before (as the mount does): a big
+# file's bytes reach the disk while it arrives, and the commit's syncfs has little left to do.
+WRITEBACK_CHUNK = 16 << 20
 PART_SUFFIX = ".part"          # blobs/<uuid>.part: a body being received (swept on reopen)
 FILE_MODE = 0o644              # a new file's mode when the client gives none
 DIR_MODE = 0o755
@@ -599,23 +604,31 @@ class PathTxn:
         hasher = MultiHash(self.archive.config.digests)
         size = 0
         room = 0                 # bytes known to fit without asking the file system again
+        buf = memoryview(bytearray(RECEIVE_CHUNK))
+        readinto = getattr(stream, "readinto", None)      # (a WSGI input may only have read)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             while length is None or size < length:
-                want = CHUNK if length is None else min(CHUNK, length - size)
-                data = stream.read(want)
-                if not data:
+                want = RECEIVE_CHUNK if length is None else min(RECEIVE_CHUNK, length - size)
+                if readinto is not None:
+                    data = buf[:readinto(buf[:want]) or 0]
+                else:
+                    data = memoryview(stream.read(want))
+                n = len(data)
+                if not n:
                     break
-                if len(data) > room:
+                if n > room:
                     room = free_bytes(fd) - HEADROOM
-                    if len(data) > room:
+                    if n > room:
                         raise NoSpace(f"{path}: no room for its bytes ({size:,} received)", path=path)
-                view = memoryview(data)
+                view = data
                 while view:
                     view = view[os.write(fd, view):]
                 hasher.update(data)
-                size += len(data)
-                room -= len(data)
+                if (size + n) // WRITEBACK_CHUNK > size // WRITEBACK_CHUNK:     # a chunk boundary was crossed
+                    start_writeback(fd, ((size + n) // WRITEBACK_CHUNK - 1) * WRITEBACK_CHUNK, WRITEBACK_CHUNK)
+                size += n
+                room -= n
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"{path}: no room for its bytes ({size:,} received)", path=path) from None
