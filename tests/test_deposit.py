@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from test_faults import MIB, fill_rest, needs_root, small_fs  # noqa: F401  (small_fs: a loop-mounted disk)
 
 from tinyfs.core.api import Archive
 from tinyfs.core.deposit import Deposits, PathTxn
@@ -180,6 +181,11 @@ def test_paths_are_checked(based):
         t.mkdir(parent)
     with pytest.raises(NameTooLong):     # a name that fits, in a place where the path would not
         t.put(f"{parent}/{'q' * 250}", io.BytesIO(b""))
+    t.put(f"{parent}/{'q' * 70}", io.BytesIO(b""))     # 4,090 bytes
+    with pytest.raises(NameTooLong):     # moved to a longer name, the file below would be 4,145 bytes
+        t.move("p" * 200, "r" * 255, overwrite=False)
+    with pytest.raises(NameTooLong):
+        t.copy("p" * 200, "r" * 255, overwrite=False)
     t.delete("p" * 200)
     assert [n for n, _ in t.list("")] == ["a.txt", "d"]
 
@@ -633,6 +639,7 @@ def make_source(top):
     os.symlink("../big.bin", top / "docs" / "to-big")
     os.symlink("nowhere/at/all", top / "dangling")
     os.symlink("docs/sub dir", top / "to-dir")
+    os.link(top / "dangling", top / "docs" / "dangling-again", follow_symlinks=False)   # a hard link to a link
     os.setxattr(top / "docs" / "readme.txt", "user.dc.title", "Read me ✓".encode())
     os.setxattr(top / "big.bin", "user.binary", b"\x00\x01\xfe\xff")
     stamp = 1_700_000_000_123_456_789
@@ -745,6 +752,7 @@ def member(name, kind=None, data=b"", linkname=""):
 @pytest.mark.parametrize("bad, error", [
     ("../x", InvalidName), ("a/../../x", InvalidName), ("/etc/passwd", InvalidName),
     ("dev", Forbidden), ("fifo", Forbidden), ("hardlink-up", InvalidName), ("bad\\x00", InvalidName),
+    ("ok/not-utf8-\udcff", InvalidName),
 ])
 def test_extract_tar_refuses_what_tar_x_would_not_make(based, tmp_path, bad, error):
     import tarfile
@@ -759,3 +767,174 @@ def test_extract_tar_refuses_what_tar_x_would_not_make(based, tmp_path, bad, err
     assert [n for n, _ in t.list("ok")] == ["first.txt"]
     with pytest.raises(InvalidName):
         t.extract_tar(io.BytesIO(b"this is not a tar stream at all" * 100))
+
+
+# -- threads ---------------------------------------------------------------------------------------------------
+def test_puts_from_many_threads_all_land(based):
+    from concurrent.futures import ThreadPoolExecutor
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    t.mkdir("many")
+    bodies = {f"many/f{i:03}.bin": os.urandom(1000 + i * 37) for i in range(64)}
+
+    def put(item):
+        path, body = item
+        assert t.put(path, io.BytesIO(body), len(body)) is True
+        return [n for n, _ in t.list("many")]       # readers meanwhile see whole entries only
+
+    with ThreadPoolExecutor(8) as pool:
+        for listing in pool.map(put, bodies.items()):
+            assert all(t.stat(f"many/{n}").size == len(bodies[f"many/{n}"]) for n in listing)
+    iid = d.commit("r1", ALICE).instance
+    state = based.root.state("r1", iid)
+    for path, body in bodies.items():
+        assert state.files[path].digest == hashlib.sha512(body).hexdigest()
+    assert read(based, "r1", "many/f063.bin") == bodies["many/f063.bin"]
+
+
+def test_two_commits_at_once_one_is_busy(based):
+    import threading
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    t.put("big.bin", io.BytesIO(os.urandom(20 << 20)))     # hashed once more by the commit: it takes a while
+    outcomes, start = [], threading.Barrier(2)
+
+    def commit():
+        start.wait()
+        try:
+            outcomes.append(d.commit("r1", ALICE).instance)
+        except Busy:
+            outcomes.append("busy")
+        except NotFound:
+            outcomes.append("gone")     # the other one had finished already
+
+    threads = [threading.Thread(target=commit) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    head = based.root.head("r1")
+    assert head in outcomes and [o for o in outcomes if o != head][0] in ("busy", "gone")
+    assert len(based.root.instance_ids("r1")) == 2
+
+
+def test_a_worm_archive_takes_deposits_and_keeps_every_bag_read_only(tmp_path, archive_ok):
+    worm = Archive.init(tmp_path / "worm", mode="worm")
+    with worm.new("r1") as t:
+        t.add_bytes("kept.txt", b"written once")
+    d = deposits(worm)
+    for n, body in enumerate((b"written twice", b"written thrice")):
+        t = d.open("r1", ALICE)
+        t.put("kept.txt", io.BytesIO(body))
+        t.put(f"added{n}.txt", io.BytesIO(b"new"))
+        iid = d.commit("r1", ALICE).instance
+        assert read(worm, "r1", "kept.txt") == body and d.rids() == []
+        bag = next(worm.root.root.glob(f"resources/*/*/r1/instances/{iid}"))
+        modes = {p.relative_to(bag).as_posix(): p.stat().st_mode & 0o777 for p in bag.rglob("*") if p.is_file()}
+        assert set(modes.values()) == {0o444}, modes
+    assert len(worm.root.instance_ids("r1")) == 3
+    assert not [p for p in worm.root.transactions.iterdir() if p.name not in (".locks",)]
+    archive_ok(worm.root.root)
+
+
+def test_a_copy_that_fails_leaves_the_target_as_it_was(based, monkeypatch):
+    import tinyfs.core.deposit as deposit_module
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    for n in range(3):
+        t.put(f"d/staged{n}.bin", io.BytesIO(b"s" * 1000))
+    t.mkdir("target")
+    t.put("target/kept.txt", io.BytesIO(b"kept"))
+    copied = []
+    real = deposit_module._copy_bytes
+
+    def copy_bytes(source, dest):        # the disk fills up at the second staged file
+        if copied:
+            raise NoSpace("no room to copy 1,000 bytes")
+        copied.append(source)
+        real(source, dest)
+
+    monkeypatch.setattr(deposit_module, "_copy_bytes", copy_bytes)
+    blobs = sorted(os.listdir(t.staging.blobs))
+    with pytest.raises(NoSpace):
+        t.copy("d", "target", overwrite=True)
+    assert copied and [n for n, _ in t.list("")] == ["a.txt", "d", "target"]
+    assert [n for n, _ in t.list("target")] == ["kept.txt"]
+    assert sorted(os.listdir(t.staging.blobs)) == blobs
+    monkeypatch.setattr(deposit_module, "_copy_bytes", real)
+    assert t.copy("d", "target", overwrite=True) is True
+    assert [n for n, _ in t.list("target")] == ["b.bin", "e", "staged0.bin", "staged1.bin", "staged2.bin"]
+
+
+# -- a full disk ---------------------------------------------------------------------------------------------
+
+
+class Endless(io.RawIOBase):
+    """A body of random bytes that never ends (the client sends no length)."""
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        b[:len(b)] = os.urandom(len(b))
+        return len(b)
+
+
+@needs_root
+def test_a_full_disk_refuses_puts_and_commits_and_leaves_the_transaction(small_fs):  # noqa: F811
+    archive = Archive.init(small_fs / "archive")
+    with archive.new("r1") as t:
+        t.add_bytes("a.txt", b"alpha\n")
+    d = deposits(archive)
+    t = d.open("r1", ALICE)
+    blobs = t.staging.blobs
+    with pytest.raises(NoSpace):                          # no length: refused once the disk fills up
+        t.put("a.txt", Endless())
+    assert os.listdir(blobs) == []
+    with t.open_read("a.txt") as f:
+        assert f.read() == b"alpha\n"
+    kept, spare = os.urandom(6 * MIB), os.urandom(8 * MIB)
+    t.put("kept.bin", io.BytesIO(kept), len(kept))
+    t.put("spare.bin", io.BytesIO(spare), len(spare))
+    t.mkdir("many")
+    for i in range(3000):     # manifests and instance.json of a few MiB: more than the disk will have left
+        t.put(f"many/{i:05d}-{'x' * 200}.txt", io.BytesIO(f"small {i}\n".encode()))
+    fill_rest(small_fs)                                   # another process fills the disk
+    with pytest.raises(NoSpace):
+        d.commit("r1", ALICE)
+    assert t.meta()["state"] == "failed" and archive.root.state("r1").files.keys() == {"a.txt"}
+    assert not [n for n in os.listdir(archive.root.transactions) if n.startswith(".commit-")]
+    t.delete("spare.bin")                                 # room made by deleting from the transaction
+    iid = d.commit("r1", ALICE).instance
+    state = archive.root.state("r1", iid)
+    assert len(state.files) == 3002 and read(archive, "r1", "kept.bin") == kept
+
+
+def test_a_rollback_during_an_upload_ends_it_cleanly(based):
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    path = t.staging.path
+
+    class RolledBackMidway(io.RawIOBase):
+        def __init__(self):
+            self.n = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            self.n += 1
+            if self.n == 2:
+                d.rollback("r1", ALICE)
+            if self.n > 4:
+                return 0
+            b[:4] = b"data"
+            return 4
+
+    with pytest.raises(NotFound):
+        t.put("late.txt", RolledBackMidway())
+    assert not path.exists() and d.rids() == []
+    assert not [n for n in os.listdir(based.root.transactions) if n.startswith(".trash-")]
+    t2 = d.open("r1", ALICE)
+    with pytest.raises(NotFound):
+        t2.stat("late.txt")

@@ -41,6 +41,7 @@ from typing import BinaryIO
 
 from .commit import CommitResult, commit
 from .digests import CHUNK, MultiHash
+from .durable import start_writeback
 from .errors import (
     AlreadyExists,
     Busy,
@@ -66,6 +67,10 @@ log = logging.getLogger(__name__)
 
 VIA = "http"
 META = ("message", "creator", "label")
+RECEIVE_CHUNK = 1 << 20        # bytes of a body read, written and hashed at a time
+# Every WRITEBACK_CHUNK received, the disk is asked to start on the chunk before (as the mount does): a big
+# file's bytes reach the disk while it arrives, and the commit's syncfs has little left to do.
+WRITEBACK_CHUNK = 16 << 20
 PART_SUFFIX = ".part"          # blobs/<uuid>.part: a body being received (swept on reopen)
 FILE_MODE = 0o644              # a new file's mode when the client gives none
 DIR_MODE = 0o755
@@ -103,15 +108,21 @@ class Deposits:
         check_rid(rid)
         if not user:
             raise InvalidName("a transaction opened by the server needs a user")
+        if self.get(rid) is not None:
+            raise AlreadyExists(f"a transaction for {rid!r} is already open")
+        # (not under self._lock: reading a large base takes a while, and every request asks `get`)
+        head = self.archive.head(rid)
+        root = self.archive.state(rid, head).root if head else None     # the root starts as recorded
+        staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
+                                 os.getuid(), os.getgid(), meta={"user": user, "via": VIA}, root=root)
+        staging.read_base()
         with self._lock:
-            if self._get_locked(rid) is not None:
-                raise AlreadyExists(f"a transaction for {rid!r} is already open")
-            head = self.archive.head(rid)
-            root = self.archive.state(rid, head).root if head else None     # the root starts as recorded
-            staging = Staging.create(self.archive.transactions / rid, rid, head, self._base_loader(rid),
-                                     os.getuid(), os.getgid(), meta={"user": user, "via": VIA}, root=root)
-            staging.read_base()
-            txn = self._open[rid] = PathTxn(self.archive, rid, staging)
+            # a request may have found it on disk meanwhile (get): that object is the one to share
+            txn = self._open.get(rid)
+            if txn is None:
+                txn = self._open[rid] = PathTxn(self.archive, rid, staging)
+            else:
+                staging.close()
         self.archive.events.append("transaction.opened", rid, head, via=VIA, user=user)
         return txn
 
@@ -163,9 +174,10 @@ class Deposits:
         return txn
 
     def rollback(self, rid: str, user: str) -> None:
-        """Drop the transaction `rid` of `user` and everything staged in it."""
+        """Drop the transaction `rid` of `user` and everything staged in it (uploads still arriving fail)."""
         txn = self._idle(rid, user)
         with txn.lock:
+            txn._looking()         # (NotFound if another request ended it meanwhile)
             if txn.committing:
                 raise Busy(f"the transaction for {rid!r} is being committed")
             trash = Staging.detach(txn.staging.path)
@@ -178,6 +190,7 @@ class Deposits:
         stays as it was (its state "failed", the error recorded) and the core's typed error is raised."""
         txn = self._idle(rid, user)
         with txn.lock:
+            txn._looking()         # (NotFound if another request ended it meanwhile)
             if txn.committing:
                 raise Busy(f"the transaction for {rid!r} is being committed")
             if txn.writing:
@@ -199,8 +212,9 @@ class Deposits:
                 request = commit_request(txn.staging, rid, user)
         except TinyfsError as e:
             raise self._failed(txn, e, event=True) from None
-        except BaseException as e:
-            raise self._failed(txn, _internal(e), event=True) from e
+        except BaseException as e:       # a bug too: the transaction must not stay "committing"
+            self._failed(txn, _internal(e), event=True)
+            raise
         try:
             result = commit(self.archive, request)
         except (TinyfsError, OSError) as e:
@@ -524,20 +538,26 @@ class PathTxn:
         """(under the lock) Make room at (parent, name) for a move (`keep`: what moves) or a copy of
         something in `source_parent`: True when something was there. A file there, replaced by a file,
         is left for the rename to replace in one step; anything else goes first."""
-        staging = self.staging
-        there = staging.lookup(parent, name)
+        there = self._check_target(parent, name, path, overwrite, source_parent)
         if there is None:
             return False
-        if not overwrite:
-            raise AlreadyExists(f"{path}: already exists", path=path)
         if there == keep:           # another name of the same file: replaced by the move
             return True
-        kind = self._node(there).kind
-        if kind == "d" and staging.is_ancestor(there, source_parent):
-            raise Forbidden(f"{path}: replacing it would remove what is moved or copied")
-        if kind == "d" or keep is None or self._node(keep).kind == "d":
+        if self._node(there).kind == "d" or keep is None or self._node(keep).kind == "d":
             self._remove(parent, name, there)
         return True
+
+    def _check_target(self, parent: int, name: str, path: str, overwrite: bool, source_parent: int) -> int | None:
+        """(under the lock) What is at (parent, name), if it may be replaced by what comes from
+        `source_parent`: AlreadyExists without `overwrite`; Forbidden for a directory holding the source."""
+        there = self.staging.lookup(parent, name)
+        if there is None:
+            return None
+        if not overwrite:
+            raise AlreadyExists(f"{path}: already exists", path=path)
+        if self._node(there).kind == "d" and self.staging.is_ancestor(there, source_parent):
+            raise Forbidden(f"{path}: replacing it would remove what is moved or copied")
+        return there
 
     # -- bytes -------------------------------------------------------------------------------------------
     def put(self, path: str, stream: BinaryIO, length: int | None = None, mode: int | None = None,
@@ -584,23 +604,31 @@ class PathTxn:
         hasher = MultiHash(self.archive.config.digests)
         size = 0
         room = 0                 # bytes known to fit without asking the file system again
+        buf = memoryview(bytearray(RECEIVE_CHUNK))
+        readinto = getattr(stream, "readinto", None)      # (a WSGI input may only have read)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             while length is None or size < length:
-                want = CHUNK if length is None else min(CHUNK, length - size)
-                data = stream.read(want)
-                if not data:
+                want = RECEIVE_CHUNK if length is None else min(RECEIVE_CHUNK, length - size)
+                if readinto is not None:
+                    data = buf[:readinto(buf[:want]) or 0]
+                else:
+                    data = memoryview(stream.read(want))
+                n = len(data)
+                if not n:
                     break
-                if len(data) > room:
+                if n > room:
                     room = free_bytes(fd) - HEADROOM
-                    if len(data) > room:
+                    if n > room:
                         raise NoSpace(f"{path}: no room for its bytes ({size:,} received)", path=path)
-                view = memoryview(data)
+                view = data
                 while view:
                     view = view[os.write(fd, view):]
                 hasher.update(data)
-                size += len(data)
-                room -= len(data)
+                if (size + n) // WRITEBACK_CHUNK > size // WRITEBACK_CHUNK:     # a chunk boundary was crossed
+                    start_writeback(fd, ((size + n) // WRITEBACK_CHUNK - 1) * WRITEBACK_CHUNK, WRITEBACK_CHUNK)
+                size += n
+                room -= n
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"{path}: no room for its bytes ({size:,} received)", path=path) from None
@@ -633,7 +661,8 @@ class PathTxn:
     def copy(self, src: str, dst: str, overwrite: bool, recursive: bool = True) -> bool:
         """Copy `src` to `dst` (a directory with everything in it unless not `recursive`: then empty),
         modes, mtimes and xattrs kept, hard links within it kept as links; True when something at `dst`
-        was replaced (removed first). A base file's copy shares its stored bytes (nothing is copied)."""
+        was replaced. A base file's copy shares its stored bytes (nothing is copied). The copy is made
+        under a name of its own beside `dst`, then moved there: a copy that fails leaves `dst` as it was."""
         with self.lock:
             staging = self._changing()
             ino = self._resolve(src)
@@ -643,8 +672,20 @@ class PathTxn:
                 raise Forbidden(f"{src}: copied onto itself")
             if self._node(ino).kind == "d" and staging.is_ancestor(ino, new_parent):
                 raise Forbidden(f"{src or 'the root'} cannot be copied into itself ({dst})")
+            self._check_target(new_parent, new, dst, overwrite, src_parent)
+            staging.check_room(new_parent, new, moving=ino)     # (every path below it, too)
+            aside = f".tinyfs-copy-{uuid.uuid4().hex[:12]}"
+            try:
+                self._copy(ino, new_parent, aside, recursive)
+            except BaseException:
+                made = staging.lookup(new_parent, aside)
+                if made is not None:
+                    self._remove(new_parent, aside, made)
+                raise
             replaced = self._clear_target(new_parent, new, dst, overwrite, src_parent)
-            self._copy(ino, new_parent, new, recursive)
+            gone = staging.rename(new_parent, aside, new_parent, new)
+            if gone is not None:
+                staging.drop_if_orphan(gone)
             return replaced
 
     def _copy(self, ino: int, parent: int, name: str, recursive: bool) -> None:
@@ -656,7 +697,6 @@ class PathTxn:
         while stack:
             source, parent, name = stack.pop()
             node = self._node(source)
-            staging.check_room(parent, name)
             if node.kind == "f" and source in copies:
                 staging.link(copies[source], parent, name)
             elif node.kind == "f":
@@ -673,25 +713,24 @@ class PathTxn:
             staging.update(made, mtime_ns=mtime)
 
     def _copy_file(self, source: int, node: Node, parent: int, name: str) -> int:
+        """(under the lock) A new file with the bytes, mode, mtime and xattrs of `source`, made in one step."""
         staging = self.staging
         xattrs = staging.xattrs(source)
         if not node.blob:     # a base file: the copy names the same stored bytes
-            made = staging.make(parent, name, "f", node.mode, self.uid, self.gid, create_blob=False)
-            staging.update(made, blob=0, base=node.base, size=node.size, mtime_ns=node.mtime_ns)
-        else:
-            part = staging.blobs / f"{uuid.uuid4().hex}{PART_SUFFIX}"
-            self._check_room_for(node.size)
+            made, _ = staging.make_file(parent, name, node.mode, self.uid, self.gid, None, node.size, None,
+                                        node.mtime_ns, xattrs, base=node.base)
+            return made
+        part = staging.blobs / f"{uuid.uuid4().hex}{PART_SUFFIX}"
+        self._check_room_for(node.size)
+        try:
+            _copy_bytes(staging.blob_path(source), part)
+            made, _ = staging.make_file(parent, name, node.mode, self.uid, self.gid, part, node.size,
+                                        node.digests, node.mtime_ns, xattrs)
+        finally:
             try:
-                _copy_bytes(staging.blob_path(source), part)
-                made, _ = staging.make_file(parent, name, node.mode, self.uid, self.gid, part, node.size,
-                                            node.digests, node.mtime_ns)
-            finally:
-                try:
-                    os.unlink(part)
-                except FileNotFoundError:
-                    pass
-        for key, value in xattrs.items():
-            staging.set_xattr(made, key, value)
+                os.unlink(part)
+            except FileNotFoundError:
+                pass
         return made
 
     # -- attributes ----------------------------------------------------------------------------------------
@@ -771,7 +810,11 @@ class PathTxn:
             existing = f"{under}/{target}".strip("/")
             if existing != path:
                 self._replace_name(path)
-                self.hardlink(path, existing)
+                linked = self.stat(existing)
+                if linked.kind == "l":       # a hard link to a symbolic link: recorded as a link of its own
+                    self.symlink(path, linked.target, linked.mtime_ns)
+                else:
+                    self.hardlink(path, existing)
         else:
             raise Forbidden(f"{member.name}: tinyfs archives regular files, directories and symbolic links only "
                             f"(a {_KIND_NAMES.get(member.type, 'special file')} was refused)", path=member.name)

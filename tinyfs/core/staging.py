@@ -562,26 +562,33 @@ class Staging:
         return ino
 
     @_uses_reserve_when_full
-    def make_file(self, parent: int, name: str, mode: int, uid: int, gid: int, bytes_from: Path, size: int,
-                  digests: str | None, mtime_ns: int, xattrs: dict[str, bytes] | None = None) -> tuple[int, int | None]:
+    def make_file(self, parent: int, name: str, mode: int, uid: int, gid: int, bytes_from: Path | None, size: int,
+                  digests: str | None, mtime_ns: int, xattrs: dict[str, bytes] | None = None,
+                  base: str | None = None) -> tuple[int, int | None]:
         """A new file at (parent, name) whose bytes are the finished file `bytes_from` (in blobs/), moved in
-        as its blob within the SQLite transaction that makes the entry: a crash leaves the entry with its
-        bytes, or no entry (and a blob file no row claims: see `sweep_blobs`). A name already there (not a
-        directory: the caller checks) is replaced. Returns (the new inode, the replaced one or None)."""
+        as its blob within the SQLite transaction that makes the entry (`bytes_from` stays for the caller
+        to remove): a crash leaves the entry with its
+        bytes, or no entry (and a blob file no row claims: see `sweep_blobs`). Without `bytes_from`, its
+        bytes are the base's stored bytes of digest `base` (a copy of a base file: nothing to copy). A name
+        already there (not a directory: the caller checks) is replaced. Returns (the new inode, the
+        replaced one or None)."""
         replaced = self.lookup(parent, name)
         self._own(parent, replaced)
         now = time.time_ns()
         with self.db:
             self.db.execute("BEGIN")
-            cur = self.db.execute("INSERT INTO inodes (kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, digests) "
-                                  "VALUES ('f',?,?,?,?,?,?,1,?)", (mode & 0o7777, uid, gid, size, mtime_ns, now, digests))
+            cur = self.db.execute("INSERT INTO inodes (kind, mode, uid, gid, size, mtime_ns, ctime_ns, blob, base, "
+                                  "digests) VALUES ('f',?,?,?,?,?,?,?,?,?)",
+                                  (mode & 0o7777, uid, gid, size, mtime_ns, now, 0 if bytes_from is None else 1,
+                                   base, digests))
             ino = cur.lastrowid
             self._set_name(parent, name, ino)
             if replaced is not None:
                 self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, replaced))
             self.db.executemany("INSERT INTO xattrs VALUES (?,?,?)", [(ino, k, v) for k, v in (xattrs or {}).items()])
             self._touch(parent, now)
-            os.rename(bytes_from, self.blob_path(ino))
+            if bytes_from is not None:
+                self._move_in(bytes_from, ino)
         self._nlinks[ino] = 1
         self._names_changed(replaced)
         if replaced is not None:
@@ -591,8 +598,8 @@ class Staging:
     @_uses_reserve_when_full
     def replace_bytes(self, ino: int, bytes_from: Path, size: int, digests: str | None, mtime_ns: int,
                       mode: int | None = None, xattrs: dict[str, bytes] | None = None) -> None:
-        """Give file `ino` (every name of it) the finished file `bytes_from` (in blobs/) as its bytes, in one
-        SQLite transaction with its new size and digests: a crash leaves the old bytes or the new ones
+        """Give file `ino` (every name of it) the finished file `bytes_from` (in blobs/; it stays for the
+        caller to remove) as its bytes, in one SQLite transaction with its new size and digests: a crash leaves the old bytes or the new ones
         whole. The digests recorded for the old bytes are forgotten first (durably), so that no crash can
         pair the new bytes with them. `xattrs`, when given, replace the file's."""
         self._own(ino)
@@ -611,8 +618,20 @@ class Staging:
             if xattrs is not None:
                 self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
                 self.db.executemany("INSERT INTO xattrs VALUES (?,?,?)", [(ino, k, v) for k, v in xattrs.items()])
-            os.rename(bytes_from, self.blob_path(ino))
+            self._move_in(bytes_from, ino)
         self._cached(ino, **fields)
+
+    def _move_in(self, bytes_from: Path, ino: int) -> None:
+        """(in the caller's SQLite transaction, its last step) Make `bytes_from` the blob of `ino`: a hard
+        link under a name of its own, renamed over the blob. `bytes_from` stays (its caller removes it),
+        so that a change tried again (`_uses_reserve_when_full`) can move it in again."""
+        aside = self.blobs / f"{ino}.in"
+        try:
+            os.unlink(aside)
+        except FileNotFoundError:
+            pass
+        os.link(bytes_from, aside)
+        os.rename(aside, self.blob_path(ino))
 
     def sweep_blobs(self) -> int:
         """After a crash: delete files in blobs/ that no row claims as its bytes (an upload or a copy cut
