@@ -490,7 +490,7 @@ def test_mount_failures_are_one_line_and_non_zero(root, mnt, tmp_path):
     try:
         r = run(["mount", "-t", "fuse.tinyfs", root, other], env=helper_env())
         assert r.returncode != 0 and not os.path.ismount(other)
-        assert r.stderr.count("\n") == 1 and "already mounted" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and "already in use by another tinyfs process" in r.stderr, r.stderr
         assert "transactions" in os.listdir(mnt)
     finally:
         if default_log(other).exists():
