@@ -304,9 +304,9 @@ def _whole(found: Found, headers: list, start_response, head: bool):
     return _chunks(reader, found.size)
 
 
-def _chunks(reader, length: int):
-    """`length` bytes from `reader`; then (a verified reader) the rest, so the file's end is checked before
-    the response is complete. A failure raises: the server cuts the connection."""
+def _chunks(reader, length: int, to_end: bool = True):
+    """`length` bytes from `reader`; with `to_end` (the whole file) a verified reader then checks the file's
+    end before the last bytes are handed out. A failure raises: the server cuts the connection."""
     try:
         left = length
         while left > 0:
@@ -314,7 +314,7 @@ def _chunks(reader, length: int):
             if not data:
                 raise OSError(5, "the stored file is shorter than recorded")
             left -= len(data)
-            if left == 0 and hasattr(reader, "finish"):
+            if left == 0 and to_end and hasattr(reader, "finish"):
                 reader.finish()             # verify before handing out the last bytes
             yield data
     finally:
@@ -337,20 +337,8 @@ def _part(found: Found, span: tuple[int, int], headers: list, start_response, he
     if head:
         reader.close()
         return []
-    return _span(reader, length)
+    return _chunks(reader, length, to_end=False)
 
-
-def _span(reader, length: int):
-    try:
-        left = length
-        while left > 0:
-            data = reader.read(min(CHUNK, left))
-            if not data:
-                raise OSError(5, "the stored file is shorter than recorded")
-            left -= len(data)
-            yield data
-    finally:
-        reader.close()
 
 
 def _not_modified(environ, etag: str | None, mtime: float) -> bool:
