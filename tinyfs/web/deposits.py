@@ -57,7 +57,7 @@ def resource(ctx: Context, parts: list[str], path: str, environ: dict):
     if ctx.deposits is None:
         return None
     if parts[0] == "commit":
-        return CommitCollection(path, environ) if len(parts) == 1 else None
+        return CommitCollection(path, environ, ctx) if len(parts) == 1 else None
     if len(parts) == 1:
         return Transactions(path, environ, ctx)
     txn = ctx.deposits.get(parts[1])
@@ -130,6 +130,13 @@ class Transactions(DAVCollection):
 
 class CommitCollection(DAVCollection):
     """/commit: always empty; MOVE a transaction here (http.py answers it)."""
+
+    def __init__(self, path: str, environ: dict, ctx: Context):
+        super().__init__(path, environ)
+        self.ctx = ctx
+
+    def get_last_modified(self) -> float:
+        return self.ctx.archive.root.stat().st_mtime
 
     def get_member_names(self) -> list[str]:
         return []
