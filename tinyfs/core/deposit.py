@@ -61,7 +61,7 @@ from .ids import PATH_MAX, check_label, check_logical_path, check_name, check_ri
 from .layout import ArchiveRoot
 from .limits import EVENT_TEXT_MAX, check_text
 from .request import commit_request
-from .staging import HEADROOM, ROOT, Node, Staging, free_bytes, refresh_sizes
+from .staging import HEADROOM, ROOT, Node, Staging, free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,7 @@ class Deposits:
         path = self.archive.transactions / rid
         if not (path / "txn.db").exists():
             return None
-        staging = Staging.open(path, self._base_loader(rid))
-        refresh_sizes(staging)
-        staging.drop_orphans()
+        staging = Staging.reopen(path, self._base_loader(rid))
         swept = staging.sweep_blobs()
         if swept:
             log.info("transaction %s: %d file(s) of interrupted uploads removed", rid, swept)

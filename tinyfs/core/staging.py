@@ -296,6 +296,15 @@ class Staging:
         cls._migrate(db)
         return cls(path, db, load_base)
 
+    @classmethod
+    def reopen(cls, path: Path, load_base: Callable[[str], State]) -> Staging:
+        """An open transaction found on disk by a new process (after a restart or a crash): its sizes
+        taken from its blobs, the entries an interrupted request left unlinked dropped."""
+        staging = cls.open(path, load_base)
+        refresh_sizes(staging)
+        staging.drop_orphans()
+        return staging
+
     @property
     def tree(self) -> BaseTree:
         """The base state in memory, read the first time the tree is used."""

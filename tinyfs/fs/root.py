@@ -22,7 +22,7 @@ from ..core.failures import known_failure, record_failed_commit
 from ..core.ids import is_rid
 from ..core.limits import EVENT_TEXT_MAX
 from ..core.request import check_not_writing
-from ..core.staging import Staging, refresh_sizes
+from ..core.staging import Staging
 from .aip import AipTree
 from .files import FileHandle, PlainFile
 from .tree import LONG, SHORT, Attr, Listing, Node, Services, Tree, fail
@@ -160,9 +160,7 @@ class RootTree(Tree):
             path = self.archive.transactions / rid
             if not (path / "txn.db").exists():
                 return None
-            staging = Staging.open(path, self._base_loader(rid))
-            refresh_sizes(staging)
-            staging.drop_orphans()
+            staging = Staging.reopen(path, self._base_loader(rid))
             tree = self.txns[rid] = TxnTree(self.services, OpenTxn(self.archive, rid, staging))
         return tree
 
