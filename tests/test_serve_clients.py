@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -89,3 +90,46 @@ def test_rclone_copies_a_tree_into_a_transaction_and_commits_it(archive, tmp_pat
         if path.is_file():
             copied = out / "data" / "tree" / path.relative_to(src)
             assert int(copied.stat().st_mtime) == int(path.stat().st_mtime), path   # vendor=owncloud: X-OC-Mtime
+
+
+CADAVER_SCRIPT = """\
+mkcol transactions/cd
+cd transactions/cd
+lcd {src}
+mput *.txt
+mkcol sub
+put nested.bin sub/nested.bin
+set namespace urn:tinyfs:
+propset /transactions/cd/ message "scanned at the reading room"
+cd /
+move transactions/cd commit/cd
+get resources/cd/sub/nested.bin {fetched}
+quit
+"""
+
+
+@pytest.mark.skipif(not shutil.which("cadaver"), reason="cadaver missing (apt-get install cadaver)")
+def test_cadaver_deposits_sets_the_message_commits_and_fetches(archive, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"page {i}.txt").write_text(f"page {i}\n" * 100)
+    (src / "nested.bin").write_bytes(os.urandom(100_000))
+    home = tmp_path / "home"                  # cadaver takes the credentials from ~/.netrc
+    home.mkdir()
+    (home / ".netrc").write_text("machine 127.0.0.1\nlogin alice\npassword alice-pw\n")
+    (home / ".netrc").chmod(0o600)
+    fetched = tmp_path / "fetched.bin"
+    with served(archive, users=USERS) as srv:
+        r = subprocess.run(["cadaver", srv.url], input=CADAVER_SCRIPT.format(src=src, fetched=fetched),
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(home)})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "failed" not in r.stdout, r.stdout
+    assert fetched.read_bytes() == (src / "nested.bin").read_bytes()
+    resource = archive.get("cd")
+    [doc] = resource.instances
+    assert (doc.message, doc.creator) == ("scanned at the reading room", "alice")
+    files = {"sub/nested.bin": src / "nested.bin", **{f"page {i}.txt": src / f"page {i}.txt" for i in range(3)}}
+    assert sorted(resource) == sorted(files)
+    for name, path in files.items():
+        assert resource.read(name) == path.read_bytes()

@@ -111,6 +111,31 @@ def test_a_conflicting_commit_answers_409_and_keeps_the_transaction(archive):
     assert archive.get("shared").read("doc.txt") == b"v2 from the api"
 
 
+LOCK_BODY = (b'<?xml version="1.0" encoding="utf-8"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/>'
+             b'</D:lockscope><D:locktype><D:write/></D:locktype><D:owner>davfs2</D:owner></D:lockinfo>')
+
+
+def test_a_commit_waits_for_every_lock_inside_to_be_released(archive):
+    """davfs2 locks a file it creates and uploads it after close; its mv to commit/ comes first, with the
+    tokens. The commit is refused while a lock is held, so the placeholder is never what gets stored."""
+    with served(archive, users=USERS) as srv:
+        assert dav(srv, "MKCOL", "transactions/held").status_code == 201
+        r = dav(srv, "LOCK", "transactions/held/scan.tif", data=LOCK_BODY,
+                headers={"Depth": "0", "Timeout": "Second-600"})
+        assert r.status_code == 201, r.text           # a lock on an unmapped name: an empty placeholder
+        token = r.headers["Lock-Token"]
+        moved = dav(srv, "MOVE", "transactions/held", headers={
+            "Destination": srv.url + "commit/held", "If": f"<{srv.url}transactions/held/scan.tif> ({token})"})
+        assert moved.status_code == 423, moved.text
+        assert "/transactions/held/scan.tif is locked" in moved.text
+        assert "held" not in [r.rid for r in archive]
+        assert dav(srv, "PUT", "transactions/held/scan.tif", data=b"the scan",
+                   headers={"If": f"({token})"}).status_code in (200, 204)
+        assert dav(srv, "UNLOCK", "transactions/held/scan.tif", headers={"Lock-Token": token}).status_code == 204
+        assert commit(srv, "held").status_code == 201
+    assert archive.get("held").read("scan.tif") == b"the scan"
+
+
 def test_a_cut_upload_leaves_nothing_and_the_server_serves_on(archive):
     with served(archive, users=USERS) as srv:
         assert dav(srv, "MKCOL", "transactions/cut").status_code == 201

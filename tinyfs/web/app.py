@@ -31,6 +31,7 @@ class Context:
     archive: ArchiveRoot
     access: Access
     deposits: object = None   # core.deposit.Deposits: the open transactions (None: a read-only server)
+    locks: object = None      # WsgiDAV's lock manager: a commit waits for clients that still hold locks
     extra: dict = field(default_factory=dict)
 
 
@@ -39,6 +40,7 @@ def make_app(ctx: Context):
     from .dav import ArchiveProvider
 
     dav = WsgiDAVApp(_dav_config(ArchiveProvider(ctx)))
+    ctx.locks = dav.lock_manager
 
     def app(environ, start_response):
         bad = _bad_request(environ)

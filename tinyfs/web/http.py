@@ -95,6 +95,10 @@ def _commit(ctx, rid: str, environ, start_response):
     dest = _destination(environ)
     if dest not in (["commit"], ["commit", rid]):
         return _answer(start_response, 400, f"commit by MOVE to /commit/{rid}")
+    held = _locked_inside(ctx, rid)
+    if held:
+        return _answer(start_response, 423, f"{held} is locked: a client is still writing it; "
+                                            "commit once it has been unlocked")
     try:
         result = ctx.deposits.commit(rid, environ.get(USER) or "")
     except (TinyfsError, OSError) as e:
@@ -107,6 +111,20 @@ def _commit(ctx, rid: str, environ, start_response):
         headers.append(("Location", f"/instances/{rid}/{result.instance}/"))
     start_response("201 Created" if result.instance else "200 OK", headers)
     return [data]
+
+
+def _locked_inside(ctx, rid: str) -> str:
+    """A path inside the transaction that a WebDAV lock is held on, or ''.
+
+    A lock is a client saying it is still writing: davfs2, for one, locks a file when it creates it and
+    uploads the bytes seconds after `close`, then unlocks; its `mv` of the transaction to commit/ comes
+    before that upload, carrying the lock tokens. Committing then would store the empty placeholder and
+    lose the upload, so the commit is refused (423, EACCES to davfs2's mv) until the locks are gone."""
+    if ctx.locks is None:
+        return ""
+    for lock in ctx.locks.get_url_lock_list(f"/transactions/{rid}", recursive=True):
+        return lock["root"]
+    return ""
 
 
 def _untar(ctx, rid: str, under: str, environ, start_response):
