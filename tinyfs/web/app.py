@@ -31,7 +31,7 @@ class Context:
     archive: ArchiveRoot
     access: Access
     deposits: object = None   # core.deposit.Deposits: the open transactions (None: a read-only server)
-    locks: object = None      # WsgiDAV's lock manager: a commit waits for clients that still hold locks
+    locks: object = None      # WsgiDAV's lock manager: no commit while a client still holds a lock inside
     extra: dict = field(default_factory=dict)
 
 
