@@ -115,7 +115,7 @@ LOCK_BODY = (b'<?xml version="1.0" encoding="utf-8"?><D:lockinfo xmlns:D="DAV:">
              b'</D:lockscope><D:locktype><D:write/></D:locktype><D:owner>davfs2</D:owner></D:lockinfo>')
 
 
-def test_a_commit_waits_for_every_lock_inside_to_be_released(archive):
+def test_no_commit_while_a_lock_is_held_inside(archive):
     """davfs2 locks a file it creates and uploads it after close; its mv to commit/ comes first, with the
     tokens. The commit is refused while a lock is held, so the placeholder is never what gets stored."""
     with served(archive, users=USERS) as srv:
