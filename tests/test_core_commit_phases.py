@@ -28,9 +28,10 @@ from tinyfs.core.commit import (
     publish,
     read_base_and_head,
     record,
+    verify_writes,
     write_tags,
 )
-from tinyfs.core.errors import Inconsistent, Stale
+from tinyfs.core.errors import Inconsistent, Stale, WriteNotVerified
 from tinyfs.core.ids import new_instance_id
 from tinyfs.core.layout import ArchiveRoot
 from tinyfs.core.model import DirEntry, FileEntry, State
@@ -101,17 +102,20 @@ def test_plan_reuses_bytes_any_instance_stores_and_writes_nothing(archive, tmp_p
 
 def test_place_write_tags_and_flush_make_a_whole_bag_nobody_sees_until_publish(archive, tmp_path):
     stage = Stage(archive, "r")
-    told = []
+    told, phases = [], []
     req = CommitRequest("r", stage.head, {"new.txt": user_file(tmp_path, "new", b"new bytes"), "b.txt": None},
-                        message="phases", before_publish=told.append)
+                        message="phases", before_publish=told.append, on_phase=phases.append)
     head_doc, head_state, new_files, merged, delta = stage.merged(req)
     plan = plan_bag(archive, "r", stage.head, head_doc, merged, new_files, stage.path, stage.iid)
     place_payload(plan)
     assert (plan.bag / "data" / "new.txt").read_bytes() == b"new bytes"
     doc = write_tags(archive, req, stage.head, head_doc, merged, plan)
     flush(archive, req, stage.path, doc, new_resource=False)
+    verify_writes(archive, req, plan)
+    assert phases == ["verifying"]
+    req.before_publish(doc.id)                               # (_commit_locked: after the verification)
 
-    assert told == [stage.iid]                               # told after the flush, before the rename
+    assert told == [stage.iid]
     bagit.Bag(str(plan.bag)).validate()                      # a complete bag, still in the stage
     assert archive.instance_ids("r")[-1] == stage.head       # ... which nobody sees yet
     publish(archive, "r", stage.iid, stage.path, previous=stage.head)
@@ -121,6 +125,45 @@ def test_place_write_tags_and_flush_make_a_whole_bag_nobody_sees_until_publish(a
     assert (result.instance, result.added, result.removed, result.files_stored) == (stage.iid, 1, 1, 1)
     assert sorted(archive.state("r").files) == ["new.txt"]
     check_archive_ok(archive.root)
+
+
+def flushed_then_damaged(archive: ArchiveRoot, tmp_path: Path, damaged: str) -> tuple[CommitRequest, object]:
+    """A new bag of resource r made durable, then a byte of `damaged` changed on the disk: what a disk
+    that acknowledged a write it did not make leaves (the read-back drops the file's pages first, so it
+    reads what the device holds)."""
+    stage = Stage(archive, "r")
+    req = CommitRequest("r", stage.head, {"new.txt": user_file(tmp_path, "new", b"new bytes")})
+    head_doc, _head_state, new_files, merged, _delta = stage.merged(req)
+    plan = plan_bag(archive, "r", stage.head, head_doc, merged, new_files, stage.path, stage.iid)
+    place_payload(plan)
+    doc = write_tags(archive, req, stage.head, head_doc, merged, plan)
+    flush(archive, req, stage.path, doc, new_resource=False)
+    with open(plan.bag / damaged, "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+        os.fsync(f.fileno())
+    return req, plan
+
+
+@pytest.mark.parametrize("damaged", ["data/new.txt", "instance.json"])
+def test_a_file_that_reads_back_wrong_after_the_flush_fails_the_commit_with_eio(archive, tmp_path, damaged):
+    req, plan = flushed_then_damaged(archive, tmp_path, damaged)
+    with pytest.raises(WriteNotVerified) as e:
+        verify_writes(archive, req, plan)
+    assert e.value.errno == errno.EIO and e.value.path == damaged
+    assert damaged in str(e.value) and "nothing was committed" in str(e.value)
+
+
+def test_no_verify_writes_skips_the_read_back(tmp_path):
+    api = Archive.init(tmp_path / "archive", verify_writes=False)
+    with api.new("r") as txn:
+        txn.add_bytes("a.txt", b"A")
+    assert '"verify_writes": false' in (tmp_path / "archive" / "tinyfs.json").read_text()
+    root = ArchiveRoot(api.root.root)
+    req, plan = flushed_then_damaged(root, tmp_path, "data/new.txt")
+    verify_writes(root, req, plan)                            # not read back: not noticed
+    assert ArchiveRoot(Archive.init(tmp_path / "other").root.root).config.verify_writes is True
 
 
 def test_a_new_resource_is_published_by_renaming_the_whole_stage(tmp_path):

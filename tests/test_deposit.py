@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ from tinyfs.core.errors import (
     ShortInput,
     Stale,
     TooLarge,
+    WriteNotVerified,
 )
 from tinyfs.core.staging import Staging
 
@@ -435,6 +437,47 @@ def test_a_stale_commit_leaves_the_transaction_intact(based):
     iid = d.commit("r1", ALICE).instance
     assert set(based.root.state("r1", iid).files) == {"a.txt", "b.txt", "d/b.bin", "d/e/c.txt"}
     assert read(based, "r1", "a.txt") == b"theirs"
+
+
+def test_a_write_the_disk_did_not_keep_fails_the_commit_and_keeps_the_transaction(based, monkeypatch):
+    """The commit reads the new bag back from the device (state `verifying`); bytes that changed on the disk
+    after the flush fail it with EIO naming the file, and the transaction stays. The staged file is the
+    bag's file (a hard link): once it is written again, the commit succeeds."""
+    from tinyfs.core import bagwrite, commit
+
+    d = deposits(based)
+    t = d.open("r1", ALICE)
+    t.put("scan.tif", io.BytesIO(b"the scanned page"))
+    real_sync, real_read_back = bagwrite.syncfs, commit.read_back_digest
+    states = []
+
+    def sync_then_damage(stage):
+        real_sync(stage)
+        [stored] = stage.glob("instances/*/data/scan.tif")
+        os.chmod(stored, 0o644)
+        with open(stored, "r+b") as f:
+            f.write(b"T")
+            os.fsync(f.fileno())
+
+    def read_back(path, alg):
+        states.append(t.meta()["state"])
+        return real_read_back(path, alg)
+
+    monkeypatch.setattr(bagwrite, "syncfs", sync_then_damage)
+    monkeypatch.setattr(commit, "read_back_digest", read_back)
+    head = based.root.head("r1")
+    with pytest.raises(WriteNotVerified) as e:
+        d.commit("r1", ALICE)
+    assert "data/scan.tif" in str(e.value) and e.value.errno == errno.EIO
+    assert set(states) == {"verifying"}
+    assert based.root.head("r1") == head
+    meta = t.meta()
+    assert meta["state"] == "failed" and "scan.tif" in meta["error"]
+    assert t.stat("d/b.bin").size == 2560                    # the rest of the transaction as it was
+    monkeypatch.setattr(bagwrite, "syncfs", real_sync)
+    t.put("scan.tif", io.BytesIO(b"the scanned page"))
+    iid = d.commit("r1", ALICE).instance
+    assert read(based, "r1", "scan.tif") == b"the scanned page" and based.root.head("r1") == iid
 
 
 def test_commit_of_nothing_changes_nothing(based):

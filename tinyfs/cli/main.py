@@ -51,7 +51,7 @@ def cmd_init(args) -> int:
         return _init_on_store(root, digests, args)
     if args.endpoint is not None or args.retain is not None or args.cache is not None:
         raise UsageError("init: --endpoint, --retain and --cache go with --store s3://BUCKET/PREFIX")
-    root = init_archive(root, args.mode or "preservation", digests, args.immutable)
+    root = init_archive(root, args.mode or "preservation", digests, args.immutable, not args.no_verify_writes)
     if args.immutable:
         _report_immutable(root)
     return EXIT_OK
@@ -63,6 +63,8 @@ def _init_on_store(root: str, digests: list[str] | None, args) -> int:
 
     if args.immutable:
         raise UsageError("init: --immutable is for a local archive; on a store, worm retention is the store's")
+    if args.no_verify_writes:
+        raise UsageError("init: --no-verify-writes is for a local archive; a store checks its uploads itself")
     days = parse_retention(args.retain) if args.retain is not None else None
     cache = parse_cache_size(args.cache) if args.cache is not None else None
     init_s3_archive(root, args.store, args.endpoint, mode=args.mode, digests=digests, retention_days=days,
@@ -479,7 +481,7 @@ Command = Callable[[str, Callable, str], argparse.ArgumentParser]
 def _add_setup_commands(command: Command) -> None:
     """Making an archive, mounting it, committing without a mount."""
     p = command("init", cmd_init, "create an archive")
-    p.usage = ("tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable] "
+    p.usage = ("tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable] [--no-verify-writes] "
                "[--store s3://BUCKET/PREFIX [--endpoint URL] [--retain 10y] [--cache 1G]]")
     p.add_argument("root", metavar="ROOT", nargs="?")     # (may come after --digest: see _root_and_digests)
     p.add_argument("--mode", choices=("preservation", "worm", "dynamic"),
@@ -488,6 +490,8 @@ def _add_setup_commands(command: Command) -> None:
                    help="digest algorithms, the first sha512 (default) or sha256; repeat the option or "
                         "give a comma list (--digest sha256,sha512)")
     p.add_argument("--immutable", action="store_true", help="worm mode: also chattr +i committed instances")
+    p.add_argument("--no-verify-writes", action="store_true",
+                   help="do not read each new bag back from the disk before a commit publishes it")
     p.add_argument("--store", metavar="s3://BUCKET/PREFIX",
                    help="keep the archive in an S3 bucket (ROOT is this host's working directory); an archive "
                         "already there is attached to. Credentials: the AWS variables or files only")

@@ -44,8 +44,8 @@ class Archive:
 
     @staticmethod
     def init(root: str | os.PathLike, mode: str = "preservation", digests: list[str] | None = None,
-             immutable: bool = False) -> Archive:
-        init_archive(root, mode, digests, immutable)
+             immutable: bool = False, verify_writes: bool = True) -> Archive:
+        init_archive(root, mode, digests, immutable, verify_writes)
         return Archive(root)
 
     def __enter__(self) -> Archive:

@@ -10,7 +10,9 @@ Under the resource lock, in transactions/.commit-<rid>-<iid>/ (the stage), the p
   plan_bag            which digests the new bag stores (once per resource), under which names
   place_payload       hard links of staged blobs (or the copies) into the bag's data/
   write_tags          manifests, bag-info.txt, instance.json
-  flush               one syncfs: every byte of the stage is durable; `before_publish` is told
+  flush               one syncfs: every byte of the stage is durable
+  verify_writes       every file of the new bag read back from the device (its pages dropped first)
+                      and hashed: a mismatch fails the commit (EIO); then `before_publish` is told
   publish             the store's publish (a local store: one rename into resources/, its
                       directory fsynced): the instance exists whole or not at all
   record              caches, dynamic mode's older instances, the event
@@ -30,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import bagwrite, replicas, tree
-from .digests import copy_and_hash, hash_file, parallel
+from .digests import copy_and_hash, hash_file, hash_file_object, parallel
 from .durable import write_new
-from .errors import Forbidden, Inconsistent, LabelTaken, NameTooLong, NotFound, Stale
+from .errors import Forbidden, Inconsistent, LabelTaken, NameTooLong, NotFound, Stale, WriteNotVerified
 from .ids import PATH_MAX, check_rid, new_instance_id, parent_of
 from .layout import ArchiveRoot
 from .limits import check_metadata
@@ -96,6 +98,7 @@ class CommitRequest:
     label: str | None = None
     # told the new iid once the bag is durable, just before the rename that publishes it (raising aborts)
     before_publish: Callable[[str], None] | None = None
+    on_phase: Callable[[str], None] | None = None    # told "verifying" when the read-back starts
     # The link groups of the whole target state (what was one inode in the transaction), made against
     # `base`; None: the base's groups, less the paths the changes touch.
     hardlinks: tuple[Group, ...] | None = None
@@ -209,6 +212,9 @@ def _commit_locked(archive: ArchiveRoot, req: CommitRequest, head: str | None, i
     shutil.rmtree(pending)
     doc = write_tags(archive, req, head, head_doc, merged, plan)
     flush(archive, req, stage, doc, new_resource=head is None)
+    verify_writes(archive, req, plan)
+    if req.before_publish:
+        req.before_publish(doc.id)
     publish(archive, req.rid, iid, stage, previous=head)
     return record(archive, req, head_state, delta, plan, doc)
 
@@ -351,14 +357,58 @@ def write_tags(archive: ArchiveRoot, req: CommitRequest, head: str | None, head_
 
 
 def flush(archive: ArchiveRoot, req: CommitRequest, stage: Path, doc: InstanceDoc, new_resource: bool) -> None:
-    """Make the whole stage durable (with resource.json for a new resource), then tell the request's
-    `before_publish` which instance is about to appear."""
+    """Make the whole stage durable (with resource.json for a new resource)."""
     if new_resource:
         write_new(stage / "resource.json", f'{{"created": "{doc.created}", "id": "{req.rid}"}}\n'.encode(),
                   0o444 if archive.config.mode == "worm" else 0o644)
     bagwrite.syncfs(stage)                      # every payload byte and tag file of the new bag, in one call
-    if req.before_publish:
-        req.before_publish(doc.id)
+
+
+def verify_writes(archive: ArchiveRoot, req: CommitRequest, plan: BagPlan) -> None:
+    """Read every file of the new bag back from the device and compare its digest with the one taken
+    while it was written: a disk or controller that acknowledged a write it did not make, or made wrong,
+    fails the commit here (WriteNotVerified, EIO, naming the file) instead of in a fixity check years on.
+    The transaction is left as it was, but a file it shares with the bag (a hard link) shares the damage:
+    it must be written again. A file's pages are clean after the flush, so dropping them
+    (POSIX_FADV_DONTNEED) makes the read come from the device, not from the page cache that holds what
+    was meant to be written. Off with `init --no-verify-writes`; an object store checks its uploads itself
+    (s3store: size and MD5)."""
+    if not (archive.config.verify_writes and archive.store.local):
+        return
+    if req.on_phase:
+        req.on_phase("verifying")
+    alg = archive.config.primary
+    expected = {rel: digests[alg] for rel, digests in plan.payload.items()}
+    expected.update(_tag_digests(plan.bag, alg))
+
+    def check(item: tuple[str, str]) -> None:
+        rel, digest = item
+        found = read_back_digest(plan.bag / rel, alg)
+        if found != digest:
+            raise WriteNotVerified(f"{req.rid}: {rel} read back from the disk is not what was written ({alg} "
+                                   f"expected {digest[:16]}… found {found[:16]}…): nothing was committed; "
+                                   "check the disk, then write the file again", path=rel)
+
+    parallel(check, sorted(expected.items()))
+
+
+def _tag_digests(bag: Path, alg: str) -> dict[str, str]:
+    """The tag files of a bag just written, with their digests from its tag manifest."""
+    out = {}
+    for line in (bag / f"tagmanifest-{alg}.txt").read_text("utf-8").splitlines():
+        digest, _, rel = line.partition(" ")
+        out[rel.strip()] = digest
+    return out
+
+
+def read_back_digest(path: Path, alg: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            return hash_file_object(f, alg)
+    finally:
+        os.close(fd)
 
 
 def publish(archive: ArchiveRoot, rid: str, iid: str, stage: Path, previous: str | None) -> None:

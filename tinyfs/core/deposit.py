@@ -416,11 +416,11 @@ class PathTxn:
 
     # -- metadata --------------------------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
-        """message, creator, label, state ("open", "committing" or "failed") and error."""
+        """message, creator, label, state ("open", "committing", "verifying" or "failed") and error."""
         with self.lock:
             staging = self._looking()
             out = {k: staging.get_meta(k) for k in (*META, "state", "error")}
-        if self.committing:
+        if self.committing and out["state"] != "verifying":
             out["state"] = "committing"
         return out
 

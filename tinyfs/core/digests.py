@@ -61,6 +61,15 @@ def hash_file(path: str | os.PathLike, algorithms: Sequence[str],
     return hasher.hexdigests()
 
 
+def hash_file_object(f, algorithm: str) -> str:
+    """The hex digest of what is left to read of an unbuffered binary file."""
+    hasher = hashlib.new(algorithm)
+    buf, view = thread_buffer()
+    while n := f.readinto(buf):
+        hasher.update(view[:n])
+    return hasher.hexdigest()
+
+
 STABLE_TRIES = 3
 # A file's times come from the kernel's coarse clock (one tick: 1-10 ms): a write in the same tick as the
 # one before it leaves mtime and ctime as they were. A source whose last change is this recent is waited

@@ -96,6 +96,13 @@ class Inconsistent(TinyfsError):
     errno = _errno.EIO
 
 
+class WriteNotVerified(TinyfsError):
+    """A file of a new bag read back from the disk after the flush is not what was written (a commit's
+    verified write): nothing was committed, the transaction is kept."""
+
+    errno = _errno.EIO
+
+
 class Forbidden(TinyfsError):
     """A mode rule (WORM, preservation) forbids the operation."""
 

@@ -49,6 +49,7 @@ class Config:
     digests: tuple[str, ...]
     created: str
     immutable: bool = False
+    verify_writes: bool = True      # read every newly stored file back from the device before publishing
 
     @property
     def primary(self) -> str:
@@ -56,7 +57,7 @@ class Config:
 
 
 def init_archive(root: str | os.PathLike, mode: str = "preservation", digests: list[str] | None = None,
-                 immutable: bool = False) -> Path:
+                 immutable: bool = False, verify_writes: bool = True) -> Path:
     """Create a new archive at `root` (an absent or empty directory)."""
     root = Path(root).absolute()
     digests = list(dict.fromkeys(digests or ["sha512"]))
@@ -76,6 +77,8 @@ def init_archive(root: str | os.PathLike, mode: str = "preservation", digests: l
     config = {"format": FORMAT, "mode": mode, "digests": digests, "created": utc_now()}
     if immutable:
         config["immutable"] = True
+    if not verify_writes:
+        config["verify_writes"] = False      # (absent: on, as in archives made before the option)
     # Laid out beside ROOT and renamed onto it (absent, or an empty directory, which a rename replaces):
     # a kill during init leaves ROOT as it was, never a half-made archive that a second init (or a
     # resumed `tinyfs migrate` into ROOT) would refuse as "not empty".
@@ -138,7 +141,8 @@ class ArchiveRoot:
         else:
             self.store = LocalStore(self.root, StoreConfig(doc["mode"], tuple(doc["digests"]), doc["created"]),
                                     bool(doc.get("immutable")))
-        self.config = Config(doc["mode"], tuple(doc["digests"]), doc["created"], bool(doc.get("immutable")))
+        self.config = Config(doc["mode"], tuple(doc["digests"]), doc["created"], bool(doc.get("immutable")),
+                             doc.get("verify_writes", True) is not False)
         self.transactions = self.root / "transactions"
         # (rid, iid) -> (document, its estimated bytes), least recently used first; see remember()
         self._docs: OrderedDict[tuple[str, str], tuple[InstanceDoc, int]] = OrderedDict()

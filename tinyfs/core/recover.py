@@ -113,7 +113,7 @@ def _finish_mount_transaction_locked(archive: ArchiveRoot, rid: str) -> list[str
             staging = None
             Staging.remove(path)
             return [f"finished commit of transaction {rid} (instance {marker})"]
-        if staging.get_meta("state") == "committing":
+        if staging.get_meta("state") in ("committing", "verifying"):
             owner_writable(staging.blobs.iterdir())
             staging.set_meta("state", "failed")
             staging.set_meta("error", "the commit was interrupted (crash); nothing was committed")

@@ -34,6 +34,7 @@ def commit_request(staging: Staging, rid: str, committer: int | str, size_of: Si
                          message=meta["message"],
                          creator=meta["creator"] or _name(committer), label=meta["label"] or None,
                          before_publish=lambda iid: Staging.mark_committing(path, iid),
+                         on_phase=lambda phase: Staging.mark_state(path, phase),
                          hardlinks=link_groups(linked),
                          root=staging.root_entry())
 

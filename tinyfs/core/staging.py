@@ -363,6 +363,15 @@ class Staging:
         finally:
             db.close()
 
+    @staticmethod
+    def mark_state(path: Path, state: str) -> None:
+        """Set the transaction's state (`verifying` during a commit) from any thread (own connection)."""
+        db = sqlite3.connect(path / "txn.db", isolation_level=None)
+        try:
+            db.execute("UPDATE meta SET value=? WHERE key='state'", (state,))
+        finally:
+            db.close()
+
     def sync(self) -> None:
         """Make every change so far durable (a client's fsync)."""
         self.db.execute("PRAGMA wal_checkpoint(FULL)")

@@ -232,7 +232,7 @@ class RootTree(Tree):
             await self._commit_txn(tree, ctx.uid)
         except BaseException as e:
             # whatever went wrong (a bug included), the transaction must not stay `committing`
-            if not tree.txn.closed and tree.staging.get_meta("state") == "committing":
+            if not tree.txn.closed and tree.staging.get_meta("state") in ("committing", "verifying"):
                 self._failed(tree.txn, TinyfsError(f"internal error: {type(e).__name__}: {e}"[:EVENT_TEXT_MAX]))
             raise
         finally:
