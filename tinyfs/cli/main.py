@@ -26,8 +26,6 @@ from ..core.errors import InvalidBag, TinyfsError
 
 log = logging.getLogger("tinyfs")
 
-COMMANDS = ("init", "mount", "umount", "ingest", "ls", "cat", "events", "fsck", "export", "recover", "purge",
-            "store", "replicate", "status", "migrate", "repair", "serve", "serve-passwd")
 EXIT_OK, EXIT_DAMAGE, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -51,7 +49,8 @@ def cmd_init(args) -> int:
         return _init_on_store(root, digests, args)
     if args.endpoint is not None or args.retain is not None or args.cache is not None:
         raise UsageError("init: --endpoint, --retain and --cache go with --store s3://BUCKET/PREFIX")
-    root = init_archive(root, args.mode or "preservation", digests, args.immutable, not args.no_verify_writes)
+    root = init_archive(root, args.mode or "preservation", digests, args.immutable, not args.no_verify_writes,
+                        not args.no_identify)
     if args.immutable:
         _report_immutable(root)
     return EXIT_OK
@@ -63,8 +62,8 @@ def _init_on_store(root: str, digests: list[str] | None, args) -> int:
 
     if args.immutable:
         raise UsageError("init: --immutable is for a local archive; on a store, worm retention is the store's")
-    if args.no_verify_writes:
-        raise UsageError("init: --no-verify-writes is for a local archive; a store checks its uploads itself")
+    if args.no_verify_writes or args.no_identify:
+        raise UsageError("init: --no-verify-writes and --no-identify are for a local archive")
     days = parse_retention(args.retain) if args.retain is not None else None
     cache = parse_cache_size(args.cache) if args.cache is not None else None
     init_s3_archive(root, args.store, args.endpoint, mode=args.mode, digests=digests, retention_days=days,
@@ -408,6 +407,40 @@ def _status_line(row: dict) -> str:
     return f"{row['name']}\t{row['url']}\t{held}\t{state}\t{checked}"
 
 
+def cmd_formats(args) -> int:
+    """What formats the archive holds (files of every current state), and which instances are pending."""
+    from ..core import formats
+    from ..core.errors import NotFound
+    from ..core.layout import ArchiveRoot
+
+    archive = ArchiveRoot(args.root)
+    rids = args.rids or None
+    for rid in args.rids:
+        if not archive.exists(rid):
+            raise NotFound(f"no resource {rid!r} in {archive.root}")
+    if args.identify:
+        todo = formats.pending(archive, rids)
+        if todo:
+            with formats.new_pool() as pool:
+                for rid, iid in todo:
+                    formats.identify_instance(archive, rid, iid, pool)
+    report = formats.summary(archive, rids)
+    if args.json:
+        print(json.dumps({"formats": [{"files": n, **(vars(f) if f else {"basis": "pending"})}
+                                      for f, n in report["formats"]],
+                          "pending": [{"resource": r, "instance": i} for r, i in report["pending"]]},
+                         indent=1, sort_keys=True, ensure_ascii=False))
+        return EXIT_OK
+    for fmt, n in report["formats"]:
+        if fmt is None:
+            print(f"{n}\tpending")
+        else:
+            print(f"{n}\t{fmt.puid or '-'}\t{fmt.mime or '-'}\t{fmt.name or '-'}\t{fmt.basis}")
+    if report["pending"]:
+        _say(f"{len(report['pending'])} instance(s) not identified yet: tinyfs formats {args.root} --identify")
+    return EXIT_OK
+
+
 def cmd_purge(args) -> int:
     from ..core.api import Archive
 
@@ -481,7 +514,7 @@ Command = Callable[[str, Callable, str], argparse.ArgumentParser]
 def _add_setup_commands(command: Command) -> None:
     """Making an archive, mounting it, committing without a mount."""
     p = command("init", cmd_init, "create an archive")
-    p.usage = ("tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable] [--no-verify-writes] "
+    p.usage = ("tinyfs init ROOT [--mode MODE] [--digest ALG[,ALG...] ...] [--immutable] [--no-verify-writes] [--no-identify] "
                "[--store s3://BUCKET/PREFIX [--endpoint URL] [--retain 10y] [--cache 1G]]")
     p.add_argument("root", metavar="ROOT", nargs="?")     # (may come after --digest: see _root_and_digests)
     p.add_argument("--mode", choices=("preservation", "worm", "dynamic"),
@@ -492,6 +525,7 @@ def _add_setup_commands(command: Command) -> None:
     p.add_argument("--immutable", action="store_true", help="worm mode: also chattr +i committed instances")
     p.add_argument("--no-verify-writes", action="store_true",
                    help="do not read each new bag back from the disk before a commit publishes it")
+    p.add_argument("--no-identify", action="store_true", help="do not identify the formats of new files")
     p.add_argument("--store", metavar="s3://BUCKET/PREFIX",
                    help="keep the archive in an S3 bucket (ROOT is this host's working directory); an archive "
                         "already there is attached to. Credentials: the AWS variables or files only")
@@ -614,6 +648,13 @@ def _add_repair_commands(command: Command) -> None:
     p.add_argument("--store", action="append", metavar="NAME", help="repair only this store (\"primary\" or "
                    "a replica's name; repeatable); every store is still checked, to find good copies")
 
+    p = command("formats", cmd_formats, "files of the current states by format (PRONOM PUID, MIME type, name; "
+                "identified by FIDO after each commit), and the instances not identified yet")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rids", metavar="RID", nargs="*")
+    p.add_argument("--identify", action="store_true", help="identify the instances still pending first")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+
     p = command("purge", cmd_purge, "delete a resource (dynamic mode only)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID")
@@ -630,9 +671,17 @@ def _fstab_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
-    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-") and not argv[1].startswith("-"):
+    parser = build_parser()
+    if len(argv) >= 2 and argv[0] not in _command_names(parser) and not argv[0].startswith("-") \
+            and not argv[1].startswith("-"):
         return _fstab_parser().parse_args(argv)
-    return build_parser().parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _command_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every subcommand: a first word that is none of them is the SOURCE of the fstab form."""
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(sub.choices)
 
 
 # -- running --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from .ids import check_logical_path, check_rid, parent_of
 from .layout import ArchiveRoot, init_archive
 from .limits import check_metadata
 from .model import DirEntry, FileEntry, InstanceDoc, LinkEntry, State, link_groups
+
+log = logging.getLogger(__name__)
 
 InstanceRef = InstanceDoc | str | None     # an instance as Resource takes it: itself, its id or label, or the head
 
@@ -44,8 +47,8 @@ class Archive:
 
     @staticmethod
     def init(root: str | os.PathLike, mode: str = "preservation", digests: list[str] | None = None,
-             immutable: bool = False, verify_writes: bool = True) -> Archive:
-        init_archive(root, mode, digests, immutable, verify_writes)
+             immutable: bool = False, verify_writes: bool = True, identify: bool = True) -> Archive:
+        init_archive(root, mode, digests, immutable, verify_writes, identify)
         return Archive(root)
 
     def __enter__(self) -> Archive:
@@ -305,6 +308,8 @@ class Transaction:
             self.result = commit(self._root, req, progress)
         finally:
             self._cleanup()
+        if self.result.instance is not None:
+            identify_committed(self._root, self.rid, self.result.instance)
         return self.result
 
     def rollback(self) -> None:
@@ -324,6 +329,24 @@ class Transaction:
     def _check_open(self) -> None:
         if self._done:
             raise TinyfsError("this transaction is already committed or rolled back")
+
+
+def identify_committed(root: ArchiveRoot, rid: str, iid: str) -> None:
+    """After a commit through the API (or the CLI), the formats of its new files, before the call returns:
+    a script's process may end right after it. A failure leaves the instance pending, never fails the
+    commit that is made."""
+    from . import formats
+
+    if not root.config.identify:
+        return
+    try:
+        if len(root.instance(rid, iid).payload()) > formats.IN_PROCESS:
+            with formats.new_pool() as pool:
+                formats.identify_instance(root, rid, iid, pool)
+        else:
+            formats.identify_instance(root, rid, iid)
+    except Exception:
+        log.exception("identifying the formats of %s %s (it stays pending: tinyfs formats --identify)", rid, iid)
 
 
 def _name_of(source: Path) -> str:

@@ -57,6 +57,7 @@ from .errors import (
 )
 from .failures import Failure, known_failure, record_failed_commit
 from .fixity import open_verified
+from .formats import after_commit
 from .ids import PATH_MAX, check_label, check_logical_path, check_name, check_rid, is_rid
 from .layout import ArchiveRoot
 from .limits import EVENT_TEXT_MAX, check_text
@@ -220,6 +221,7 @@ class Deposits:
         except BaseException as e:
             self._failed(txn, _internal(e))
             raise
+        after_commit(self.archive, rid, result.instance)
         with txn.lock:
             trash = Staging.detach(txn.staging.path)
             self._forget(txn)

@@ -50,6 +50,7 @@ class Config:
     created: str
     immutable: bool = False
     verify_writes: bool = True      # read every newly stored file back from the device before publishing
+    identify: bool = True           # identify the formats of new files after each commit (core.formats)
 
     @property
     def primary(self) -> str:
@@ -57,7 +58,7 @@ class Config:
 
 
 def init_archive(root: str | os.PathLike, mode: str = "preservation", digests: list[str] | None = None,
-                 immutable: bool = False, verify_writes: bool = True) -> Path:
+                 immutable: bool = False, verify_writes: bool = True, identify: bool = True) -> Path:
     """Create a new archive at `root` (an absent or empty directory)."""
     root = Path(root).absolute()
     digests = list(dict.fromkeys(digests or ["sha512"]))
@@ -79,6 +80,8 @@ def init_archive(root: str | os.PathLike, mode: str = "preservation", digests: l
         config["immutable"] = True
     if not verify_writes:
         config["verify_writes"] = False      # (absent: on, as in archives made before the option)
+    if not identify:
+        config["identify"] = False
     # Laid out beside ROOT and renamed onto it (absent, or an empty directory, which a rename replaces):
     # a kill during init leaves ROOT as it was, never a half-made archive that a second init (or a
     # resumed `tinyfs migrate` into ROOT) would refuse as "not empty".
@@ -142,8 +145,9 @@ class ArchiveRoot:
             self.store = LocalStore(self.root, StoreConfig(doc["mode"], tuple(doc["digests"]), doc["created"]),
                                     bool(doc.get("immutable")))
         self.config = Config(doc["mode"], tuple(doc["digests"]), doc["created"], bool(doc.get("immutable")),
-                             doc.get("verify_writes", True) is not False)
+                             doc.get("verify_writes", True) is not False, doc.get("identify", True) is not False)
         self.transactions = self.root / "transactions"
+        self.identifier = None      # core.formats.Identifier of a mount or a server: commits handed to it
         # (rid, iid) -> (document, its estimated bytes), least recently used first; see remember()
         self._docs: OrderedDict[tuple[str, str], tuple[InstanceDoc, int]] = OrderedDict()
         self._docs_bytes = 0

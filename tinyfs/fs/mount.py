@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from ..core.errors import Busy, TinyfsError
+from ..core.formats import start_identifier, stop_identifier
 from ..core.layout import MOUNT_LOCK, ArchiveRoot, lock_archive  # noqa: F401 (re-exported)
 from ..core.recover import recover
 from .notify import sd_notify
@@ -201,11 +202,13 @@ def _serve(archive: ArchiveRoot, mountpoint: str, options: list[str], early: _Ea
             raise TinyfsError(f"cannot mount on {mnt}: {e}") from None
         log.info("mounted %s on %s (%s)", archive.root, mnt, ",".join(sorted(options)) or "no options")
         clean = False
+        start_identifier(archive)
         try:
             trio.run(_main, ops, mnt, early)
             clean = True
         finally:
             pyfuse3.close(unmount=clean)
+            stop_identifier(archive)
         log.info("unmounted %s", mnt)
         return 0
     finally:

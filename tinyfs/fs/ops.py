@@ -319,7 +319,10 @@ class Operations(pyfuse3.Operations):
         if not name.startswith("user."):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)   # security.capability on every write: answer fast
         node = self.inodes.node(inode)
-        value = node.tree.getxattr(node, name)
+        if node.tree.getxattr_blocks(name):
+            value = await trio.to_thread.run_sync(node.tree.getxattr, node, name)
+        else:
+            value = node.tree.getxattr(node, name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value

@@ -19,6 +19,7 @@ import trio
 from ..core.commit import commit
 from ..core.errors import Forbidden, NotFound, TinyfsError
 from ..core.failures import known_failure, record_failed_commit
+from ..core.formats import after_commit
 from ..core.ids import is_rid
 from ..core.limits import EVENT_TEXT_MAX
 from ..core.request import check_not_writing
@@ -257,6 +258,7 @@ class RootTree(Tree):
         self._close(tree)     # (after the rename out of transactions/: see _close)
         self.services.nursery.start_soon(trio.to_thread.run_sync, Staging.delete, trash)  # bytes go after the reply
         log.info("committed %s as %s", txn.rid, result.instance)
+        after_commit(self.archive, txn.rid, result.instance)
         if result.instance is not None:
             await self._show(txn.rid, result.instance)
         if moved_name is not None:

@@ -144,6 +144,11 @@ class Tree:
     def getxattr(self, node: Node, name: str) -> bytes | None:
         return None
 
+    def getxattr_blocks(self, name: str) -> bool:
+        """Does reading xattr `name` read a file (not only documents in memory)? Then it runs in a worker
+        thread, as lookup_asks_store's lookups do."""
+        return False
+
     def listxattr(self, node: Node) -> list[str]:
         return []
 

@@ -24,13 +24,14 @@ from typing import Protocol
 
 from ..core.commit import state_changes
 from ..core.errors import NotFound
+from ..core.formats import format_of
 from ..core.model import DirEntry, FileEntry, LinkEntry, State
 from ..core.staging import ROOT_MODE
 from .files import FileHandle, StoredFile
 from .tree import LONG, SHORT, Attr, Head, Listing, Node, Services, Tree, fail
 from .verify import Expected, expected_of_state
 
-VIRTUAL_FILE_XATTRS = ("user.tinyfs.digest", "user.tinyfs.instance")
+VIRTUAL_FILE_XATTRS = ("user.tinyfs.digest", "user.tinyfs.instance", "user.tinyfs.format")
 
 
 class Section(Protocol):
@@ -196,7 +197,13 @@ class StateTree(ReadOnlyTree):
         doc = self.archive.instance(node.rid, shown_iid(node))
         if name == "user.tinyfs.digest":
             return f"{doc.digest}:{e.digest}".encode()
+        if name == "user.tinyfs.format":        # absent while the formats are being identified
+            fmt = format_of(self.archive, node.rid, doc, node.path)
+            return fmt.short().encode() if fmt is not None else None
         return doc.stored[e.digest].split("/")[1].encode()     # user.tinyfs.instance
+
+    def getxattr_blocks(self, name: str) -> bool:
+        return name == "user.tinyfs.format"           # a record on disk (core.formats)
 
     async def open(self, node: Node, flags: int, ctx) -> FileHandle:
         if not isinstance(node.entry, FileEntry):

@@ -14,6 +14,7 @@ import sys
 from cheroot import wsgi
 
 from ..core.deposit import Deposits
+from ..core.formats import start_identifier, stop_identifier
 from ..core.layout import ArchiveRoot
 from ..core.recover import recover
 from .app import Context, make_app
@@ -68,6 +69,7 @@ def serve(root: str | os.PathLike, listen: str, **options) -> int:
         for line in recover(ctx.archive, store=False):
             log.info("recovery: %s", line)
         ctx.deposits = Deposits(ctx.archive)
+        start_identifier(ctx.archive)
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         server.prepare()
@@ -84,6 +86,7 @@ def serve(root: str | os.PathLike, listen: str, **options) -> int:
         server.stop()
         if ctx.deposits is not None:
             ctx.deposits.close()
+        stop_identifier(ctx.archive)
         os.close(lock)
     return 0
 

@@ -1,0 +1,319 @@
+"""Format identification: the PRONOM format (PUID), MIME type and name of every file an instance stores.
+
+The identifier is FIDO (opf-fido, the Open Preservation Foundation's PRONOM matcher, on PyPI; siegfried,
+faster, is a Go program not packaged for Debian or PyPI). FIDO matches Python regexes against a file's
+first and last 64 KiB: 5-7 ms a file here, so 10,000 small files take a minute of one core, several times
+what a mount deposit of them takes. Identification therefore runs after the commit has returned, on new
+bytes only (the files a bag stores itself: each distinct content once per resource), in worker processes
+on every core at low priority, while the files are closed and immutable. Its result is a record beside
+the instance, written once and never changing the bag:
+
+    ROOT/index/formats/XX/YY/<rid>/<iid>.json
+      {"tool": "fido 1.6.1", "signatures": "PRONOM v109, container 20200121", "identified": TIME,
+       "files": {DIGEST: {"puid": "fmt/353", "mime": "image/tiff", "name": "Tagged Image File Format",
+                          "basis": "signature"}}}
+
+`basis` says how FIDO decided: "signature", "container" (zip/OLE2 based formats), "extension" (no
+signature matched: by the name's extension only) or "none" (unknown; an empty file is "empty"). An
+instance that stores files but has no record yet is *pending*: `tinyfs formats ROOT --identify` (or the
+mount and the server, in the background) identifies it. The records are derived data: `--identify`
+re-makes a missing one from the bag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .durable import write_new
+from .layout import ArchiveRoot
+from .model import InstanceDoc, utc_now
+
+log = logging.getLogger(__name__)
+
+BATCH = 200            # files a worker process identifies per task
+IN_PROCESS = 200       # up to this many files are identified in the calling process (no pool to start)
+NICE = 10              # worker processes yield the cores to deposits and reads
+
+
+@dataclass(frozen=True)
+class Format:
+    puid: str | None
+    mime: str | None
+    name: str | None
+    basis: str            # signature, container, extension, none, empty
+
+    def short(self) -> str:
+        """What the user.tinyfs.format xattr shows: 'fmt/353 image/tiff' (or 'unknown')."""
+        return " ".join(x for x in (self.puid, self.mime) if x) or "unknown"
+
+
+# -- the records ---------------------------------------------------------------------------------------------
+
+def records_dir(archive: ArchiveRoot, rid: str) -> Path:
+    h = hashlib.sha256(rid.encode()).hexdigest()
+    return archive.root / "index" / "formats" / h[:2] / h[2:4] / rid
+
+
+def read_record(archive: ArchiveRoot, rid: str, iid: str) -> dict | None:
+    try:
+        return json.loads((records_dir(archive, rid) / f"{iid}.json").read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+RECORDS_CACHED = 64
+_cache: OrderedDict[tuple[str, str, str], dict[str, Format]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def identified_formats(archive: ArchiveRoot, rid: str, iid: str) -> dict[str, Format] | None:
+    """digest -> Format of the files instance `iid` stores itself; None while it is pending. A record never
+    changes once written: the last ones read are kept (a listing's getfattr of every file reads one)."""
+    key = (str(archive.root), rid, iid)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    record = read_record(archive, rid, iid)
+    if record is None:
+        return None
+    formats = {digest: Format(**fields) for digest, fields in record["files"].items()}
+    with _cache_lock:
+        _cache[key] = formats
+        while len(_cache) > RECORDS_CACHED:
+            _cache.popitem(last=False)
+    return formats
+
+
+def format_of(archive: ArchiveRoot, rid: str, doc: InstanceDoc, path: str) -> Format | None:
+    """The format of file `path` of an instance: from the record of the instance that stores its bytes;
+    None while that instance is pending (or the path is not a file)."""
+    entry = doc.state.files.get(path)
+    if entry is None:
+        return None
+    stored = doc.stored.get(entry.digest, "")
+    parts = stored.split("/")
+    if len(parts) < 2 or parts[0] != "instances":
+        return None
+    formats = identified_formats(archive, rid, parts[1])
+    return formats.get(entry.digest) if formats is not None else None
+
+
+def wants_identification(archive: ArchiveRoot) -> bool:
+    return archive.config.identify
+
+
+def pending(archive: ArchiveRoot, rids: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """(rid, iid) of every instance that stores files and has no record yet."""
+    out = []
+    for rid in rids if rids is not None else archive.resource_ids():
+        done = {p.stem for p in records_dir(archive, rid).glob("*.json")}
+        for iid in archive.instance_ids(rid):
+            if iid not in done and archive.instance(rid, iid).payload():
+                out.append((rid, iid))
+    return out
+
+
+def identify_instance(archive: ArchiveRoot, rid: str, iid: str, pool: ProcessPoolExecutor | None = None) -> dict:
+    """Identify the files instance `iid` stores and write its record (kept if one exists already)."""
+    existing = read_record(archive, rid, iid)
+    if existing is not None:
+        return existing
+    doc = archive.instance(rid, iid)
+    items = sorted({digest: stored for stored, (digest, _size, _path) in doc.payload().items()}.items())
+    paths = [(digest, str(archive.stored_path(rid, stored))) for digest, stored in items]
+    found = identify_paths(paths, pool)
+    record = {**signature_versions(), "identified": utc_now(),
+              "files": {digest: asdict(fmt) for digest, fmt in found.items()}}
+    _write_record(archive, rid, iid, record)
+    counts = Counter(f.basis for f in found.values())
+    archive.events.append("formats.identified", rid, iid, files=len(found), tool=record["tool"],
+                          signatures=record["signatures"], unknown=counts["none"])
+    return record
+
+
+def _write_record(archive: ArchiveRoot, rid: str, iid: str, record: dict) -> None:
+    folder = records_dir(archive, rid)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{iid}.{os.getpid()}.{threading.get_ident()}.tmp"
+    write_new(tmp, (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+    os.replace(tmp, folder / f"{iid}.json")      # whole or absent: a reader never sees half a record
+
+
+# -- identifying -----------------------------------------------------------------------------------------
+
+def identify_paths(paths: list[tuple[str, str]], pool: ProcessPoolExecutor | None = None) -> dict[str, Format]:
+    """digest -> Format for each (digest, file path); a few files here, many on the pool's processes."""
+    if len(paths) <= IN_PROCESS or pool is None:
+        return dict(_identify_batch(paths))
+    found: dict[str, Format] = {}
+    batches = [paths[i:i + BATCH] for i in range(0, len(paths), BATCH)]
+    for result in pool.map(_identify_batch, batches):
+        found.update(result)
+    return found
+
+
+def new_pool() -> ProcessPoolExecutor:
+    """Worker processes on every core, started with `spawn` (a fork of a process with threads, the mount's
+    trio loop or the server's, could copy a held lock), at low priority."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=os.cpu_count() or 2, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_start)
+
+
+def _worker_start() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+
+
+_fido = threading.local()
+
+
+def _identifier():
+    """This thread's FIDO matcher (a Fido object keeps per-file state: one per thread), with the signature
+    files its own versions.xml names (the library's defaults name files the package does not ship)."""
+    matcher = getattr(_fido, "matcher", None)
+    if matcher is None:
+        from fido import fido as fido_module
+        from fido.versions import get_local_versions
+
+        versions = get_local_versions()
+        fido_module.defaults["containersignature_file"] = versions.pronom_container_signature
+        results: list = []
+        matcher = fido_module.Fido(quiet=True, handle_matches=lambda _name, matches, _t, kind="": results.append(
+            (matches, kind)), format_files=[versions.pronom_signature, versions.fido_extension_signature])
+        matcher.results = results
+        _fido.matcher = matcher
+    return matcher
+
+
+def _identify_batch(paths: list[tuple[str, str]]) -> list[tuple[str, Format]]:
+    return [(digest, identify_file(path)) for digest, path in paths]
+
+
+def identify_file(path: str) -> Format:
+    """FIDO's best match for one file (its first, as FIDO orders them), or basis 'none'."""
+    if os.path.getsize(path) == 0:
+        return Format(None, None, None, "empty")
+    matcher = _identifier()
+    matcher.results.clear()
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):   # FIDO prints its own warnings
+        matcher.identify_file(path, extension=True)
+    if not matcher.results or not matcher.results[0][0]:
+        return Format(None, None, None, "none")
+    matches, kind = matcher.results[0]
+    elements = [element for element, _signature in matches]
+    if kind == "extension" and len(elements) > 1:
+        # a name's extension alone names several formats (.pdf: every PDF version and PDF/A): no PUID,
+        # and the MIME type only when they agree
+        mimes = {_text(e, "mime") for e in elements}
+        return Format(None, mimes.pop() if len(mimes) == 1 else None, None, "extension")
+    element = elements[0]
+    return Format(_text(element, "puid"), _text(element, "mime"), _text(element, "name"), kind or "signature")
+
+
+def _text(element, tag: str) -> str | None:
+    found = element.find(tag)
+    return found.text if found is not None and found.text else None
+
+
+def signature_versions() -> dict[str, str]:
+    import fido
+    from fido.versions import get_local_versions
+
+    versions = get_local_versions()
+    container = versions.pronom_container_signature.removeprefix("container-signature-").removesuffix(".xml")
+    return {"tool": f"fido {fido.__version__}",
+            "signatures": f"PRONOM v{versions.pronom_version}, container {container}"}
+
+
+# -- in the background -------------------------------------------------------------------------------------
+
+class Identifier:
+    """Identifies committed instances in a thread of its own, on a process pool started at the first
+    instance with many files: the mount and the server hand it each commit (`submit`) and answer the
+    client at once. `close` stops it; what was not identified stays pending."""
+
+    def __init__(self, archive: ArchiveRoot):
+        self.archive = archive
+        self.jobs: queue.Queue = queue.Queue()
+        self.pool: ProcessPoolExecutor | None = None
+        self.thread = threading.Thread(target=self._run, name="tinyfs-identify", daemon=True)
+        self.thread.start()
+
+    def submit(self, rid: str, iid: str) -> None:
+        self.jobs.put((rid, iid))
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted instance is identified (tests, a clean stop); False on timeout."""
+        done = threading.Event()
+        self.jobs.put(done)
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if isinstance(job, threading.Event):
+                job.set()
+                continue
+            rid, iid = job
+            try:
+                if self.pool is None and len(self.archive.instance(rid, iid).payload()) > IN_PROCESS:
+                    self.pool = new_pool()
+                identify_instance(self.archive, rid, iid, self.pool)
+            except Exception:    # never the thread's end: the instance stays pending, `formats --identify`
+                log.exception("identifying the formats of %s %s", rid, iid)
+
+
+def start_identifier(archive: ArchiveRoot) -> Identifier | None:
+    """The mount's or the server's background identifier (None when the archive does not identify)."""
+    if wants_identification(archive):
+        archive.identifier = Identifier(archive)
+    return archive.identifier
+
+
+def stop_identifier(archive: ArchiveRoot) -> None:
+    if archive.identifier is not None:
+        archive.identifier.close()
+        archive.identifier = None
+
+
+def after_commit(archive: ArchiveRoot, rid: str, iid: str | None) -> None:
+    """What a commit's caller does once the instance is published: hand it to the process's identifier."""
+    identifier = getattr(archive, "identifier", None)
+    if iid is not None and identifier is not None and wants_identification(archive):
+        identifier.submit(rid, iid)
+
+
+def summary(archive: ArchiveRoot, rids: Iterable[str] | None = None) -> dict:
+    """Files of every current state by format, and what is pending: {"formats": [(count, format)],
+    "pending": [(rid, iid)]} (nothing is pending in an archive made with --no-identify)."""
+    rids = list(rids) if rids is not None else archive.resource_ids()
+    counts: Counter = Counter()
+    for rid in rids:
+        head = archive.head(rid)
+        if head is None:
+            continue
+        doc = archive.instance(rid, head)
+        for path in doc.state.files:
+            fmt = format_of(archive, rid, doc, path)
+            counts[fmt if fmt is not None else None] += 1
+    return {"formats": counts.most_common(),
+            "pending": pending(archive, rids) if wants_identification(archive) else []}
