@@ -179,10 +179,11 @@ def test_a_purged_resource_in_dynamic_mode(tmp_path):
     assert agents(doc) == [("tinyfs-software", "tinyfs", "software", __version__)]
 
 
-def test_a_torn_last_line_is_skipped_as_events_skips_it(history):
+def test_a_torn_last_line_is_skipped_as_events_skips_it_and_a_line_of_no_event_too(history):
     log = history.root.events.path
     whole = len(log.read_bytes().splitlines())
     with open(log, "ab") as f:
+        f.write(b'["JSON, but no event"]\n')     # passed over too
         f.write(b'{"time": "2030-01-01T00:00:00.000000Z", "event": "transaction.comm')
     r = run_tinyfs("events", history.root.root, "--premis", text=False)
     assert r.returncode == 0

@@ -84,7 +84,7 @@ def write_premis(archive: ArchiveRoot, out: BinaryIO, since: str | None = None) 
         for iid, rid in instances.items():
             _write_representation(xml, iid, rid)
         agents: dict[tuple[str, str], str] = {}      # the people named, in order of first mention
-        for record in itertools.islice(archive.events.read(since), count):
+        for record in itertools.islice(_records(archive, since), count):
             _write_event(xml, archive, where, record, agents)
         _write_software(xml, __version__)
         for (kind, value), name in agents.items():
@@ -99,7 +99,7 @@ def _objects(archive: ArchiveRoot, since: str | None) -> tuple[int, dict[str, No
     count = 0
     resources: dict[str, None] = {}
     instances: dict[str, str] = {}
-    for record in archive.events.read(since):
+    for record in _records(archive, since):
         count += 1
         rid, iid = record.get("resource"), _subject_instance(record)
         if rid:
@@ -107,6 +107,12 @@ def _objects(archive: ArchiveRoot, since: str | None) -> tuple[int, dict[str, No
             if iid:
                 instances.setdefault(iid, rid)
     return count, resources, instances
+
+
+def _records(archive: ArchiveRoot, since: str | None) -> Iterator[dict]:
+    """The log's events; a line that is JSON but no object (no tinyfs wrote it) is passed over, in both
+    passes alike."""
+    return (record for record in archive.events.read(since) if isinstance(record, dict))
 
 
 def _subject_instance(record: dict) -> str | None:
@@ -300,7 +306,7 @@ class _Writer:
     def text_element(self, name: str, text: str, attrs: dict[str, str] | None = None) -> None:
         self._indent()
         self._gen.startElement(name, AttributesImpl(attrs or {}))
-        self._gen.characters(xml_text(text))
+        self._gen.characters(xml_text(str(text)))
         self._gen.endElement(name)
 
     def _indent(self) -> None:
