@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,15 +49,39 @@ def run_tinyfs(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+PUBLISHED_PROFILE = Path(__file__).parent.parent / "docs" / "profile" / "tinyfs-bagit-profile.json"
+
+
+@functools.cache
+def tinyfs_profile():
+    """The published tinyfs BagIt profile, as bagit_profile reads it (given as a document: its
+    identifier does not resolve, and bagit_profile would fetch it)."""
+    import bagit_profile
+
+    document = json.loads(PUBLISHED_PROFILE.read_text())
+    return bagit_profile.Profile(document["BagIt-Profile-Info"]["BagIt-Profile-Identifier"], profile=document)
+
+
+def check_profile(bag, serialized: Path | None = None) -> None:
+    """`bag` (a bagit.Bag) conforms to the tinyfs BagIt profile, checked by bagit_profile; `serialized`,
+    the tar or zip file it came from, passes the profile's serialization rules."""
+    profile = tinyfs_profile()
+    assert profile.validate_serialization(str(serialized or bag.path))
+    assert profile.validate(bag), f"{bag.path}: {profile.report}"
+
+
 def check_archive_ok(root: Path) -> None:
-    """Every instance is a bag bagit-python validates, and fsck (full) finds nothing."""
+    """Every instance is a bag bagit-python validates and that conforms to the tinyfs BagIt profile,
+    and fsck (full) finds nothing."""
     import bagit
 
     from tinyfs.core.fsck import fsck
     from tinyfs.core.layout import ArchiveRoot
 
     for inst in sorted(Path(root).glob("resources/*/*/*/instances/*")):
-        bagit.Bag(str(inst)).validate()
+        bag = bagit.Bag(str(inst))
+        bag.validate()
+        check_profile(bag)
     report = fsck(ArchiveRoot(root))
     assert report.clean, "\n".join(map(str, report.findings))
 

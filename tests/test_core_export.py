@@ -10,6 +10,7 @@ from pathlib import Path
 
 import bagit
 import pytest
+from conftest import check_profile
 
 from tinyfs import Archive
 from tinyfs.core import bagwrite
@@ -52,7 +53,9 @@ def test_directory_form(resource, tmp_path):
     dest = tmp_path / "out"
     result = export(resource.root, "r", dest, instance="v1")
     assert result.files == 2 and result.instance == resource.root.resolve_instance("r", "v1")
-    bagit.Bag(str(dest)).validate()
+    bag = bagit.Bag(str(dest))
+    bag.validate()
+    check_profile(bag)
     report = validate_bag(dest)
     assert report.valid and dict(report.info)["Tinyfs-Label"] == "v1"
     assert sorted(report.payload) == ["data/d/f.txt", "data/x.sh"]
@@ -97,7 +100,9 @@ def test_tar_form(resource, tmp_path):
     assert os.stat(bag / "data" / "d" / "f.txt").st_mtime_ns == NS          # GNU tar keeps nanoseconds
     assert os.stat(bag / "data" / "d").st_mtime_ns == NS + 2
     assert not os.path.lexists(bag / "data" / "link")
-    bagit.Bag(str(bag)).validate()       # as extracted
+    extracted = bagit.Bag(str(bag))
+    extracted.validate()       # as extracted
+    check_profile(extracted, serialized=dest)
 
 
 def test_refusals_and_cleanup(resource, tmp_path, monkeypatch):

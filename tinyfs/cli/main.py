@@ -231,6 +231,13 @@ def cmd_events(args) -> int:
         except ValueError:
             raise UsageError(f"--since {args.since!r} is not an RFC 3339 time "
                              "(e.g. 2026-01-01T00:00:00Z)") from None
+    if args.premis:
+        from ..core.premis import write_premis
+
+        sys.stdout.flush()
+        write_premis(archive, sys.stdout.buffer, args.since)
+        sys.stdout.buffer.flush()
+        return EXIT_OK
     for event in archive.events.read(args.since):
         print(json.dumps(event, sort_keys=True, ensure_ascii=False))
     return EXIT_OK
@@ -615,9 +622,11 @@ def _add_reading_commands(command: Command) -> None:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--instance", "-i", metavar="IID|LABEL")
 
-    p = command("events", cmd_events, "print the event log as JSON lines")
+    p = command("events", cmd_events, "print the event log as JSON lines, or as one PREMIS 3 XML document")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--since", metavar="RFC3339", help="only events at or after this time (inclusive)")
+    p.add_argument("--premis", action="store_true", help="write PREMIS 3 XML: the events, the resources and "
+                   "instances they name (objects), tinyfs and the people they name (agents)")
 
     p = command("fsck", cmd_fsck, "check bags, instance.json and stored files, in every store (exit 1 on damage)")
     p.add_argument("root", metavar="ROOT")

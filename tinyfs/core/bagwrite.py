@@ -18,6 +18,7 @@ from .bagcheck import encode_manifest_path as encode_path  # noqa: F401  (one en
 from .digests import MultiHash
 from .durable import syncfs, write_new  # noqa: F401  (commit and export call bagwrite.syncfs; tests swap it)
 
+# the tinyfs BagIt profile every bag names (core/profile.py, docs/profile/tinyfs-bagit-profile.json)
 PROFILE = "https://tinyfs.invalid/bagit-profile/tinyfs-1"
 
 

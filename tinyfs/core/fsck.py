@@ -39,7 +39,8 @@ state that checks the stored files.
   stored-digest-mismatch the bag's manifest gives another digest than instance.json
   stored-damaged        a stored file (in an earlier instance) that failed its own bag's check
   unreferenced-file     a payload file that instance.json does not store
-  bad-bag-info          bag-info.txt names another resource or instance
+  bad-bag-info          bag-info.txt names another resource or instance, or breaks the tinyfs BagIt
+                        profile (an element missing or repeated, the profile not named: core/profile.py)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from . import profile
 from .bagcheck import BagReport, Problem, validate_bag
 from .errors import InvalidName, NotFound, TinyfsError
 from .ids import check_label, check_logical_path, is_instance_id, parent_of
@@ -427,6 +429,8 @@ class _Resource:
             return None
 
     def _check_bag_info(self, iid: str, bag: BagReport) -> None:
+        for p in profile.info_problems(bag.info):
+            self.find(iid, p.path, "bad-bag-info", p.message)
         info = dict(bag.info)
         for name, wanted in (("External-Identifier", self.rid), ("Tinyfs-Instance", iid)):
             if name in info and info[name] != wanted:

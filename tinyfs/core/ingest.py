@@ -26,7 +26,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import tree
+from . import profile, tree
 from .api import Archive, Transaction
 from .bagcheck import Problem, validate_bag
 from .commit import CommitResult, NewFile
@@ -92,8 +92,9 @@ def ingest_bag(archive: Archive, rid: str, bag: str | os.PathLike, *, message: s
     report = validate_bag(bag, progress=advance)
     for warning in report.warnings:
         log.warning("bag %s: %s", bag, warning)
-    if not report.valid:
-        raise InvalidBag(_invalid(bag, report.problems), report.problems)
+    problems = report.problems + _profile_problems(bag, report)
+    if problems:
+        raise InvalidBag(_invalid(bag, problems), problems)
     info = dict(report.info)
     if message is None:
         message = _from_bag_info(info, MESSAGE_ELEMENTS, "message", "--message")
@@ -211,6 +212,14 @@ def _payload_problems(state: State, alg: str, report) -> list[Problem]:
     problems += [Problem("payload-mismatch", key, f"in the payload but not recorded in {RECORD}")
                  for key in sorted(report.payload) if key[len("data/"):] not in state.files]
     return problems
+
+
+def _profile_problems(bag: Path, report) -> list[Problem]:
+    """A bag that names the tinyfs BagIt profile (a tinyfs export, or an instance bag) must keep it: one
+    that lost its instance.json, say, would be ingested as a plain bag, its symbolic links and modes gone."""
+    if not profile.names_profile(report.info):
+        return []
+    return profile.bag_problems(bag, report.info, report.version)
 
 
 def _check_bag_info_size(bag: Path) -> None:
