@@ -129,8 +129,9 @@ def test_an_archive_history_as_premis(history):
     found = events(doc)
     assert [e["id"] for e in found] == [("tinyfs-event-sha256", hashlib.sha256(line).hexdigest()) for line in lines]
     kinds = [(e["type"], e["outcome"]) for e in found]
-    assert kinds == [("creation", "success"),
-                     *[("transaction.opened", None), ("ingestion", "success")] * 4,
+    assert kinds == [("creation", "success"),            # each commit: its files' formats identified after it
+                     *[("transaction.opened", None), ("ingestion", "success"),
+                       ("format identification", "success")] * 4,
                      *[("fixity check", "fail")] * 4]      # fsck: one per instance using the damaged file, one run
     assert all(e["agents"][0] == ("tinyfs-software", "tinyfs") for e in found)
 
@@ -161,7 +162,7 @@ def test_since_keeps_the_events_from_then_and_only_the_objects_they_name(history
                             ("intellectualEntity", "tinyfs-rid", "book"),
                             ("representation", "tinyfs-iid", root.head("notes")),
                             *[("representation", "tinyfs-iid", iid) for iid in chain]]
-    assert [e["type"] for e in events(doc)] == ["ingestion", *["fixity check"] * 4]
+    assert [e["type"] for e in events(doc)] == ["ingestion", "format identification", *["fixity check"] * 4]
 
 
 def test_a_purged_resource_in_dynamic_mode(tmp_path):
@@ -196,8 +197,8 @@ def test_names_that_xml_cannot_carry_are_escaped(tmp_path):
     with archive.new("r", message="bell \x07 and \ufffe") as txn:
         txn.add_bytes("a.txt", b"a\n")
     out = io.BytesIO()
-    assert write_premis(archive.root, out) == 3
-    committed = events(valid_premis(out.getvalue()))[-1]
+    assert write_premis(archive.root, out) == 4
+    [committed] = [e for e in events(valid_premis(out.getvalue())) if e["type"] == "ingestion"]
     assert "bell \\u0007 and \\ufffe" in committed["detail"]
     assert xml_text("tab\tok, nul \x00, surrogate \udcff") == "tab\tok, nul \\u0000, surrogate \\udcff"
 

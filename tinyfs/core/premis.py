@@ -56,10 +56,11 @@ EVENT_TYPES = {
     "replicate.finished": "replication",
     "migrate.finished": "replication",          # instances copied, bags unchanged, to another archive
     "resource.purged": "deletion",
+    "formats.identified": "format identification",   # FIDO, after a commit (core/formats.py)
 }
 ALWAYS_FAILED = ("commit.failed", "fixity.failed", "replica.behind")
 ALWAYS_SUCCEEDED = ("archive.created", "transaction.committed", "migrate.merged", "stored.repaired",
-                    "instance.copied", "migrate.finished", "resource.purged")
+                    "instance.copied", "migrate.finished", "resource.purged", "formats.identified")
 # events whose instance is the base the transaction started from, not what the event is about
 INSTANCE_IS_BASE = ("transaction.opened", "transaction.rolled_back", "transaction.unchanged")
 
