@@ -18,6 +18,7 @@ import pytest
 from ocfl.validator import Validator
 
 from tinyfs import Archive, FixityError
+from tinyfs.core import ocflingest
 from tinyfs.core.errors import AlreadyExists, InvalidOcfl
 from tinyfs.core.model import DirEntry
 from tinyfs.core.ocflingest import created_ns
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.core
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ocfl"
 NS = 1_400_000_000_000_000_123
+LONG = "/".join([f"level-{n}-" + "x" * 90 for n in range(12)])     # 1,200 bytes: a chosen content path
 # Bad fixtures for which ocfl-py reports another code than the fixture's name: ocfl-py's own tests
 # (tests/test_validator.py) expect exactly these codes for them; a validator is only required to refuse.
 OCFL_PY_CODES = {
@@ -67,9 +69,10 @@ def sha512(data: bytes) -> str:
 
 @pytest.fixture
 def resource(tmp_path) -> Archive:
-    """Resource r with four instances: files with odd names (spaces, unicode, '%'), a mode, mtimes, an
-    xattr, hard links, symlinks (one dangling), an empty directory; then a change, a removal and an addition;
-    then content an earlier instance had back under another name; then the same state with a label."""
+    """Resource r with four instances: files with odd names (spaces, unicode, '%', LF, a long path), a mode,
+    mtimes, an xattr, hard links, symlinks (one dangling), an empty directory, the root's mode and mtime;
+    then a change, a removal and an addition; then content an earlier instance had back under another
+    name; then the same state with a label."""
     archive = Archive.init(tmp_path / "archive", digests=["sha512", "sha256", "md5"])
     src = tmp_path / "src"
     (src / "d" / "empty").mkdir(parents=True)
@@ -82,6 +85,9 @@ def resource(tmp_path) -> Archive:
     os.link(src / "100%.txt", src / "hard link")
     os.symlink("d/a b.txt", src / "link")
     os.symlink("nowhere", src / "dangling")
+    (src / "line\nfeed").write_text("lf\n")
+    (src / LONG).parent.mkdir(parents=True)
+    (src / LONG).write_text("long\n")
     try:
         os.setxattr(src / "x.sh", "user.origin", b"\x00\xffscanner")
     except OSError:
@@ -110,7 +116,7 @@ def resource(tmp_path) -> Archive:
 def test_export_is_an_ocfl_object_without_a_warning(resource, tmp_path):
     dest = tmp_path / "object"
     result = resource.get("r").export_ocfl(dest)
-    assert (result.versions, result.files) == (4, 6)
+    assert (result.versions, result.files) == (4, 8)
     validator = ocfl_py(dest)
     assert (validator.log.num_errors, validator.log.num_warnings) == (0, 0), validator.status_str()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".object")] == []
@@ -119,14 +125,17 @@ def test_export_is_an_ocfl_object_without_a_warning(resource, tmp_path):
     assert inventory["digestAlgorithm"] == "sha512" and inventory["id"] == "urn:tinyfs:r"
     assert inventory["head"] == "v4" and sorted(inventory["fixity"]) == ["md5", "sha256"]
     content_paths = [p for paths in inventory["manifest"].values() for p in paths]
-    assert len(content_paths) == 6          # each content once, though v3 brings back v1's bytes
+    assert len(content_paths) == 8          # each content once, though v3 brings back v1's bytes
     for alg in ("md5", "sha256"):
         assert sorted(p for paths in inventory["fixity"][alg].values() for p in paths) == sorted(content_paths)
     for path in content_paths:
         data = (dest / path).read_bytes()
-        assert sha512(data) in inventory["manifest"] and path in inventory["fixity"]["md5"][hashlib.md5(data).hexdigest()]
+        assert sha512(data) in inventory["manifest"]
+        assert path in inventory["fixity"]["md5"][hashlib.md5(data).hexdigest()]
     assert not (dest / "v3" / "content").exists() and not (dest / "v4" / "content").exists()
-    assert "v1/content/100%.txt" in content_paths and "v1/content/ünï/çødé.txt" in content_paths
+    assert {"v1/content/100%.txt", "v1/content/ünï/çødé.txt", "v1/content/line\nfeed"} <= set(content_paths)
+    long_digest = resource.get("r").state("v1").files[LONG].digest
+    assert f"v1/content/.tinyfs/{long_digest[:40]}" in content_paths
 
     for n, doc in enumerate(resource.get("r").instances, 1):
         version = inventory["versions"][f"v{n}"]
@@ -154,7 +163,8 @@ def test_round_trip_gives_the_same_states(resource, tmp_path, archive_ok):
     first = copies[0].state
     assert first.links["dangling"].target == "nowhere" and "d/empty" in first.dirs
     assert first.hardlinks == (("100%.txt", "hard link"),) and first.files["x.sh"].mode == 0o700
-    assert first.files["x.sh"].xattrs and first.files["d/a b.txt"].mtime_ns == NS and first.root == DirEntry(0o750, NS + 3)
+    assert first.files["x.sh"].xattrs and first.files["d/a b.txt"].mtime_ns == NS
+    assert first.root == DirEntry(0o750, NS + 3)
     assert resource.get("copy").read("back.txt") == b"unicode\n"
     archive_ok(resource.root.root)
 
@@ -231,7 +241,7 @@ def test_spec_ex_full_maps_users_times_and_unchanged_files(tmp_path):
     assert (v1.creator, v1.message) == ("Alice <alice@example.com>", "Initial import")
     assert v1.state.files["foo/bar.xml"].mtime_ns == created_ns("2018-01-01T01:01:01Z")
     assert v1.state.dirs["foo"].mode == 0o755
-    assert v2.state.files["empty.txt"] is not None and v2.state.files["empty.txt"] == v1.state.files["empty.txt"]
+    assert v2.state.files["empty.txt"] == v1.state.files["empty.txt"]          # unchanged: kept whole
     assert v2.state.files["foo/bar.xml"].mtime_ns == created_ns("2018-02-02T02:02:02Z")
     assert v3.state.files["image.tiff"].mtime_ns == created_ns("2018-03-03T03:03:03Z")
     assert created_ns("2018-01-01T01:01:01.123456789+01:00") == created_ns("2018-01-01T00:01:01Z") + 123456789
@@ -268,6 +278,20 @@ def test_a_damaged_export_is_refused_and_nothing_changes(resource, tmp_path):
     assert snapshot(resource.root.root) == before
 
 
+def test_content_that_changed_after_validation_is_refused(tmp_path):
+    """The copy compares each file with the inventory again: bytes changed since ocfl-py hashed them
+    (here, after it, as a concurrent writer would) are refused, not committed."""
+    obj = tmp_path / "object"
+    shutil.copytree(FIXTURES / "good-objects" / "spec-ex-full", obj)
+    inventory = json.loads((obj / "inventory.json").read_text())
+    (obj / "v1" / "content" / "foo" / "bar.xml").write_bytes(b"<changed/>")
+    versions = ocflingest._versions(inventory)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(InvalidOcfl, match=r"v1/content/foo/bar.xml: its sha512 is .*\[E092\]"):
+        ocflingest._copy_content(obj, inventory, versions, work, ["sha512"], None)
+
+
 def test_records_must_describe_their_versions(resource, tmp_path):
     dest = tmp_path / "object"
     resource.get("r").export_ocfl(dest)
@@ -292,7 +316,8 @@ def test_without_records_the_logical_states_are_imported(resource, tmp_path):
     result = resource.ingest_ocfl("plain", dest)
     assert [v for v, _ in result.committed] == ["v1", "v2", "v3"] and result.unchanged == ["v4"]
     for original, copy in zip(resource.get("r").instances, resource.get("plain").instances, strict=False):
-        assert {p: f.digest for p, f in copy.state.files.items()} == {p: f.digest for p, f in original.state.files.items()}
+        assert {p: f.digest for p, f in copy.state.files.items()} == \
+            {p: f.digest for p, f in original.state.files.items()}
         assert not copy.state.links and "d/empty" not in copy.state.dirs
         assert {f.mode for f in copy.state.files.values()} == {0o644}
         assert (copy.message, copy.creator) == (original.message, original.creator)

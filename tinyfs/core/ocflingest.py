@@ -176,7 +176,8 @@ def _versions(inventory: dict) -> list[_Version]:
     for name in version_dirs(inventory):
         block = inventory["versions"][name]
         state = {path: digest.lower() for digest, paths in block["state"].items() for path in paths}
-        out.append(_Version(name, block["created"], block.get("message", ""), creator_of(block.get("user")), state))
+        out.append(_Version(name, block["created"], block.get("message", ""), creator_of(block.get("user")),
+                            state))
     return out
 
 
@@ -233,8 +234,8 @@ def _copy_content(src: Path, inventory: dict, versions: list[_Version], work: Pa
         digests, size = copy_and_hash(source, work / str(n), algorithms, advance)
         if digests[algorithm] != digest:
             raise InvalidOcfl(f"invalid OCFL object {src}: {content_path[digest]}: its {algorithm} is "
-                              f"{digests[algorithm][:16]}…, the inventory says {digest[:16]}… (changed since it "
-                              "was validated?) [E092] (nothing was committed)", [str(source)])
+                              f"{digests[algorithm][:16]}…, the inventory says {digest[:16]}… "
+                              "(changed since it was validated?) [E092] (nothing was committed)", [str(source)])
         return digest, _Blob(work / str(n), size, digests)
 
     return dict(parallel(copy, list(enumerate(used))))
@@ -282,7 +283,8 @@ def _plain_state(v: _Version, blobs: dict[str, _Blob], primary: str, before: Sta
     return state
 
 
-def _recorded_state(src: Path, v: _Version, record: InstanceDoc, blobs: dict[str, _Blob], primary: str) -> State:
+def _recorded_state(src: Path, v: _Version, record: InstanceDoc, blobs: dict[str, _Blob],
+                    primary: str) -> State:
     """The record's state, keyed by the archive's digest, once it is found to describe the version."""
     name = record_name(v.dir)
     problems = [str(p) for p in state_problems(record.state, name)]
