@@ -113,6 +113,8 @@ def cmd_ingest(args) -> int:
     from ..core.ingest import ingest_bag, ingest_paths
 
     archive = Archive(args.root, copies=args.copies)
+    if args.ocfl is not None:
+        return _ingest_ocfl(archive, args)
     with _progress() as progress:
         if args.bag is not None:
             if args.paths:
@@ -121,7 +123,7 @@ def cmd_ingest(args) -> int:
                                 label=args.label, progress=progress)
         else:
             if not args.paths:
-                raise UsageError("ingest: give at least one PATH, or --bag BAGDIR")
+                raise UsageError("ingest: give at least one PATH, --bag BAGDIR or --ocfl SRC")
             result = ingest_paths(archive, args.rid, args.paths, message=args.message or "",
                                   creator=args.creator or "", label=args.label, progress=progress)
     if result.instance is None:
@@ -131,6 +133,28 @@ def cmd_ingest(args) -> int:
     log.info("%s: %d added, %d changed, %d removed, %d files (%d bytes) stored", args.rid, result.added,
              result.changed, result.removed, result.files_stored, result.bytes_stored)
     return _report_behind(args.rid, result)
+
+
+def _ingest_ocfl(archive, args) -> int:
+    """An OCFL object as a resource: `vN<TAB>iid` on stdout for each version committed."""
+    from ..core.ocflingest import ingest_ocfl
+
+    if args.paths or args.bag is not None:
+        raise UsageError("ingest: give either PATHs, --bag BAGDIR or --ocfl SRC")
+    if args.message is not None or args.creator is not None or args.label is not None:
+        raise UsageError("ingest --ocfl: each version brings its own message, creator (its user) and label; "
+                         "--message, --creator and --label do not apply")
+    with _progress() as progress:
+        result = ingest_ocfl(archive, args.rid, args.ocfl, progress=progress)
+    for version, iid in result.committed:
+        print(f"{version}\t{iid}")
+    if result.held:
+        _say(f"{args.rid}: {', '.join(result.held)} committed already (by an earlier run)")
+    if result.unchanged:
+        _say(f"{args.rid}: {', '.join(result.unchanged)} change nothing; no instance committed for them")
+    if not result.committed and not result.held:
+        _say(f"{args.rid}: nothing to commit")
+    return EXIT_OK
 
 
 def _report_behind(rid: str, result) -> int:
@@ -312,8 +336,13 @@ def cmd_export(args) -> int:
     from ..core.fixity import FixityError
     from ..core.layout import ArchiveRoot
 
+    if args.ocfl and (args.tar or args.instance is not None):
+        raise UsageError("export --ocfl writes every instance as one OCFL object; --tar and --instance "
+                         "do not apply")
     try:
         with _progress() as progress:
+            if args.ocfl:
+                return _export_ocfl(ArchiveRoot(args.root), args, progress)
             result = export(ArchiveRoot(args.root), args.rid, args.dest, instance=args.instance, tar=args.tar,
                             progress=progress)
     except FixityError as e:        # nothing was left at DEST
@@ -321,6 +350,15 @@ def cmd_export(args) -> int:
         return EXIT_DAMAGE
     log.info("exported %s instance %s: %d files, %d bytes -> %s", args.rid, result.instance, result.files,
              result.bytes, result.dest)
+    return EXIT_OK
+
+
+def _export_ocfl(archive, args, progress) -> int:
+    from ..core.ocflexport import export_ocfl
+
+    result = export_ocfl(archive, args.rid, args.dest, progress=progress)
+    log.info("exported %s as an OCFL object: %d versions, %d content files, %d bytes -> %s", args.rid,
+             result.versions, result.files, result.bytes, result.dest)
     return EXIT_OK
 
 
@@ -567,11 +605,13 @@ def _add_setup_commands(command: Command) -> None:
     p = command("umount", cmd_umount, "unmount a mounted archive")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
-    p = command("ingest", cmd_ingest, "commit files, directories or a bag's payload without a mount")
+    p = command("ingest", cmd_ingest, "commit files, directories, a bag's payload or an OCFL object without a mount")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID")
     p.add_argument("paths", metavar="PATH", nargs="*")
     p.add_argument("--bag", metavar="BAGDIR", help="validate a BagIt bag and ingest its payload")
+    p.add_argument("--ocfl", metavar="SRC", help="validate an OCFL object (ocfl-py) and import it, one "
+                   "instance per version, as the new resource RID")
     p.add_argument("--message", "-m")
     p.add_argument("--label", "-l")
     p.add_argument("--creator", "-c")
@@ -637,12 +677,15 @@ def _add_reading_commands(command: Command) -> None:
     p.add_argument("--store", action="append", metavar="NAME", help="with replicas: only this store "
                    "(\"primary\" or a replica's name; repeatable); default: every store")
 
-    p = command("export", cmd_export, "write one complete, standalone bag of a state")
+    p = command("export", cmd_export, "write one complete, standalone bag of a state (--ocfl: the resource "
+                "as an OCFL object)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--instance", "-i", metavar="IID|LABEL")
     p.add_argument("--tar", action="store_true", help="write DEST as a tar file (.tar, .tar.gz, .tar.xz ...)")
+    p.add_argument("--ocfl", action="store_true", help="write the resource, every instance, as one OCFL 1.1 "
+                   "object (one version per instance)")
 
 
 def _add_repair_commands(command: Command) -> None:

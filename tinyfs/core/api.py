@@ -90,6 +90,13 @@ class Archive:
     def events(self, start: str | None = None) -> Iterator[dict]:
         return self.root.events.read(start)
 
+    def ingest_ocfl(self, rid: str, src: str | os.PathLike, *, progress=None):
+        """Import the OCFL object at `src` as resource `rid`, one instance per version in order
+        (docs/ocfl.md); an OcflIngestResult says which version made which instance. An invalid object
+        raises InvalidOcfl (its codes in the message) and commits nothing. Needs the `ocfl` extra."""
+        from .ocflingest import ingest_ocfl
+        return ingest_ocfl(self, rid, src, progress=progress)
+
     def purge(self, rid: str) -> None:
         from .commit import purge
         purge(self.root, rid)
@@ -118,6 +125,13 @@ class Resource:
         """The whole file, verified (FixityError when the stored bytes are damaged or missing)."""
         with self.open(path, instance) as f:
             return f.read()
+
+    def export_ocfl(self, dest: str | os.PathLike, *, progress=None):
+        """Write the resource, every instance, as one OCFL 1.1 object at `dest` (which must not exist):
+        one version per instance, the bytes verified as they are copied (docs/ocfl.md). Damaged stored
+        bytes raise FixityError and leave nothing at `dest`. Needs the `ocfl` extra."""
+        from .ocflexport import export_ocfl
+        return export_ocfl(self._root, self.id, dest, progress=progress)
 
     def _doc(self, instance: InstanceRef) -> InstanceDoc:
         """The instance named by an InstanceDoc (of this resource), an id, a label, or None (the head)."""

@@ -125,6 +125,17 @@ class InvalidBag(TinyfsError):
         self.problems = problems
 
 
+class InvalidOcfl(TinyfsError):
+    """An OCFL object `ingest --ocfl` refuses: invalid (ocfl-py's findings, with their codes), or not
+    what its tinyfs records say; `problems` lists every finding, one line each."""
+
+    errno = _errno.EINVAL
+
+    def __init__(self, message: str, problems: list[str]):
+        super().__init__(message)
+        self.problems = problems
+
+
 class TooLarge(TinyfsError):
     """A value past one of the limits of tinyfs.core.limits (a message, a creator, a bag-info.txt)."""
 

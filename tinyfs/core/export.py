@@ -68,7 +68,7 @@ def export(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *, instance:
            tar: bool = False, progress: ProgressFactory | None = None) -> ExportResult:
     """Export the state at `instance` (an id or a label; default: the head) as a bag at `dest`."""
     iid = archive.resolve_instance(rid, instance)
-    doc, raw_doc = _checked_document(archive, rid, iid)
+    doc, raw_doc = checked_document(archive, rid, iid)
     for path in doc.state.entries():
         check_logical_path(path)
     dest = Path(dest).absolute()
@@ -90,7 +90,7 @@ def stream(archive: ArchiveRoot, rid: str, out, *, instance: str | None = None, 
     raises FixityError in the middle: the consumer must treat the stream as failed (an HTTP server cuts
     the connection), never as a shorter bag."""
     iid = archive.resolve_instance(rid, instance)
-    doc, raw_doc = _checked_document(archive, rid, iid)
+    doc, raw_doc = checked_document(archive, rid, iid)
     for path in doc.state.entries():
         check_logical_path(path)
     plan = _Plan(archive, rid, doc, raw_doc)
@@ -105,7 +105,7 @@ def stream(archive: ArchiveRoot, rid: str, out, *, instance: str | None = None, 
     return iid
 
 
-def _checked_document(archive: ArchiveRoot, rid: str, iid: str) -> tuple[InstanceDoc, bytes]:
+def checked_document(archive: ArchiveRoot, rid: str, iid: str) -> tuple[InstanceDoc, bytes]:
     """instance.json as stored, checked against the bag's tagmanifest first: an export computes its tag
     manifests afresh, so a damaged document would otherwise leave as part of a valid bag. Repaired from a
     replica that holds it intact (as any verified read); FixityError when none does."""

@@ -161,7 +161,7 @@ def recorded_state(bag: Path, report) -> State | None:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             problems = [Problem("bad-instance-json", RECORD, f"not a valid tinyfs instance document: {e!r}")]
         else:
-            problems = _state_problems(state) or _payload_problems(state, doc.get("digest"), report)
+            problems = state_problems(state) or _payload_problems(state, doc.get("digest"), report)
     if problems:
         n = len(problems)
         raise InvalidBag(f"bag {bag}: its {RECORD} does not describe its payload: {n} problem{'s' if n != 1 else ''}"
@@ -177,19 +177,20 @@ def _record_problems(raw: bytes, vouched: dict[str, str]) -> list[Problem]:
     return []
 
 
-def _state_problems(state: State) -> list[Problem]:
-    """A record tinyfs could not have written: bad paths, entries without their directory, bad link groups."""
+def state_problems(state: State, record: str = RECORD) -> list[Problem]:
+    """A record tinyfs could not have written: bad paths, entries without their directory, bad link groups.
+    (`record` names the record in the findings: an OCFL object's are in logs/tinyfs/.)"""
     problems = []
     for path in sorted(state.entries()):
         try:
             check_logical_path(path)
         except TinyfsError as e:
-            problems.append(Problem("bad-instance-json", RECORD, f"{path!r}: {e}"))
+            problems.append(Problem("bad-instance-json", record, f"{path!r}: {e}"))
             continue
         parent = parent_of(path)
         if parent and parent not in state.dirs:
-            problems.append(Problem("bad-instance-json", RECORD, f"{path!r}: its directory {parent!r} is not recorded"))
-    problems += [Problem("bad-instance-json", RECORD, f"{path!r}: {why}") for path, why in group_problems(state)]
+            problems.append(Problem("bad-instance-json", record, f"{path!r}: its directory {parent!r} is not recorded"))
+    problems += [Problem("bad-instance-json", record, f"{path!r}: {why}") for path, why in group_problems(state)]
     return problems
 
 
