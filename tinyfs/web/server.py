@@ -36,9 +36,11 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def build(root: str | os.PathLike, listen: str, *, users: str | None = None, anonymous: str = "none",
           proxy_header: str | None = None, cert: str | None = None, key: str | None = None,
-          threads: int = THREADS) -> tuple[wsgi.Server, Context]:
+          threads: int = THREADS, timeout: int = TIMEOUT) -> tuple[wsgi.Server, Context]:
     """The server, not started; ValueError/TinyfsError for a bad option (nothing changed)."""
     host, port = parse_listen(listen)
+    if not timeout > 0:
+        raise ValueError(f"--timeout {timeout}: a number of seconds above 0")
     archive = ArchiveRoot(root)
     access = Access(Users(users) if users else None, anonymous, proxy_header)
     if access.users is None and proxy_header is None and anonymous != "write":
@@ -47,7 +49,7 @@ def build(root: str | os.PathLike, listen: str, *, users: str | None = None, ano
     if bool(cert) != bool(key):
         raise ValueError("--cert and --key go together")
     ctx = Context(archive, access)
-    server = wsgi.Server((host, port), make_app(ctx), numthreads=threads, timeout=TIMEOUT,
+    server = wsgi.Server((host, port), make_app(ctx), numthreads=threads, timeout=timeout,
                          server_name="tinyfs")
     server.max_request_header_size = MAX_HEADER
     if cert:
