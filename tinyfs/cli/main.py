@@ -516,7 +516,7 @@ def _add_setup_commands(command: Command) -> None:
     p.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
     p.add_argument("--threads", type=int, default=32, metavar="N", help="requests served at once (default 32)")
     p.add_argument("--timeout", type=int, default=60, metavar="SECONDS",
-                   help="seconds a client may stay silent inside a request (default 60)")
+                   help="for a request's line and headers to arrive, and of silence inside its body (default 60)")
 
     p = command("serve-passwd", cmd_serve_passwd, "add a user of `tinyfs serve`, or change their password")
     p.add_argument("file", metavar="FILE")

@@ -16,12 +16,13 @@ from cheroot import wsgi
 from ..core.deposit import Deposits
 from ..core.layout import ArchiveRoot
 from ..core.recover import recover
+from . import gate
 from .app import Context, make_app
 from .auth import Access, Users
 
 log = logging.getLogger(__name__)
 THREADS = 32                     # requests served at once (readers, uploads, a commit waiting for its disk)
-TIMEOUT = 60                     # seconds a client may stay silent inside a request (slow clients)
+TIMEOUT = 60                     # seconds for a request's line and headers; of silence inside its body
 MAX_HEADER = 64 * 1024           # bytes of request line and headers
 # connections the kernel completes before the server accepts them: cheroot's 5 dropped the handshakes of a
 # burst of clients (they waited for TCP's retransmission, a second or more)
@@ -52,13 +53,11 @@ def build(root: str | os.PathLike, listen: str, *, users: str | None = None, ano
     if bool(cert) != bool(key):
         raise ValueError("--cert and --key go together")
     ctx = Context(archive, access)
-    server = wsgi.Server((host, port), make_app(ctx), numthreads=threads, timeout=timeout,
-                         server_name="tinyfs")
+    server = gate.Server((host, port), make_app(ctx), numthreads=threads, timeout=timeout, server_name="tinyfs")
     server.max_request_header_size = MAX_HEADER
     server.request_queue_size = BACKLOG
     if cert:
-        from cheroot.ssl.builtin import BuiltinSSLAdapter
-        server.ssl_adapter = BuiltinSSLAdapter(cert, key)
+        server.ssl_adapter = gate.TLSAdapter(cert, key)
     return server, ctx
 
 
