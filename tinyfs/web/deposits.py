@@ -373,9 +373,13 @@ def _mtime_ns(environ: dict) -> int | None:
     if not text:
         return None
     try:
-        return int(Decimal(text.strip()) * 1_000_000_000)
+        ns = Decimal(text.strip()) * 1_000_000_000
     except InvalidOperation:
-        raise DAVError(400, context_info=f"X-OC-Mtime {text!r}: seconds expected") from None
+        ns = None
+    # NaN, Infinity and 1e400 are Decimals too: an mtime is a 64-bit count of nanoseconds (not a 500)
+    if ns is None or not ns.is_finite() or not -(1 << 63) <= ns < 1 << 63:
+        raise DAVError(400, context_info=f"X-OC-Mtime {text[:40]!r}: seconds expected")
+    return int(ns)
 
 
 def _mode(environ: dict) -> int | None:
