@@ -184,6 +184,14 @@ class _InTxn:
     def support_recursive_delete(self) -> bool:
         return True
 
+    def prevent_locking(self) -> bool:
+        """Only the owner may LOCK (403 for anyone else, saying why): WsgiDAV asks nothing else before it
+        grants one, and another user's lock made the owner's own writes 423. Other methods ask only whether
+        locks are supported (PROPFIND shows them to every reader)."""
+        if self.environ.get("REQUEST_METHOD") == "LOCK":
+            self._owner()
+        return False
+
     def support_recursive_move(self, dest_path: str) -> bool:
         return self.sub != ""
 
