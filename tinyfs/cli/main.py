@@ -504,7 +504,8 @@ def cmd_serve(args) -> int:
     from ..web.server import serve
 
     return serve(args.root, args.listen, users=args.users, anonymous=args.anonymous,
-                 proxy_header=args.proxy_header, cert=args.cert, key=args.key, threads=args.threads)
+                 proxy_header=args.proxy_header, cert=args.cert, key=args.key, threads=args.threads,
+                 timeout=args.timeout)
 
 
 def cmd_serve_passwd(args) -> int:
@@ -597,6 +598,8 @@ def _add_setup_commands(command: Command) -> None:
     p.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM); with --key")
     p.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
     p.add_argument("--threads", type=int, default=32, metavar="N", help="requests served at once (default 32)")
+    p.add_argument("--timeout", type=int, default=60, metavar="SECONDS",
+                   help="for a request's line and headers to arrive, and of silence inside its body (default 60)")
 
     p = command("serve-passwd", cmd_serve_passwd, "add a user of `tinyfs serve`, or change their password")
     p.add_argument("file", metavar="FILE")

@@ -23,6 +23,7 @@ from .errors import one_line, status_of
 log = logging.getLogger(__name__)
 USER = "tinyfs.user"          # environ key: the authenticated user, None when anonymous
 REALM = "tinyfs"
+MAX_XML_BODY = 1 << 20        # bytes of a request body other than a PUT's
 
 
 @dataclass
@@ -43,9 +44,10 @@ def make_app(ctx: Context):
     ctx.locks = dav.lock_manager
 
     def app(environ, start_response):
-        bad = _bad_request(environ)
-        if bad:
-            return answer(start_response, 400, bad)
+        start_response = _with_phrase(start_response)
+        refusal = _refusal(environ)
+        if refusal:
+            return answer(start_response, *refusal)
         decision = ctx.access.decide(environ)
         if decision.status:
             headers = [("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"')] \
@@ -86,9 +88,21 @@ def _dav_config(provider) -> dict:
     }
 
 
-def _bad_request(environ: dict) -> str:
+def _refusal(environ: dict) -> tuple[int, str] | None:
+    """(status, why) of a request refused before anyone looks at it (its user included), or None."""
+    why = _bad_names(environ) or _bad_framing(environ)
+    if why:
+        return 400, why
+    return _too_big(environ)
+
+
+def _bad_names(environ: dict) -> str:
     """Why a request's path (or Destination) cannot name anything in the archive, or ''."""
-    for where, raw in (("path", environ.get("PATH_INFO", "")), ("Destination", _destination_path(environ))):
+    try:
+        destination = _destination_path(environ)
+    except ValueError as e:
+        return str(e)
+    for where, raw in (("path", environ.get("PATH_INFO", "")), ("Destination", destination)):
         if raw is None:
             continue
         try:
@@ -102,11 +116,68 @@ def _bad_request(environ: dict) -> str:
     return ""
 
 
+def _bad_framing(environ: dict) -> str:
+    """Why the length of a request's body is unclear, or ''. cheroot takes `Content-Length: -5` (WsgiDAV
+    then made an empty file of it), and a request with both headers is how requests are smuggled past a
+    proxy that reads the other one."""
+    length = environ.get("CONTENT_LENGTH", "")
+    if length and not (length.isascii() and length.isdigit()):
+        return f"Content-Length {length[:40]!r} is not a number of bytes"
+    if length and environ.get("HTTP_TRANSFER_ENCODING"):
+        return "a request has a Content-Length or a Transfer-Encoding, not both"
+    return ""
+
+
+def _too_big(environ: dict) -> tuple[int, str] | None:
+    """Only a PUT's body is streamed; WsgiDAV reads any other (the XML of PROPFIND, PROPPATCH, LOCK) into
+    memory whole, so its size is bounded."""
+    length = environ.get("CONTENT_LENGTH", "")
+    method = environ.get("REQUEST_METHOD", "")
+    if method != "PUT" and length and int(length) > MAX_XML_BODY:
+        return 413, f"the body of a {method} holds at most {MAX_XML_BODY >> 20} MiB"
+    return None
+
+
 def _destination_path(environ: dict) -> str | None:
+    """The path of the Destination header (an http(s) URL or an absolute path), None without one; ValueError
+    saying why for anything else (WsgiDAV answered 500 to an empty one, or to `http://[::1/x`)."""
     dest = environ.get("HTTP_DESTINATION")
-    if not dest:
+    if dest is None:
         return None
-    return unquote(urlsplit(dest).path, encoding="latin-1")
+    why = f"the Destination {dest[:80]!r} is not an http(s) URL or an absolute path"
+    if any(ord(c) < 32 or ord(c) == 127 for c in dest):
+        raise ValueError(why)
+    try:
+        url = urlsplit(dest)
+        _ = url.port                       # a port that is not one raises too
+    except ValueError as e:
+        raise ValueError(f"{why}: {e}") from None
+    if not _names_this_server(url):
+        raise ValueError(why)
+    return unquote(url.path, encoding="latin-1")
+
+
+def _names_this_server(url) -> bool:
+    """Whether a URL may name something here: http(s) with a host (WsgiDAV compares the host), or a path."""
+    if url.scheme:
+        return url.scheme in ("http", "https") and bool(url.netloc)
+    return url.path.startswith("/")
+
+
+def _with_phrase(start_response):
+    """WsgiDAV names the statuses it does not know "Status" ("507 Status", "408 Status"): their standard
+    phrase instead."""
+    from http import HTTPStatus
+
+    def start(status: str, headers: list, exc_info=None):
+        code, _, phrase = status.partition(" ")
+        if phrase == "Status" and code.isdigit():
+            try:
+                status = f"{code} {HTTPStatus(int(code)).phrase}"
+            except ValueError:
+                pass
+        return start_response(status, headers, exc_info)
+    return start
 
 
 def answer(start_response, status: int, text: str, headers: list | None = None) -> list[bytes]:

@@ -153,6 +153,8 @@ class Access:
             name, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return Decision(None, 400, "malformed Authorization header")
-        if not sep or not self.users.verify(name, password):
+        if not sep:
+            return Decision(None, 400, "malformed Authorization header (Basic base64 of user:password)")
+        if not self.users.verify(name, password):
             return Decision(None, 401, "wrong user name or password")
         return name

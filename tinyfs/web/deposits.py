@@ -184,6 +184,14 @@ class _InTxn:
     def support_recursive_delete(self) -> bool:
         return True
 
+    def prevent_locking(self) -> bool:
+        """Only the owner may LOCK (403 for anyone else, saying why): WsgiDAV asks nothing else before it
+        grants one, and another user's lock made the owner's own writes 423. Other methods ask only whether
+        locks are supported (PROPFIND shows them to every reader)."""
+        if self.environ.get("REQUEST_METHOD") == "LOCK":
+            self._owner()
+        return False
+
     def support_recursive_move(self, dest_path: str) -> bool:
         return self.sub != ""
 
@@ -373,9 +381,13 @@ def _mtime_ns(environ: dict) -> int | None:
     if not text:
         return None
     try:
-        return int(Decimal(text.strip()) * 1_000_000_000)
+        ns = Decimal(text.strip()) * 1_000_000_000
     except InvalidOperation:
-        raise DAVError(400, context_info=f"X-OC-Mtime {text!r}: seconds expected") from None
+        ns = None
+    # NaN, Infinity and 1e400 are Decimals too: an mtime is a 64-bit count of nanoseconds (not a 500)
+    if ns is None or not ns.is_finite() or not -(1 << 63) <= ns < 1 << 63:
+        raise DAVError(400, context_info=f"X-OC-Mtime {text[:40]!r}: seconds expected")
+    return int(ns)
 
 
 def _mode(environ: dict) -> int | None:

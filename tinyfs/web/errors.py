@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 
+from wsgidav.dav_error import DAVError
+
 # errno of a core error (core/errors.py) -> HTTP status
 STATUS_OF_ERRNO = {
     errno.ENOENT: 404,
@@ -26,6 +28,17 @@ STATUS_OF_ERRNO = {
     errno.ECONNREFUSED: 503,
     errno.ETIMEDOUT: 503,
 }
+
+
+class BadBody(DAVError):
+    """A request body that cannot be read: malformed (400) or its client silent for the timeout (408)."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(status, context_info=text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def status_of(error: BaseException) -> int:

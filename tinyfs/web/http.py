@@ -31,7 +31,7 @@ from ..core.errors import InvalidName, NotFound, TinyfsError
 from ..core.export import stream as export_stream
 from ..core.ids import is_rid
 from ..core.model import InstanceDoc
-from .errors import one_line, status_of
+from .errors import BadBody, one_line, status_of
 from .views import Found, locate, state_at
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ def _untar(ctx, rid: str, under: str, environ, start_response):
         count = txn.extract_tar(environ["wsgi.input"], under)
     except (TinyfsError, OSError) as e:
         return _answer(start_response, status_of(e), one_line(str(e)))
+    except BadBody as e:            # a malformed chunked body, a client silent inside it
+        return _answer(start_response, e.value, one_line(str(e)))
     except Exception as e:          # tarfile.ReadError and the like: the body is not a tar
         return _answer(start_response, 400, f"not a tar stream: {one_line(str(e))}")
     return _json({"members": count})(environ, start_response)

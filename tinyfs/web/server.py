@@ -17,13 +17,17 @@ from ..core.deposit import Deposits
 from ..core.formats import start_identifier, stop_identifier
 from ..core.layout import ArchiveRoot
 from ..core.recover import recover
+from . import gate
 from .app import Context, make_app
 from .auth import Access, Users
 
 log = logging.getLogger(__name__)
 THREADS = 32                     # requests served at once (readers, uploads, a commit waiting for its disk)
-TIMEOUT = 60                     # seconds a client may stay silent inside a request (slow clients)
+TIMEOUT = 60                     # seconds for a request's line and headers; of silence inside its body
 MAX_HEADER = 64 * 1024           # bytes of request line and headers
+# connections the kernel completes before the server accepts them: cheroot's 5 dropped the handshakes of a
+# burst of clients (they waited for TCP's retransmission, a second or more)
+BACKLOG = 1024
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -37,9 +41,11 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def build(root: str | os.PathLike, listen: str, *, users: str | None = None, anonymous: str = "none",
           proxy_header: str | None = None, cert: str | None = None, key: str | None = None,
-          threads: int = THREADS) -> tuple[wsgi.Server, Context]:
+          threads: int = THREADS, timeout: int = TIMEOUT) -> tuple[wsgi.Server, Context]:
     """The server, not started; ValueError/TinyfsError for a bad option (nothing changed)."""
     host, port = parse_listen(listen)
+    if not timeout > 0:
+        raise ValueError(f"--timeout {timeout}: a number of seconds above 0")
     archive = ArchiveRoot(root)
     access = Access(Users(users) if users else None, anonymous, proxy_header)
     if access.users is None and proxy_header is None and anonymous != "write":
@@ -48,12 +54,11 @@ def build(root: str | os.PathLike, listen: str, *, users: str | None = None, ano
     if bool(cert) != bool(key):
         raise ValueError("--cert and --key go together")
     ctx = Context(archive, access)
-    server = wsgi.Server((host, port), make_app(ctx), numthreads=threads, timeout=TIMEOUT,
-                         server_name="tinyfs")
+    server = gate.Server((host, port), make_app(ctx), numthreads=threads, timeout=timeout, server_name="tinyfs")
     server.max_request_header_size = MAX_HEADER
+    server.request_queue_size = BACKLOG
     if cert:
-        from cheroot.ssl.builtin import BuiltinSSLAdapter
-        server.ssl_adapter = BuiltinSSLAdapter(cert, key)
+        server.ssl_adapter = gate.TLSAdapter(cert, key)
     return server, ctx
 
 
