@@ -266,8 +266,8 @@ def test_merge_rebases_src_instances_on_dst_head_in_order_keeping_their_origins(
     assert first["created"] == src_arch.instance("alpha", src_own[0]).created
     assert first["previous"] == src_arch.instance("alpha", src_own[0]).previous
     assert first["label"] == "v2" and first["label_dropped"] is True and docs[0].label is None
-    assert [(e["event"], e["instance"], e["detail"]["message"]) for e in first["events"]] == \
-        [("transaction.committed", src_own[0], "src adds under doc/")]
+    assert [(e["event"], e["instance"], e["detail"].get("message")) for e in first["events"]] == \
+        [("transaction.committed", src_own[0], "src adds under doc/"), ("formats.identified", src_own[0], None)]
     # a file added under a directory DST deleted: the directory is made again from SRC's state
     state = docs[0].state
     assert "doc/more/deep.txt" in state.files and {"doc", "doc/more"} <= set(state.dirs)

@@ -351,7 +351,7 @@ def identify_committed(root: ArchiveRoot, rid: str, iid: str) -> None:
     commit that is made."""
     from . import formats
 
-    if not root.config.identify:
+    if not formats.wants_identification(root):
         return
     try:
         if len(root.instance(rid, iid).payload()) > formats.IN_PROCESS:

@@ -111,7 +111,9 @@ def format_of(archive: ArchiveRoot, rid: str, doc: InstanceDoc, path: str) -> Fo
 
 
 def wants_identification(archive: ArchiveRoot) -> bool:
-    return archive.config.identify
+    """After each commit: on a local store. On an object store it would download every new object again
+    right after its upload; `tinyfs formats ROOT --identify` does it there (through the read cache)."""
+    return archive.config.identify and archive.store.local
 
 
 def pending(archive: ArchiveRoot, rids: Iterable[str] | None = None) -> list[tuple[str, str]]:
@@ -316,4 +318,4 @@ def summary(archive: ArchiveRoot, rids: Iterable[str] | None = None) -> dict:
             fmt = format_of(archive, rid, doc, path)
             counts[fmt if fmt is not None else None] += 1
     return {"formats": counts.most_common(),
-            "pending": pending(archive, rids) if wants_identification(archive) else []}
+            "pending": pending(archive, rids) if archive.config.identify else []}
