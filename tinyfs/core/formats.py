@@ -31,8 +31,8 @@ import queue
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 from .durable import write_new
@@ -127,7 +127,7 @@ def pending(archive: ArchiveRoot, rids: Iterable[str] | None = None) -> list[tup
     return out
 
 
-def identify_instance(archive: ArchiveRoot, rid: str, iid: str, pool: ProcessPoolExecutor | None = None) -> dict:
+def identify_instance(archive: ArchiveRoot, rid: str, iid: str, pool: Pool | None = None) -> dict:
     """Identify the files instance `iid` stores and write its record (kept if one exists already)."""
     existing = read_record(archive, rid, iid)
     if existing is not None:
@@ -155,24 +155,24 @@ def _write_record(archive: ArchiveRoot, rid: str, iid: str, record: dict) -> Non
 
 # -- identifying -----------------------------------------------------------------------------------------
 
-def identify_paths(paths: list[tuple[str, str]], pool: ProcessPoolExecutor | None = None) -> dict[str, Format]:
+def identify_paths(paths: list[tuple[str, str]], pool: Pool | None = None) -> dict[str, Format]:
     """digest -> Format for each (digest, file path); a few files here, many on the pool's processes."""
     if len(paths) <= IN_PROCESS or pool is None:
         return dict(_identify_batch(paths))
     found: dict[str, Format] = {}
     batches = [paths[i:i + BATCH] for i in range(0, len(paths), BATCH)]
-    for result in pool.map(_identify_batch, batches):
+    for result in pool.imap_unordered(_identify_batch, batches):
         found.update(result)
     return found
 
 
-def new_pool() -> ProcessPoolExecutor:
+def new_pool() -> Pool:
     """Worker processes on every core, started with `spawn` (a fork of a process with threads, the mount's
-    trio loop or the server's, could copy a held lock), at low priority."""
+    trio loop or the server's, could copy a held lock), at low priority. A multiprocessing pool rather than
+    a ProcessPoolExecutor: `terminate` ends its workers at once (an unmount does not wait for them)."""
     import multiprocessing
 
-    return ProcessPoolExecutor(max_workers=os.cpu_count() or 2, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_start)
+    return multiprocessing.get_context("spawn").Pool(os.cpu_count() or 2, initializer=_worker_start)
 
 
 def _worker_start() -> None:
@@ -251,7 +251,8 @@ class Identifier:
     def __init__(self, archive: ArchiveRoot):
         self.archive = archive
         self.jobs: queue.Queue = queue.Queue()
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool: Pool | None = None
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="tinyfs-identify", daemon=True)
         self.thread.start()
 
@@ -265,10 +266,13 @@ class Identifier:
         return done.wait(timeout)
 
     def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=30)
+        """Stop at once: an instance being identified stays pending (its record is written whole or not
+        at all), so that an unmount or a server stop does not wait for a long identification."""
+        self.stopping = True
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.terminate()
+        self.jobs.put(None)
+        self.thread.join(timeout=1)       # (a daemon thread: one still waiting for its pool is left behind)
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -276,12 +280,17 @@ class Identifier:
                 job.set()
                 continue
             rid, iid = job
+            if self.stopping:
+                continue
             try:
                 if self.pool is None and len(self.archive.instance(rid, iid).payload()) > IN_PROCESS:
                     self.pool = new_pool()
                 identify_instance(self.archive, rid, iid, self.pool)
-            except Exception:    # never the thread's end: the instance stays pending, `formats --identify`
-                log.exception("identifying the formats of %s %s", rid, iid)
+            except Exception as e:   # never the thread's end: the instance stays pending, `formats --identify`
+                if self.stopping:
+                    log.info("formats of %s %s not identified (stopping): %s", rid, iid, e)
+                else:
+                    log.exception("identifying the formats of %s %s", rid, iid)
 
 
 def start_identifier(archive: ArchiveRoot) -> Identifier | None:
