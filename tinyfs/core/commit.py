@@ -847,4 +847,6 @@ def purge(archive: ArchiveRoot, rid: str) -> None:
     archive.require(rid)
     with archive.resource_lock(rid):
         archive.store.purge(rid)
+        from .formats import records_dir
+        shutil.rmtree(records_dir(archive, rid), ignore_errors=True)     # (derived from what is gone)
     archive.events.append("resource.purged", rid, None)

@@ -287,10 +287,20 @@ class Identifier:
                     self.pool = new_pool()
                 identify_instance(self.archive, rid, iid, self.pool)
             except Exception as e:   # never the thread's end: the instance stays pending, `formats --identify`
-                if self.stopping:
+                if not _exists(self.archive, rid, iid):
+                    log.info("formats of %s %s not identified: the instance is gone (dynamic mode)", rid, iid)
+                elif self.stopping:
                     log.info("formats of %s %s not identified (stopping): %s", rid, iid, e)
                 else:
                     log.exception("identifying the formats of %s %s", rid, iid)
+
+
+def _exists(archive: ArchiveRoot, rid: str, iid: str) -> bool:
+    """(A dynamic-mode commit deletes the instance before; a purge the resource.)"""
+    try:
+        return iid in archive.instance_ids(rid)
+    except Exception:
+        return False
 
 
 def start_identifier(archive: ArchiveRoot) -> Identifier | None:
