@@ -64,6 +64,16 @@ class ExportResult:
     bytes: int
 
 
+def new_destination(dest: str | os.PathLike) -> Path:
+    """`dest` as an absolute path that does not exist yet, in a directory that does (an export's target)."""
+    dest = Path(dest).absolute()
+    if os.path.lexists(dest):
+        raise AlreadyExists(f"{dest} already exists")
+    if not dest.parent.is_dir():
+        raise NotFound(f"{dest.parent}: no such directory")
+    return dest
+
+
 def export(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *, instance: str | None = None,
            tar: bool = False, progress: ProgressFactory | None = None) -> ExportResult:
     """Export the state at `instance` (an id or a label; default: the head) as a bag at `dest`."""
@@ -71,11 +81,7 @@ def export(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *, instance:
     doc, raw_doc = checked_document(archive, rid, iid)
     for path in doc.state.entries():
         check_logical_path(path)
-    dest = Path(dest).absolute()
-    if os.path.lexists(dest):
-        raise AlreadyExists(f"{dest} already exists")
-    if not dest.parent.is_dir():
-        raise NotFound(f"{dest.parent}: no such directory")
+    dest = new_destination(dest)
     plan = _Plan(archive, rid, doc, raw_doc)
     advance = progress("exporting", plan.total) if progress else None
     _write(plan, dest, tar, advance)

@@ -38,8 +38,8 @@ from pathlib import Path
 from . import bagwrite, tree
 from .digests import MultiHash, thread_buffer
 from .durable import fsync_dir
-from .errors import AlreadyExists, NotFound
-from .export import checked_document
+from .errors import NotFound
+from .export import checked_document, new_destination
 from .fixity import FixityError, open_verified
 from .fsck import ProgressFactory
 from .ids import check_logical_path
@@ -106,11 +106,7 @@ def export_ocfl(archive: ArchiveRoot, rid: str, dest: str | os.PathLike, *,
     for doc, _raw in docs:
         for path in doc.state.entries():
             check_logical_path(path)
-    dest = Path(dest).absolute()
-    if os.path.lexists(dest):
-        raise AlreadyExists(f"{dest} already exists")
-    if not dest.parent.is_dir():
-        raise NotFound(f"{dest.parent}: no such directory")
+    dest = new_destination(dest)
     plan = _ObjectPlan(archive, rid, docs)
     advance = progress("exporting", plan.total) if progress else None
     _write(plan, dest, advance)
