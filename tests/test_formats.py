@@ -8,6 +8,7 @@ import io
 import json
 import os
 import struct
+import time
 import zipfile
 import zlib
 
@@ -122,3 +123,27 @@ def test_a_record_is_written_whole_once(archive):
     assert (folder / f"{iid}.json").read_bytes() == before
     assert [p.name for p in folder.iterdir()] == [f"{iid}.json"]      # no temporary file left
     assert os.stat(folder / f"{iid}.json").st_size > 0
+
+
+def test_the_background_identifier_ends_its_pool_when_idle(tmp_path, monkeypatch):
+    """A mount or server identifies a big instance on worker processes, then gives them back: an idle
+    daemon holds no workers, pipes or memory for identification."""
+    monkeypatch.setattr(formats, "POOL_IDLE", 0.5)
+    archive = Archive.init(tmp_path / "a", identify=False)      # the test hands the commit over itself
+    with archive.new("many") as t:
+        for i in range(formats.IN_PROCESS + 10):
+            t.add_bytes(f"f{i:04}.gz", gzip.compress(str(i).encode()))
+    root = ArchiveRoot(tmp_path / "a")
+    identifier = formats.Identifier(root)
+    try:
+        identifier.submit("many", t.result.instance)
+        assert identifier.idle(timeout=120)
+        assert identifier.pool is not None                         # the pool did the work...
+        record = formats.read_record(root, "many", t.result.instance)
+        assert len(record["files"]) == formats.IN_PROCESS + 10
+        deadline = time.monotonic() + 30
+        while identifier.pool is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert identifier.pool is None                             # ...and was ended once idle
+    finally:
+        identifier.close()

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 200            # files a worker process identifies per task
 IN_PROCESS = 200       # up to this many files are identified in the calling process (no pool to start)
+POOL_IDLE = 5.0        # seconds without work after which the pool's processes (and their pipes) are ended
 NICE = 10              # worker processes yield the cores to deposits and reads
 
 
@@ -127,15 +128,17 @@ def pending(archive: ArchiveRoot, rids: Iterable[str] | None = None) -> list[tup
     return out
 
 
-def identify_instance(archive: ArchiveRoot, rid: str, iid: str, pool: Pool | None = None) -> dict:
-    """Identify the files instance `iid` stores and write its record (kept if one exists already)."""
+def identify_instance(archive: ArchiveRoot, rid: str, iid: str, pool: Pool | None = None,
+                      here: int = IN_PROCESS) -> dict:
+    """Identify the files instance `iid` stores and write its record (kept if one exists already); up to
+    `here` files in this process, more on the pool's when there is one."""
     existing = read_record(archive, rid, iid)
     if existing is not None:
         return existing
     doc = archive.instance(rid, iid)
     items = sorted({digest: stored for stored, (digest, _size, _path) in doc.payload().items()}.items())
     paths = [(digest, str(archive.stored_path(rid, stored))) for digest, stored in items]
-    found = identify_paths(paths, pool)
+    found = identify_paths(paths, pool, here)
     record = {**signature_versions(), "identified": utc_now(),
               "files": {digest: asdict(fmt) for digest, fmt in found.items()}}
     _write_record(archive, rid, iid, record)
@@ -155,9 +158,10 @@ def _write_record(archive: ArchiveRoot, rid: str, iid: str, record: dict) -> Non
 
 # -- identifying -----------------------------------------------------------------------------------------
 
-def identify_paths(paths: list[tuple[str, str]], pool: Pool | None = None) -> dict[str, Format]:
-    """digest -> Format for each (digest, file path); a few files here, many on the pool's processes."""
-    if len(paths) <= IN_PROCESS or pool is None:
+def identify_paths(paths: list[tuple[str, str]], pool: Pool | None = None,
+                   here: int = IN_PROCESS) -> dict[str, Format]:
+    """digest -> Format for each (digest, file path); up to `here` files in this process, more on the pool's."""
+    if len(paths) <= here or pool is None:
         return dict(_identify_batch(paths))
     found: dict[str, Format] = {}
     batches = [paths[i:i + BATCH] for i in range(0, len(paths), BATCH)]
@@ -244,8 +248,8 @@ def signature_versions() -> dict[str, str]:
 # -- in the background -------------------------------------------------------------------------------------
 
 class Identifier:
-    """Identifies committed instances in a thread of its own, on a process pool started at the first
-    instance with many files: the mount and the server hand it each commit (`submit`) and answer the
+    """Identifies committed instances in a thread of its own, on a process pool started when there is
+    work and ended when idle: the mount and the server hand it each commit (`submit`) and answer the
     client at once. `close` stops it; what was not identified stays pending."""
 
     def __init__(self, archive: ArchiveRoot):
@@ -253,6 +257,10 @@ class Identifier:
         self.jobs: queue.Queue = queue.Queue()
         self.pool: Pool | None = None
         self.stopping = False
+        # multiprocessing's resource tracker (one small process, one pipe, for the life of the process) is
+        # started by the first pool; starting it here keeps the daemon's descriptors steady from its start.
+        from multiprocessing import resource_tracker
+        resource_tracker.ensure_running()
         self.thread = threading.Thread(target=self._run, name="tinyfs-identify", daemon=True)
         self.thread.start()
 
@@ -274,8 +282,20 @@ class Identifier:
         self.jobs.put(None)
         self.thread.join(timeout=1)       # (a daemon thread: one still waiting for its pool is left behind)
 
+    def _next_job(self):
+        """The next job; a pool left without work for POOL_IDLE seconds is ended meanwhile, so that an idle
+        mount or server holds no worker processes, memory or descriptors for them."""
+        if self.pool is not None:
+            try:
+                return self.jobs.get(timeout=POOL_IDLE)
+            except queue.Empty:
+                self.pool.terminate()
+                self.pool.join()
+                self.pool = None
+        return self.jobs.get()
+
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while (job := self._next_job()) is not None:
             if isinstance(job, threading.Event):
                 job.set()
                 continue
@@ -283,9 +303,11 @@ class Identifier:
             if self.stopping:
                 continue
             try:
-                if self.pool is None and len(self.archive.instance(rid, iid).payload()) > IN_PROCESS:
+                # Every file on the pool, none in the daemon: FIDO's signatures would add tens of MiB to
+                # the daemon for good, and its pure-Python matching would hold the GIL from the trio loop.
+                if self.pool is None:
                     self.pool = new_pool()
-                identify_instance(self.archive, rid, iid, self.pool)
+                identify_instance(self.archive, rid, iid, self.pool, here=0)
             except Exception as e:   # never the thread's end: the instance stays pending, `formats --identify`
                 if not _exists(self.archive, rid, iid):
                     log.info("formats of %s %s not identified: the instance is gone (dynamic mode)", rid, iid)
