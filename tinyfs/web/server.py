@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 THREADS = 32                     # requests served at once (readers, uploads, a commit waiting for its disk)
 TIMEOUT = 60                     # seconds a client may stay silent inside a request (slow clients)
 MAX_HEADER = 64 * 1024           # bytes of request line and headers
+# connections the kernel completes before the server accepts them: cheroot's 5 dropped the handshakes of a
+# burst of clients (they waited for TCP's retransmission, a second or more)
+BACKLOG = 1024
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -50,6 +53,7 @@ def build(root: str | os.PathLike, listen: str, *, users: str | None = None, ano
     server = wsgi.Server((host, port), make_app(ctx), numthreads=threads, timeout=TIMEOUT,
                          server_name="tinyfs")
     server.max_request_header_size = MAX_HEADER
+    server.request_queue_size = BACKLOG
     if cert:
         from cheroot.ssl.builtin import BuiltinSSLAdapter
         server.ssl_adapter = BuiltinSSLAdapter(cert, key)
