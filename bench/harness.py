@@ -895,6 +895,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(bench/s3mount.py)")
     p.add_argument("--replicas", action="store_true",
                    help="only what a local replica costs a commit, against ingest + cp -a + sync (bench/replicas.py)")
+    p.add_argument("--http", action="store_true",
+                   help="only `tinyfs serve`: GET of the big file and of the small files against nginx, a deposit "
+                   "with rclone against a plain WsgiDAV (bench/http.py)")
     p.add_argument("--tinyfs", type=Path,
                    help="the tinyfs command to measure (default: the one beside this Python), e.g. another "
                    "checkout's .venv/bin/tinyfs, to compare two versions on one machine")
@@ -905,6 +908,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--base needs --reads")
     if args.store == "s3" and (args.reads or args.base or args.large):
         p.error("--store s3 runs its own workloads: no --reads, --base or --large")
+    if args.http and (args.reads or args.base or args.large or args.replicas or args.store != "local"):
+        p.error("--http runs its own workloads: no --reads, --base, --large, --replicas or --store")
     return args
 
 
@@ -921,6 +926,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.replicas import main as replicas_main
 
         return replicas_main(args)
+    if args.http:
+        from bench.http import main as http_main
+
+        return http_main(args)
     for tool in ("cp", "mv", "rsync", "find", "ls", "sync", "fusermount3", "cmp", "diff", "stat"):
         if shutil.which(tool) is None:
             print(f"scripts/bench: {tool} is not installed", file=sys.stderr)

@@ -29,6 +29,12 @@ NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 # argon2 costs ~50 ms a check by design: a password once verified is remembered (as an HMAC under a key of
 # this process, never the password itself) for this long, so a client's 10,000 PUTs cost one check
 REMEMBER_SECONDS = 300
+# Each argon2 check holds 64 MiB (the hashes' memory cost) for its ~50-100 ms. Unbounded, the 32 request
+# threads could run 32 at once: a client's parallel transfers all arriving with a password whose memory had
+# just expired (rclone's four, every 5 minutes) took the server from 115 to 370 MiB, and 8 at once reach
+# 400 MiB. So concurrent checks of the same credentials wait for one (and take its answer), and at most
+# this many checks run at once (they are CPU-bound: more at once would not finish sooner on a small host).
+ARGON2_AT_ONCE = 2
 
 
 class Users:
@@ -42,6 +48,8 @@ class Users:
         self._hashes: dict[str, str] = {}
         self._key = secrets.token_bytes(32)
         self._remembered: dict[bytes, float] = {}
+        self._checking: dict[bytes, _Check] = {}      # token -> the check under way
+        self._slots = threading.BoundedSemaphore(ARGON2_AT_ONCE)
         self._load()
 
     def _load(self) -> None:
@@ -70,6 +78,25 @@ class Users:
             until = self._remembered.get(token)
             if until is not None and until > time.monotonic():
                 return True
+            check = self._checking.get(token)
+            mine = check is None
+            if mine:
+                check = self._checking[token] = _Check()
+        if not mine:
+            check.done.wait()
+            return check.ok
+        try:
+            with self._slots:
+                check.ok = self._argon2(hashed, password)
+        finally:
+            with self._lock:
+                if check.ok:
+                    self._remembered[token] = time.monotonic() + REMEMBER_SECONDS
+                del self._checking[token]
+            check.done.set()
+        return check.ok
+
+    def _argon2(self, hashed: str | None, password: str) -> bool:
         if hashed is None:
             self._hasher.hash(password)      # the same cost for an unknown name: no timing oracle of names
             return False
@@ -77,9 +104,15 @@ class Users:
             self._hasher.verify(hashed, password)
         except (VerificationError, InvalidHashError):
             return False
-        with self._lock:
-            self._remembered[token] = time.monotonic() + REMEMBER_SECONDS
         return True
+
+
+class _Check:
+    """An argon2 check under way; requests with the same credentials wait for its answer."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.ok = False
 
 
 def set_password(path: str | os.PathLike, name: str, password: str) -> None:

@@ -28,6 +28,12 @@ MAX_HEADER = 64 * 1024           # bytes of request line and headers
 # connections the kernel completes before the server accepts them: cheroot's 5 dropped the handshakes of a
 # burst of clients (they waited for TCP's retransmission, a second or more)
 BACKLOG = 1024
+# idle keep-alive connections kept open. cheroot keeps one between requests in its selector (no thread), but
+# by default only 10: past that every answer said `Connection: close`, so with more clients than that (55
+# in tests/test_serve_load.py) most requests opened a new TCP connection, and their reconnects overflowed
+# the listen queue. An idle connection costs a descriptor and a few KiB; 256 stay well inside the usual
+# limit of 1,024 descriptors.
+KEEP_ALIVE = 256
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -57,6 +63,7 @@ def build(root: str | os.PathLike, listen: str, *, users: str | None = None, ano
     server = gate.Server((host, port), make_app(ctx), numthreads=threads, timeout=timeout, server_name="tinyfs")
     server.max_request_header_size = MAX_HEADER
     server.request_queue_size = BACKLOG
+    server.keep_alive_conn_limit = KEEP_ALIVE
     if cert:
         server.ssl_adapter = gate.TLSAdapter(cert, key)
     return server, ctx
