@@ -1,0 +1,236 @@
+"""Per-path history (core/history.py): the index in ROOT/index/history.db, built at commit, caught up when it
+is missing or behind, rebuilt by recover; Resource.history and Resource.log; `tinyfs log`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import check_archive_ok
+
+from tinyfs import Archive
+from tinyfs.core.errors import NotFound
+from tinyfs.core.history import BUSY_SECONDS, NOTE_WAIT, Version
+from tinyfs.core.layout import ArchiveRoot
+from tinyfs.core.model import DirEntry, FileEntry, LinkEntry
+from tinyfs.core.recover import recover
+
+pytestmark = pytest.mark.core
+
+
+def index_file(archive: Archive) -> Path:
+    return archive.root.root / "index" / "history.db"
+
+
+def covered(archive: Archive, rid: str) -> str | None:
+    """The last instance the index file covers for `rid`, read with sqlite3 (the schema is the format's)."""
+    with sqlite3.connect(index_file(archive)) as db:
+        row = db.execute("SELECT last_iid FROM resources WHERE rid = ?", (rid,)).fetchone()
+    return row[0] if row else None
+
+
+def kinds(versions: list[Version]) -> list[tuple[str, str]]:
+    return [(v.iid, v.kind) for v in versions]
+
+
+@pytest.fixture
+def story(archive: Archive, tmp_path: Path) -> tuple[Archive, list[str]]:
+    """Resource r through eight instances; (archive, their ids):
+    1 (v1)  a.txt "one", d/x "x", keep "k"
+    2       a.txt changed to "two"
+    3 (v2)  a.txt removed
+    4       a.txt added again ("three")
+    5       a.txt renamed b.txt (removed, and b.txt added with its bytes)
+    6       ln, a symbolic link to b.txt
+    7       d, a directory, replaced by a file d
+    8       b.txt replaced by a directory b.txt holding inner"""
+    os.symlink("b.txt", tmp_path / "ln")
+    with archive.new("r", label="v1", message="first", creator="ada") as t:
+        t.add_bytes("a.txt", b"one")
+        t.add_bytes("d/x", b"x")
+        t.add_bytes("keep", b"k")
+    with archive.get("r", "a", message="second") as t:
+        t.add_bytes("a.txt", b"two", mode=0o600)
+    with archive.get("r", "a", label="v2") as t:
+        t.remove("a.txt")
+    with archive.get("r", "a") as t:
+        t.add_bytes("a.txt", b"three")
+    with archive.get("r", "a") as t:
+        t.remove("a.txt")
+        t.add_bytes("b.txt", b"three")
+    with archive.get("r", "a") as t:
+        t.add(tmp_path / "ln")
+    with archive.get("r", "a") as t:
+        t.remove("d")
+        t.add_bytes("d", b"now a file")
+    with archive.get("r", "a", label="v3") as t:
+        t.remove("b.txt")
+        t.add_bytes("b.txt/inner", b"inner")
+    return archive, archive.root.instance_ids("r")
+
+
+def test_every_kind_of_change_is_a_version_of_its_path(story):
+    archive, iids = story
+    r = archive.get("r")
+    a = r.history("a.txt")
+    assert kinds(a) == [(iids[0], "file"), (iids[1], "file"), (iids[2], "deleted"), (iids[3], "file"),
+                        (iids[4], "deleted")]
+    states = [r.state(iid) for iid in iids]
+    assert [v.entry for v in a] == [states[0].files["a.txt"], states[1].files["a.txt"], None,
+                                    states[3].files["a.txt"], None]
+    assert a[1].entry.mode == 0o600 and a[1].entry.size == 3
+    assert (a[0].label, a[0].message, a[0].creator, a[0].created) == ("v1", "first", "ada", r.instances[0].created)
+    assert a[2].label == "v2" and a[1].label is None
+    for v in (a[0], a[1], a[3]):          # each file version names the stored file holding its bytes
+        assert archive.root.stored_path("r", v.stored).read_bytes() == r.read("a.txt", v.iid)
+    assert kinds(r.history("b.txt")) == [(iids[4], "file"), (iids[7], "dir")]
+    assert r.history("b.txt")[0].entry.digest == a[3].entry.digest           # the rename kept the bytes
+    assert kinds(r.history("b.txt/inner")) == [(iids[7], "file")]
+    (ln,) = r.history("ln")
+    assert (ln.iid, ln.kind, ln.entry) == (iids[5], "link", LinkEntry("b.txt", states[5].links["ln"].mtime_ns))
+    d = r.history("d")
+    assert kinds(d) == [(iids[0], "dir"), (iids[6], "file")]
+    assert isinstance(d[0].entry, DirEntry) and isinstance(d[1].entry, FileEntry)
+    assert kinds(r.history("d/x")) == [(iids[0], "file"), (iids[6], "deleted")]
+    assert kinds(r.history("keep")) == [(iids[0], "file")]                  # never changed: one version
+
+
+def test_unknown_resources_and_paths_are_not_found(story):
+    archive, _ = story
+    with pytest.raises(NotFound):
+        archive.get("r").history("never.txt")
+    with pytest.raises(NotFound):
+        archive.root.history.versions("nope", "a.txt")
+    assert archive.root.history.children("r", "") == ["a.txt", "b.txt", "d", "keep", "ln"]
+    assert archive.root.history.children("r", "b.txt") == ["inner"]
+
+
+def test_the_log_counts_what_each_instance_did(story):
+    archive, iids = story
+    log = archive.get("r").log(changes=True)
+    assert [e.iid for e in log] == iids
+    assert [(e.added, e.changed, e.removed) for e in log] == [
+        (4, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (1, 0, 0), (0, 1, 1), (1, 1, 0)]
+    assert [(c.path, c.change, c.kind) for c in log[6].changes] == [("d", "changed", "file"),
+                                                                    ("d/x", "removed", "deleted")]
+    assert [e.label for e in log] == ["v1", None, "v2", None, None, None, None, "v3"]
+    assert archive.get("r").log()[0].changes is None
+
+
+def test_the_index_is_written_by_each_commit(archive):
+    with archive.new("r") as t:
+        t.add_bytes("f", b"1")
+    assert covered(archive, "r") == archive.root.head("r")       # nothing has read the history yet
+    other = Archive(archive.root.root)                            # another process, as far as the index goes
+    with other.get("r", "a") as t:
+        t.add_bytes("f", b"2")
+    assert covered(archive, "r") == archive.root.head("r")
+    assert len(archive.get("r").history("f")) == 2
+    check_archive_ok(archive.root.root)                           # fsck knows nothing of ROOT/index
+
+
+def test_a_missing_index_is_built_again_from_the_instances(story):
+    archive, iids = story
+    before = archive.get("r").history("a.txt")
+    shutil.rmtree(archive.root.root / "index")
+    again = Archive(archive.root.root)
+    assert again.get("r").history("a.txt") == before
+    assert covered(again, "r") == iids[-1]
+
+
+def test_an_index_behind_the_head_catches_up(archive, tmp_path):
+    """As after a crash between the publish and the index update, or a commit made by a tinyfs without
+    the index: the index file of an earlier instance, put back after the commit."""
+    with archive.new("r") as t:
+        t.add_bytes("f", b"1")
+    saved = tmp_path / "saved.db"
+    with sqlite3.connect(index_file(archive)) as db, sqlite3.connect(saved) as copy:
+        db.backup(copy)                   # (the rows are in the WAL: a copy of the file would miss them)
+    with archive.get("r", "a") as t:
+        t.add_bytes("f", b"2")
+    with archive.get("r", "a") as t:
+        t.add_bytes("g", b"g")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{index_file(archive)}{suffix}").unlink(missing_ok=True)
+    shutil.copy(saved, index_file(archive))
+    fresh = Archive(archive.root.root)
+    assert covered(fresh, "r") == archive.root.instance_ids("r")[0]
+    with fresh.get("r", "a") as t:        # a commit on an index that is behind leaves it to the readers
+        t.add_bytes("f", b"3")
+    assert [v.entry.size for v in fresh.get("r").history("f")] == [1, 1, 1]
+    assert [v.iid for v in fresh.get("r").history("f")] == [archive.root.instance_ids("r")[i] for i in (0, 1, 3)]
+    assert covered(fresh, "r") == fresh.root.head("r")
+
+
+def test_recover_builds_a_missing_index(story):
+    archive, iids = story
+    shutil.rmtree(archive.root.root / "index")
+    actions = recover(ArchiveRoot(archive.root.root))
+    assert any("history index" in line for line in actions), actions
+    assert covered(archive, "r") == iids[-1]
+    assert not any("history index" in line for line in recover(ArchiveRoot(archive.root.root)))   # nothing to do
+
+
+def test_a_damaged_index_is_built_again(story, caplog):
+    archive, _ = story
+    before = archive.get("r").history("a.txt")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{index_file(archive)}{suffix}").unlink(missing_ok=True)
+    index_file(archive).write_bytes(b"not a database at all" * 100)
+    with caplog.at_level(logging.WARNING):
+        assert Archive(archive.root.root).get("r").history("a.txt") == before
+    assert "damaged" in caplog.text
+
+
+def test_a_busy_index_never_fails_a_commit(archive, caplog):
+    """Another process holds the index's write lock past NOTE_WAIT: the commit is made, says so in the
+    log, and the next reader adds the instance."""
+    with archive.new("r") as t:
+        t.add_bytes("f", b"1")
+    holder = sqlite3.connect(index_file(archive), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with caplog.at_level(logging.WARNING), archive.get("r", "a") as t:
+            t.add_bytes("f", b"22")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert t.result.instance == archive.root.head("r")
+    assert "could not add instance" in caplog.text
+    assert covered(archive, "r") == archive.root.instance_ids("r")[0]
+    assert [v.entry.size for v in archive.get("r").history("f")] == [1, 2]
+    assert NOTE_WAIT < BUSY_SECONDS
+
+
+def test_dynamic_mode_shows_what_still_exists(tmp_path):
+    archive = Archive.init(tmp_path / "dyn", mode="dynamic")
+    with archive.new("r") as t:
+        t.add_bytes("f", b"1")
+        t.add_bytes("gone", b"g")
+    with archive.get("r", "a") as t:
+        t.add_bytes("f", b"22")
+        t.remove("gone")
+    (head,) = archive.root.instance_ids("r")
+    (version,) = archive.get("r").history("f")
+    assert (version.iid, version.entry.size) == (head, 2)
+    assert archive.root.stored_path("r", version.stored).read_bytes() == b"22"
+    with pytest.raises(NotFound):
+        archive.get("r").history("gone")             # its instances are gone: so is its history
+    archive.purge("r")
+    with archive.new("r") as t:                       # made again: a new history
+        t.add_bytes("other", b"o")
+    assert archive.root.history.children("r") == ["other"]
+
+
+def test_worm_archives_keep_an_index_and_check_clean(tmp_path):
+    archive = Archive.init(tmp_path / "worm", mode="worm")
+    for n in range(3):
+        with (archive.new("r") if n == 0 else archive.get("r", "a")) as t:
+            t.add_bytes("f", b"%d" % n)
+    assert len(archive.get("r").history("f")) == 3
+    assert covered(archive, "r") == archive.root.head("r")
+    check_archive_ok(archive.root.root)
