@@ -3,6 +3,7 @@ is missing or behind, rebuilt by recover; Resource.history and Resource.log; `ti
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -10,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import check_archive_ok
+from conftest import check_archive_ok, run_tinyfs
 
 from tinyfs import Archive
 from tinyfs.core.errors import NotFound
@@ -234,3 +235,48 @@ def test_worm_archives_keep_an_index_and_check_clean(tmp_path):
     assert len(archive.get("r").history("f")) == 3
     assert covered(archive, "r") == archive.root.head("r")
     check_archive_ok(archive.root.root)
+
+
+# -- tinyfs log -----------------------------------------------------------------------------------------
+
+def test_log_of_a_path_prints_each_version(story, tmp_path):
+    archive, iids = story
+    root = archive.root.root
+    versions = archive.get("r").history("a.txt")
+    lines = run_tinyfs("log", root, "r", "a.txt").stdout.splitlines()
+    assert [line.split("\t")[:4] for line in lines] == [[v.iid, v.created, v.label or "", v.kind] for v in versions]
+    first = lines[0].split("\t")
+    assert first[4:6] == ["3", "0644"]
+    assert first[7] == f"sha512:{versions[0].entry.digest}" and first[8] == "first"
+    assert first[6].endswith("Z") and len(first[6].split(".")[1]) == 10              # nanoseconds, UTC
+    assert lines[2].split("\t")[3:8] == ["deleted", "", "", "", ""]
+    (ln,) = run_tinyfs("log", root, "r", "ln").stdout.splitlines()
+    assert ln.split("\t")[3] == "link" and ln.split("\t")[7] == "b.txt"
+    listed = json.loads(run_tinyfs("log", root, "r", "a.txt", "--json").stdout)
+    assert listed == [v.to_json() for v in versions]
+    assert listed[0]["digest"] == versions[0].entry.digest and listed[0]["instance"] == iids[0]
+
+
+def test_log_of_a_resource_prints_each_instance(story):
+    archive, iids = story
+    root = archive.root.root
+    lines = run_tinyfs("log", root, "r").stdout.splitlines()
+    assert [line.split("\t") for line in lines][0] == [iids[0], archive.get("r").instances[0].created, "v1",
+                                                        "4", "0", "0", "first"]
+    assert len(lines) == len(iids)
+    verbose = run_tinyfs("log", root, "r", "-v").stdout.splitlines()
+    at = verbose.index(next(line for line in verbose if line.startswith(iids[6])))
+    assert verbose[at + 1:at + 3] == ["\tchanged\tfile\td", "\tremoved\tdeleted\td/x"]
+    listed = json.loads(run_tinyfs("log", root, "r", "--json").stdout)
+    assert [e["instance"] for e in listed] == iids and "changes" not in listed[0]
+    assert listed[4]["added"] == 1 and listed[4]["removed"] == 1
+
+
+def test_log_refuses_an_unknown_resource_or_path_in_one_line(story):
+    archive, _ = story
+    root = archive.root.root
+    for args, word in ((("nope",), "nope"), (("nope", "a.txt"), "nope"), (("r", "never.txt"), "never.txt"),
+                       (("r", "../x"), "")):
+        r = run_tinyfs("log", root, *args, check=False)
+        assert r.returncode == 2 and r.stdout == "", (args, r.stdout, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("tinyfs: ") and word in r.stderr
