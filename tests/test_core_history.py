@@ -134,6 +134,41 @@ def test_the_index_is_written_by_each_commit(archive):
     check_archive_ok(archive.root.root)                           # fsck knows nothing of ROOT/index
 
 
+def everything(archive: Archive, rid: str) -> tuple:
+    """The whole history of a resource as the index answers it: the log with every change, and every
+    version of every path ever seen."""
+    index = archive.root.history
+    paths, todo = [], [""]
+    while todo:
+        directory = todo.pop()
+        for name in index.children(rid, directory):
+            paths.append(f"{directory}/{name}" if directory else name)
+            todo.append(paths[-1])
+    return index.log(rid, changes=True), {path: index.versions(rid, path) for path in sorted(paths)}
+
+
+def test_the_rows_a_commit_writes_are_the_rows_a_rebuild_finds(story, tmp_path):
+    """Commits write what they changed (the request's changes when nobody committed since its base; a
+    diff against the head after a merge: a path both sides changed alike is no change of the second);
+    a rebuild diffs every instance with the one before."""
+    archive, _ = story
+    same = tmp_path / "same.txt"
+    same.write_bytes(b"both")
+    first, second = archive.get("r", "a"), archive.get("r", "a")     # two on one base: the second merges
+    first.add_bytes("keep", b"k2")
+    first.add(same)
+    first.commit()
+    second.add_bytes("other", b"o")
+    second.add(same)
+    second.remove("ln")
+    second.commit()
+    written = everything(archive, "r")
+    assert [v.entry.size for v in written[1]["keep"]] == [1, 2] and written[1]["ln"][-1].kind == "deleted"
+    assert len(written[1]["same.txt"]) == 1 and [e.changed for e in written[0][-2:]] == [1, 0]
+    shutil.rmtree(archive.root.root / "index")
+    assert everything(Archive(archive.root.root), "r") == written
+
+
 def test_a_missing_index_is_built_again_from_the_instances(story):
     archive, iids = story
     before = archive.get("r").history("a.txt")

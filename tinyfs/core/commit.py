@@ -436,7 +436,9 @@ def record(archive: ArchiveRoot, req: CommitRequest, head_state: State, delta: d
         _note_stored(archive, req.rid, doc.previous, iid, plan.to_store)
     elif doc.previous is not None:
         drop_older_instances(archive, req.rid, iid)
-    archive.history.note_commit(doc, head_state)     # (derived data: never fails the commit; see history.py)
+    # the history index (derived data: never fails the commit); `delta` is the change from the head when
+    # nobody committed since the base (a diff of 10,000 entries cost a commit 15 ms)
+    archive.history.note_commit(doc, head_state, delta if doc.previous == req.base else None)
     result = CommitResult(iid, *counts, bytes_stored=plan.total, files_stored=len(plan.payload))
     archive.events.append("transaction.committed", req.rid, iid, added=result.added, changed=result.changed,
                           removed=result.removed, bytes_stored=plan.total, files_stored=len(plan.payload),

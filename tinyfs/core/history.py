@@ -212,15 +212,16 @@ class HistoryIndex:
             raise NotFound(f"no resource {rid!r} in {self.archive.root}")
         return covered.res
 
-    def note_commit(self, doc: InstanceDoc, before: State) -> None:
+    def note_commit(self, doc: InstanceDoc, before: State, changes: dict[str, Entry | None] | None = None) -> None:
         """(the commit's `record` phase) Append the instance just published, whose previous instance had
-        the state `before`, when the index covers exactly that previous instance (a new resource: none).
+        the state `before` (`changes`: what differs from it, when the commit knows), when the index covers
+        exactly that previous instance (a new resource: none).
         Anything else is left to the readers' catch-up, which reads the instance documents: a commit does
         not wait for that. Never raises: the instance is published; the index is only derived data."""
         if self.archive.config.mode == "dynamic":
             return      # the previous instance is being dropped: a reader builds the resource's rows anew
         try:
-            pending = _pending(doc, before)
+            pending = _pending(doc, before, changes)
             with self._writing(wait=NOTE_WAIT) as db:
                 covered = self._covered(doc.resource)
                 if (covered.iid if covered else None) != doc.previous:
@@ -423,9 +424,10 @@ class _Pending:
     counts: tuple[int, int, int]     # paths added, changed, removed
 
 
-def _pending(doc: InstanceDoc, before: State) -> _Pending:
-    """What instance `doc` changed from the state `before`, as rows."""
-    changes = state_changes(before, doc.state.entries())
+def _pending(doc: InstanceDoc, before: State, changes: dict[str, Entry | None] | None = None) -> _Pending:
+    """What instance `doc` changed from the state `before` (`changes`, or found by comparing), as rows."""
+    if changes is None:
+        changes = state_changes(before, doc.state.entries())
     rows = [_row(path, entry, before.get(path) is not None, doc.stored) for path, entry in changes.items()]
     counts = {ADDED: 0, CHANGED: 0, REMOVED: 0}
     for row in rows:
