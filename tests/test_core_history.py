@@ -320,3 +320,27 @@ def test_log_refuses_an_unknown_resource_or_path_in_one_line(story):
         r = run_tinyfs("log", root, *args, check=False)
         assert r.returncode == 2 and r.stdout == "", (args, r.stdout, r.stderr)
         assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("tinyfs: ") and word in r.stderr
+
+
+def test_an_archive_in_a_bucket_keeps_an_index_per_working_directory(tinyfs, s3_env, bucket, tmp_path):
+    """Each host's ROOT holds its own index, caught up from the store with what other hosts committed (a
+    process that knows the head sees another host's commit once its knowledge is HEAD_FRESH old, as in
+    resources/)."""
+    import time
+
+    from test_s3archive import init
+
+    from tinyfs.core.s3store import HEAD_FRESH
+
+    init(tinyfs, s3_env, tmp_path / "a", bucket)
+    init(tinyfs, s3_env, tmp_path / "b", bucket)
+    a, b = Archive(tmp_path / "a"), Archive(tmp_path / "b")
+    with a.new("r", label="v1") as t:
+        t.add_bytes("f", b"from a")
+    with b.get("r", "a") as t:
+        t.add_bytes("f", b"from b, longer")
+    time.sleep(HEAD_FRESH)
+    for host in (a, b):
+        assert [(v.label, v.entry.size) for v in host.get("r").history("f")] == [("v1", 6), (None, 14)]
+        assert (tmp_path / host.root.root.name / "index" / "history.db").exists()
+    assert len(run_tinyfs("log", tmp_path / "a", "r", "f").stdout.splitlines()) == 2

@@ -87,11 +87,10 @@ def _recover_history(archive: ArchiveRoot) -> list[str]:
     except (TinyfsError, OSError, sqlite3.Error) as e:
         log.warning("recover: history index: %s", e)
         return [f"history index not brought up to date ({e}); readers will"]
-    if missing:
-        return [f"built the history index ({instances} instances of {resources} resources)"]
-    if instances:
-        return [f"history index: added {instances} instances of {resources} resources"]
-    return []
+    if not instances:
+        return []
+    done = "built the history index" if missing else "history index caught up"
+    return [f"{done}: {instances} instances of {resources} resources"]
 
 
 def _recover_replicas(archive: ArchiveRoot, store: bool) -> list[str]:
