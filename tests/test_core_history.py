@@ -227,6 +227,23 @@ def test_a_damaged_index_is_built_again(story, caplog):
     assert "damaged" in caplog.text
 
 
+def test_an_index_that_cannot_be_kept_in_root_is_kept_in_memory(story, caplog):
+    """ROOT/index cannot be made (here a file is in the way; a read-only archive alike): the answers
+    stay right, built from the instances by this process."""
+    archive, iids = story
+    before = archive.get("r").history("a.txt")
+    shutil.rmtree(archive.root.root / "index")
+    (archive.root.root / "index").write_bytes(b"in the way")
+    with caplog.at_level(logging.WARNING):
+        again = Archive(archive.root.root)
+        assert again.get("r").history("a.txt") == before
+        with again.get("r", "a") as t:
+            t.add_bytes("a.txt", b"four")
+        assert again.get("r").history("a.txt")[-1].iid == again.root.head("r")
+    assert "kept in memory" in caplog.text
+    assert (archive.root.root / "index").read_bytes() == b"in the way"
+
+
 def test_a_busy_index_never_fails_a_commit(archive, caplog):
     """Another process holds the index's write lock past NOTE_WAIT: the commit is made, says so in the
     log, and the next reader adds the instance."""
