@@ -34,7 +34,7 @@ from tinyfs.fs.ops import Operations
 pytestmark = pytest.mark.adapter
 
 ROOT = pyfuse3.ROOT_INODE
-TOP = ["resources", "instances", "aip", "transactions", "commit", "events.jsonl"]
+TOP = ["resources", "instances", "aip", "history", "transactions", "commit", "events.jsonl"]
 OLD_NS = 1_600_000_000_123_456_789       # a client-set time with nanoseconds
 ORIGIN = b"scanner-3"                    # the user xattr recorded on d/g.txt
 
@@ -204,7 +204,7 @@ def events(archive: Archive, name: str) -> list[dict]:
 
 # -- the root ----------------------------------------------------------------------------------------
 
-def test_the_root_lists_the_six_top_names_with_their_modes(drive):
+def test_the_root_lists_the_seven_top_names_with_their_modes(drive):
     async def body(c: Client):
         root = await c.attr("")
         assert root.st_ino == ROOT and stat.S_ISDIR(root.st_mode)
@@ -212,7 +212,8 @@ def test_the_root_lists_the_six_top_names_with_their_modes(drive):
         assert list(listed) == TOP
         modes = {name: (stat.S_IFMT(a.st_mode), stat.S_IMODE(a.st_mode)) for name, a in listed.items()}
         assert modes == {"resources": (stat.S_IFDIR, 0o555), "instances": (stat.S_IFDIR, 0o555),
-                         "aip": (stat.S_IFDIR, 0o555), "transactions": (stat.S_IFDIR, 0o1777),
+                         "aip": (stat.S_IFDIR, 0o555), "history": (stat.S_IFDIR, 0o555),
+                         "transactions": (stat.S_IFDIR, 0o1777),
                          "commit": (stat.S_IFDIR, 0o1777), "events.jsonl": (stat.S_IFREG, 0o444)}
         for name in TOP:                                           # a listing and a lookup agree
             assert (await c.attr(name)).st_ino == listed[name].st_ino
@@ -225,7 +226,7 @@ def test_the_root_lists_the_six_top_names_with_their_modes(drive):
 def test_the_root_and_the_read_only_tops_refuse_every_change_with_erofs(drive):
     async def body(c: Client):
         ops, ctx = c.ops, c.ctx
-        for parent in ("", "resources", "instances", "aip"):
+        for parent in ("", "resources", "instances", "aip", "history"):
             ino = await c.ino(parent)
             assert await errno_of(ops.mkdir(ino, b"x", 0o755, ctx)) == errno.EROFS, parent
             assert await errno_of(ops.create(ino, b"x", 0o644, os.O_WRONLY, ctx)) == errno.EROFS, parent

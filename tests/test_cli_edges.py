@@ -76,7 +76,7 @@ def _refused_then_mounted(root, point, tmp_path) -> None:
         Mounted(root, point, log).start()
     run_tinyfs("mount", root, point, "-o", "nonempty")
     try:
-        assert sorted(os.listdir(point)) == ["aip", "commit", "events.jsonl", "instances", "resources",
+        assert sorted(os.listdir(point)) == ["aip", "commit", "events.jsonl", "history", "instances", "resources",
                                              "transactions"]
     finally:
         run_tinyfs("umount", point)

@@ -307,7 +307,7 @@ def wait_ready(proc: subprocess.Popen, mnt: Path, listener: NotifyListener, log:
             assert os.path.ismount(mnt), "READY=1 before the mount point was a mount"
             st = os.stat(mnt)                    # answered by the daemon
             assert st.st_dev != parent_dev
-            assert sorted(os.listdir(mnt)) == ["aip", "commit", "events.jsonl", "instances", "resources",
+            assert sorted(os.listdir(mnt)) == ["aip", "commit", "events.jsonl", "history", "instances", "resources",
                                                "transactions"]
             return
 

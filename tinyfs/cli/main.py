@@ -186,6 +186,56 @@ def cmd_ls(args) -> int:
     return EXIT_OK
 
 
+def cmd_log(args) -> int:
+    """The history of a resource (an instance a line, with what it changed), or of one path (a version a
+    line), from the history index (core/history.py)."""
+    from ..core.layout import ArchiveRoot
+
+    archive = ArchiveRoot(args.root)
+    if args.path is None:
+        found = archive.history.log(args.rid, changes=getattr(args, "verbose", False))
+    else:
+        found = archive.history.versions(args.rid, args.path)
+    if args.json:
+        print(json.dumps([record.to_json() for record in found], indent=1, ensure_ascii=False, sort_keys=True))
+        return EXIT_OK
+    for record in found:
+        if args.path is None:
+            _print_instance_log(record)
+        else:
+            _print_version(record, archive.config.primary)
+    return EXIT_OK
+
+
+def _print_instance_log(entry) -> None:
+    """iid, created, label, paths added, changed, removed, message; then (-v) a line per path:
+    an empty first field, added|changed|removed, the path's new kind, the path."""
+    print("\t".join([entry.iid, entry.created, _one_line(entry.label or ""), str(entry.added), str(entry.changed),
+                     str(entry.removed), _one_line(entry.message)]))
+    for change in entry.changes or ():
+        print("\t".join(["", change.change, change.kind, _one_line(change.path)]))
+
+
+def _print_version(version, algorithm: str) -> None:
+    """iid, created, label, kind, size, mode (octal), mtime (RFC 3339, nanoseconds), the digest
+    (<alg>:<hex>) or the link's target, message; fields a kind does not have are empty."""
+    e = version.entry
+    size = str(e.size) if version.kind == "file" else ""
+    mode = f"{e.mode:04o}" if version.kind in ("file", "dir") else ""
+    mtime = _ns_time(e.mtime_ns) if e is not None else ""
+    what = f"{algorithm}:{e.digest}" if version.kind == "file" else e.target if version.kind == "link" else ""
+    print("\t".join([version.iid, version.created, _one_line(version.label or ""), version.kind, size, mode, mtime,
+                     _one_line(what), _one_line(version.message)]))
+
+
+def _ns_time(ns: int) -> str:
+    """An mtime in nanoseconds as RFC 3339 UTC, to the nanosecond."""
+    from datetime import UTC, datetime
+
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return f"{datetime.fromtimestamp(seconds, UTC):%Y-%m-%dT%H:%M:%S}.{fraction:09d}Z"
+
+
 def cmd_cat(args) -> int:
     from ..core.fixity import FixityError, open_verified
     from ..core.layout import ArchiveRoot
@@ -658,6 +708,14 @@ def _add_reading_commands(command: Command) -> None:
     p = command("ls", cmd_ls, "list resources, or a resource's instances (iid, created, label, message)")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("rid", metavar="RID", nargs="?")
+
+    p = command("log", cmd_log, "a resource's history: each instance with the paths it added, changed and "
+                "removed (-v: which); or each version of one PATH")
+    p.usage = "tinyfs log ROOT RID [PATH] [--json] [-v]"
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("rid", metavar="RID")
+    p.add_argument("path", metavar="PATH", nargs="?")
+    p.add_argument("--json", action="store_true", help="print one JSON list of records instead of lines")
 
     p = command("cat", cmd_cat, "write a file of a resource to stdout")
     p.add_argument("root", metavar="ROOT")

@@ -16,6 +16,7 @@ from .commit import CommitRequest, CommitResult, NewFile, commit
 from .digests import CHUNK
 from .errors import Forbidden, InvalidName, NotFound, TinyfsError
 from .fixity import FixityError, open_verified
+from .history import InstanceLog, Version
 from .ids import check_logical_path, check_rid, parent_of
 from .layout import ArchiveRoot, init_archive
 from .limits import check_metadata
@@ -132,6 +133,18 @@ class Resource:
         bytes raise FixityError and leave nothing at `dest`. Needs the `ocfl` extra."""
         from .ocflexport import export_ocfl
         return export_ocfl(self._root, self.id, dest, progress=progress)
+
+    def history(self, path: str) -> list[Version]:
+        """Every version of a logical path, oldest first: the instance that introduced it (`iid`, `created`,
+        its `label`, `message`, `creator`), its `kind` ("file", "link", "dir", or "deleted") and `entry`
+        (a FileEntry, LinkEntry, DirEntry, or None). NotFound when the path never existed. Answered from
+        the history index (core/history.py), caught up first if the resource moved on."""
+        return self._root.history.versions(self.id, path)
+
+    def log(self, changes: bool = False) -> list[InstanceLog]:
+        """Every instance, oldest first, with how many paths it added, changed and removed (`changes`:
+        which, each a Change(path, change, kind))."""
+        return self._root.history.log(self.id, changes)
 
     def _doc(self, instance: InstanceRef) -> InstanceDoc:
         """The instance named by an InstanceDoc (of this resource), an id, a label, or None (the head)."""

@@ -156,6 +156,8 @@ class ArchiveRoot:
         # rid -> (instance, keys of every digest stored up to it): see commit._stored_keys (under the lock)
         self.stored_keys: OrderedDict[str, tuple[str, set[int]]] = OrderedDict()
         self.stored_keys_lock = threading.Lock()
+        from .history import HistoryIndex  # (here: history.py imports commit.py, which imports this module)
+        self.history = HistoryIndex(self)  # every path's versions: derived data in ROOT/index/, opened at first use
 
     # -- where things are -------------------------------------------------
     def resource_dir(self, rid: str) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 
 from . import tree
@@ -31,12 +32,13 @@ IN_USE_SECONDS = 3600
 log = logging.getLogger(__name__)
 
 
-def recover(archive: ArchiveRoot, *, store: bool = True) -> list[str]:
+def recover(archive: ArchiveRoot, *, store: bool = True, index: bool = True) -> list[str]:
     """Clean up after crashed commits; returns one line per action taken.
 
     `store=False` skips the object store's sweep (S3Store.recover): it reads every resource's chain and
     lists its instances, requests in proportion to the whole archive, and what it removes is invisible
-    anyway. The mount starts without it; `tinyfs recover` does it."""
+    anyway; and it skips the history index (built when missing, caught up where behind), whose readers
+    catch it up themselves. The mount starts without them; `tinyfs recover` does them."""
     actions: list[str] = []
     for name in sorted(os.listdir(archive.transactions)):
         path = archive.transactions / name
@@ -63,6 +65,8 @@ def recover(archive: ArchiveRoot, *, store: bool = True) -> list[str]:
             actions.extend(_finish_mount_transaction(archive, name))
     if store:   # the store's sweep: what unpublished attempts of any host left there
         actions.extend(archive.store.recover())
+    if store and index:
+        actions.extend(_recover_history(archive))
     actions.extend(_recover_replicas(archive, store))
     if archive.config.mode == "dynamic":
         for rid in archive.resource_ids():
@@ -74,6 +78,21 @@ def recover(archive: ArchiveRoot, *, store: bool = True) -> list[str]:
     return actions
 
 
+def _recover_history(archive: ArchiveRoot) -> list[str]:
+    """The history index (derived data: core/history.py) built when missing, caught up where behind. A
+    failure is reported, not raised: readers build the index themselves."""
+    missing = archive.history.missing()
+    try:
+        resources, instances = archive.history.catch_up_all()
+    except (TinyfsError, OSError, sqlite3.Error) as e:
+        log.warning("recover: history index: %s", e)
+        return [f"history index not brought up to date ({e}); readers will"]
+    if not instances:
+        return []
+    done = "built the history index" if missing else "history index caught up"
+    return [f"{done}: {instances} instances of {resources} resources"]
+
+
 def _recover_replicas(archive: ArchiveRoot, store: bool) -> list[str]:
     """What interrupted copies left in each replica's own transactions/ (replicas.copy_instance stages)."""
     from .replicas import replicas_of
@@ -81,7 +100,7 @@ def _recover_replicas(archive: ArchiveRoot, store: bool) -> list[str]:
     actions = []
     for r in replicas_of(archive).replicas:
         try:
-            actions.extend(f"store {r.name}: {line}" for line in recover(r.archive, store=store))
+            actions.extend(f"store {r.name}: {line}" for line in recover(r.archive, store=store, index=False))
         except (TinyfsError, OSError) as e:
             log.warning("recover: store %s: %s", r.name, e)
     return actions

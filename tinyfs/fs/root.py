@@ -26,6 +26,7 @@ from ..core.request import check_not_writing
 from ..core.staging import Staging
 from .aip import AipTree
 from .files import FileHandle, PlainFile
+from .history import HistoryTree
 from .tree import LONG, SHORT, Attr, Listing, Node, Services, Tree, fail
 from .txn import OpenTxn
 from .txntree import Jobs, TxnTree
@@ -33,7 +34,7 @@ from .view import InstancesTree, Section, StateTree
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("resources", "instances", "aip")        # a directory per resource, each shown by its tree
+SECTIONS = ("resources", "instances", "aip", "history")     # a directory per resource, each shown by its tree
 TOP = (*SECTIONS, "transactions", "commit", "events.jsonl")
 WRITABLE = ("transactions", "commit")
 # Errors a commit may meet that would mean something else to the client of a rename: answered as EIO
@@ -49,11 +50,12 @@ class RootTree(Tree):
         self.states = StateTree(services)
         self.instances = InstancesTree(services, self.states)
         self.aip = AipTree(services)
+        self.history = HistoryTree(services)
         # The read-only sections of the top level: each tree answers for the directory of a resource in
         # it (`resource_root`, `resource_roots`). A new section is a tree with those two calls, and a name
         # here and in SECTIONS.
         self.sections: dict[str, Section] = {"resources": self.states, "instances": self.instances,
-                                             "aip": self.aip}
+                                             "aip": self.aip, "history": self.history}
         self.txns: dict[str, TxnTree] = {}
         self.commits = Jobs()                    # commits running (a shutdown lets them finish)
         self.root = Node(self, ("root",))
@@ -64,7 +66,7 @@ class RootTree(Tree):
         s = self.services
         if node is self.root:
             return Attr(stat.S_IFDIR | 0o555, mtime_ns=s.root_mtime, ctime_ns=s.root_mtime, uid=s.uid, gid=s.gid,
-                        nlink=2 + 5)
+                        nlink=2 + len(TOP) - 1)     # (every top name but events.jsonl is a directory)
         if node.path == "events.jsonl":
             st = os.stat(self.archive.events.last_view())
             return Attr(stat.S_IFREG | 0o444, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
