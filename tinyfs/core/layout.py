@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import threading
@@ -35,6 +36,8 @@ from .ids import check_rid, is_rid
 from .localstore import LocalStore
 from .model import UNKNOWN, DirEntry, InstanceDoc, State, peek_root, utc_now
 from .store import Store, StoreConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT = "tinyfs/1"
 MODES = ("preservation", "worm", "dynamic")
@@ -283,8 +286,19 @@ class ArchiveRoot:
         return self.instance(rid, iid).state if iid else State()
 
     def labels(self, rid: str) -> dict[str, str]:
-        return {doc.label: iid for iid in self.instance_ids(rid)
-                if (doc := self.instance(rid, iid)).label}
+        """label -> instance id. From the history index (caught up to the head first): reading every
+        instance document took 42 s on a resource of 1,000 instances of 10,000 files, at each labelled
+        commit. Should the index fail (it is derived data), the documents answer."""
+        if self.head(rid) is None:
+            return {}                       # (no such resource, or one being made: no labels yet)
+        try:
+            return self.history.labels(rid)
+        except NotFound:
+            return {}                       # (purged meanwhile)
+        except Exception as e:
+            log.warning("labels of %s read from the instance documents (the history index failed: %s)", rid, e)
+            return {doc.label: iid for iid in self.instance_ids(rid)
+                    if (doc := self.instance(rid, iid)).label}
 
     def resolve_instance(self, rid: str, ref: str | None) -> str:
         """An instance id from an id, a label or None (the head)."""
