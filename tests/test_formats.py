@@ -8,6 +8,7 @@ import io
 import json
 import os
 import struct
+import threading
 import time
 import zipfile
 import zlib
@@ -125,25 +126,45 @@ def test_a_record_is_written_whole_once(archive):
     assert os.stat(folder / f"{iid}.json").st_size > 0
 
 
-def test_the_background_identifier_ends_its_pool_when_idle(tmp_path, monkeypatch):
-    """A mount or server identifies a big instance on worker processes, then gives them back: an idle
-    daemon holds no workers, pipes or memory for identification."""
-    monkeypatch.setattr(formats, "POOL_IDLE", 0.5)
+def test_the_background_identifier_ends_its_workers_when_idle(tmp_path, monkeypatch):
+    """A mount or server identifies on worker processes, then gives them back: an idle daemon holds no
+    workers, pipes or memory for identification."""
+    monkeypatch.setattr(formats, "WORKERS_IDLE", 0.5)
     archive = Archive.init(tmp_path / "a", identify=False)      # the test hands the commit over itself
     with archive.new("many") as t:
-        for i in range(formats.IN_PROCESS + 10):
+        for i in range(10):
             t.add_bytes(f"f{i:04}.gz", gzip.compress(str(i).encode()))
     root = ArchiveRoot(tmp_path / "a")
     identifier = formats.Identifier(root)
     try:
         identifier.submit("many", t.result.instance)
         assert identifier.idle(timeout=120)
-        assert identifier.pool is not None                         # the pool did the work...
+        workers = identifier.workers
+        assert workers is not None                                 # the workers did the work...
         record = formats.read_record(root, "many", t.result.instance)
-        assert len(record["files"]) == formats.IN_PROCESS + 10
+        assert len(record["files"]) == 10
         deadline = time.monotonic() + 30
-        while identifier.pool is not None and time.monotonic() < deadline:
+        while identifier.workers is not None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert identifier.pool is None                             # ...and was ended once idle
+        assert identifier.workers is None                          # ...and were ended once idle
+        assert all(proc.returncode is not None for proc in workers.procs)
     finally:
         identifier.close()
+
+
+def test_workers_ended_while_working_fail_the_job_not_the_caller(tmp_path):
+    """An unmount ends the workers in the middle of an instance: the identification fails with
+    WorkersGone (the instance stays pending) and no worker is left running."""
+    files = []
+    for i in range(formats.BATCH * 4):
+        f = tmp_path / f"f{i}.gz"
+        f.write_bytes(gzip.compress(str(i).encode()))
+        files.append((str(i), str(f)))
+    with formats.Workers(2) as workers:
+        assert workers.identify(files[:3]) == {str(i): formats.Format("x-fmt/266", "application/gzip",
+                                                                      "GZIP Format", "signature") for i in range(3)}
+        threading.Timer(0.2, workers.terminate).start()
+        with pytest.raises(formats.WorkersGone):
+            for _ in range(50):
+                workers.identify(files)
+    assert all(proc.returncode is not None for proc in workers.procs)

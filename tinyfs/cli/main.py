@@ -516,9 +516,9 @@ def cmd_formats(args) -> int:
     if args.identify:
         todo = formats.pending(archive, rids)
         if todo:
-            with formats.new_pool() as pool:
+            with formats.Workers() as workers:
                 for rid, iid in todo:
-                    formats.identify_instance(archive, rid, iid, pool)
+                    formats.identify_instance(archive, rid, iid, workers)
     report = formats.summary(archive, rids)
     if args.json:
         print(json.dumps({"formats": [{"files": n, **(vars(f) if f else {"basis": "pending"})}

@@ -368,8 +368,8 @@ def identify_committed(root: ArchiveRoot, rid: str, iid: str) -> None:
         return
     try:
         if len(root.instance(rid, iid).payload()) > formats.IN_PROCESS:
-            with formats.new_pool() as pool:
-                formats.identify_instance(root, rid, iid, pool)
+            with formats.Workers() as workers:
+                formats.identify_instance(root, rid, iid, workers)
         else:
             formats.identify_instance(root, rid, iid)
     except Exception:

@@ -28,11 +28,12 @@ import json
 import logging
 import os
 import queue
+import subprocess
+import sys
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from multiprocessing.pool import Pool
 from pathlib import Path
 
 from .durable import write_new
@@ -42,8 +43,8 @@ from .model import InstanceDoc, utc_now
 log = logging.getLogger(__name__)
 
 BATCH = 200            # files a worker process identifies per task
-IN_PROCESS = 200       # up to this many files are identified in the calling process (no pool to start)
-POOL_IDLE = 5.0        # seconds without work after which the pool's processes (and their pipes) are ended
+IN_PROCESS = 200       # up to this many files are identified in the calling process (no workers to start)
+WORKERS_IDLE = 5.0     # seconds without work after which a daemon's worker processes are ended
 NICE = 10              # worker processes yield the cores to deposits and reads
 
 
@@ -128,17 +129,17 @@ def pending(archive: ArchiveRoot, rids: Iterable[str] | None = None) -> list[tup
     return out
 
 
-def identify_instance(archive: ArchiveRoot, rid: str, iid: str, pool: Pool | None = None,
+def identify_instance(archive: ArchiveRoot, rid: str, iid: str, workers: Workers | None = None,
                       here: int = IN_PROCESS) -> dict:
     """Identify the files instance `iid` stores and write its record (kept if one exists already); up to
-    `here` files in this process, more on the pool's when there is one."""
+    `here` files in this process, more on the worker processes when there are some."""
     existing = read_record(archive, rid, iid)
     if existing is not None:
         return existing
     doc = archive.instance(rid, iid)
     items = sorted({digest: stored for stored, (digest, _size, _path) in doc.payload().items()}.items())
     paths = [(digest, str(archive.stored_path(rid, stored))) for digest, stored in items]
-    found = identify_paths(paths, pool, here)
+    found = identify_paths(paths, workers, here)
     record = {**signature_versions(), "identified": utc_now(),
               "files": {digest: asdict(fmt) for digest, fmt in found.items()}}
     _write_record(archive, rid, iid, record)
@@ -158,30 +159,114 @@ def _write_record(archive: ArchiveRoot, rid: str, iid: str, record: dict) -> Non
 
 # -- identifying -----------------------------------------------------------------------------------------
 
-def identify_paths(paths: list[tuple[str, str]], pool: Pool | None = None,
+def identify_paths(paths: list[tuple[str, str]], workers: Workers | None = None,
                    here: int = IN_PROCESS) -> dict[str, Format]:
-    """digest -> Format for each (digest, file path); up to `here` files in this process, more on the pool's."""
-    if len(paths) <= here or pool is None:
+    """digest -> Format for each (digest, file path); up to `here` files in this process, more on `workers`."""
+    if len(paths) <= here or workers is None:
         return dict(_identify_batch(paths))
-    found: dict[str, Format] = {}
-    batches = [paths[i:i + BATCH] for i in range(0, len(paths), BATCH)]
-    for result in pool.imap_unordered(_identify_batch, batches):
-        found.update(result)
-    return found
+    return workers.identify(paths)
 
 
-def new_pool() -> Pool:
-    """Worker processes on every core, started with `spawn` (a fork of a process with threads, the mount's
-    trio loop or the server's, could copy a held lock), at low priority. A multiprocessing pool rather than
-    a ProcessPoolExecutor: `terminate` ends its workers at once (an unmount does not wait for them)."""
-    import multiprocessing
-
-    return multiprocessing.get_context("spawn").Pool(os.cpu_count() or 2, initializer=_worker_start)
+class WorkersGone(RuntimeError):
+    """A worker process ended (or was ended) before it answered."""
 
 
-def _worker_start() -> None:
+class Workers:
+    """Worker processes, one a core, at low priority, that identify files: each reads batches of
+    [digest, path] as JSON lines on its stdin and answers each with a JSON line.
+
+    Plain subprocesses rather than multiprocessing: a worker whose daemon is killed, or which is ended while
+    it starts, sees its stdin close and exits without a word (multiprocessing's spawned children printed
+    tracebacks into the daemon's log), and nothing else is left behind (no resource tracker, no semaphores).
+    Workers are not shared between threads."""
+
+    def __init__(self, count: int | None = None):
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for _ in range(count or os.cpu_count() or 2):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-c", "from tinyfs.core.formats import worker_main; worker_main()"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    text=True, encoding="utf-8"))
+        except BaseException:
+            self.terminate()
+            raise
+
+    def identify(self, paths: list[tuple[str, str]]) -> dict[str, Format]:
+        """Every file's format, the batches spread over the workers (a thread drives each)."""
+        batches: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(0, len(paths), BATCH):
+            batches.put(paths[i:i + BATCH])
+        found: dict[str, Format] = {}
+        failures: list[BaseException] = []
+
+        def drive(proc: subprocess.Popen) -> None:
+            try:
+                while not failures:
+                    try:
+                        batch = batches.get_nowait()
+                    except queue.Empty:
+                        return
+                    found.update(self._ask(proc, batch))
+            except BaseException as e:       # (to the caller, below)
+                failures.append(e)
+
+        threads = [threading.Thread(target=drive, args=(proc,), daemon=True) for proc in self.procs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        return found
+
+    @staticmethod
+    def _ask(proc: subprocess.Popen, batch: list[tuple[str, str]]) -> dict[str, Format]:
+        try:
+            proc.stdin.write(json.dumps(batch) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except (OSError, ValueError) as e:
+            raise WorkersGone(f"a format identification worker ended: {e}") from None
+        if not line:
+            raise WorkersGone(f"a format identification worker ended (exit status {proc.poll()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"format identification failed: {reply['error']}")
+        return {digest: Format(**fields) for digest, fields in reply["found"]}
+
+    def terminate(self) -> None:
+        """End the workers at once (a job being answered fails with WorkersGone)."""
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.terminate()
+
+
+def worker_main() -> None:
+    """A worker process (Workers): batches in on stdin, answers out on what was stdout. Anything else that
+    writes to stdout (a library's print) goes to stderr instead, so that it cannot garble an answer."""
     with contextlib.suppress(OSError):
         os.nice(NICE)
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        try:
+            reply = {"found": [[digest, asdict(fmt)] for digest, fmt in _identify_batch(json.loads(line))]}
+        except Exception as e:
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        answers.write(json.dumps(reply) + "\n")
+        answers.flush()
 
 
 _fido = threading.local()
@@ -248,19 +333,18 @@ def signature_versions() -> dict[str, str]:
 # -- in the background -------------------------------------------------------------------------------------
 
 class Identifier:
-    """Identifies committed instances in a thread of its own, on a process pool started when there is
+    """Identifies committed instances in a thread of its own, on worker processes started when there is
     work and ended when idle: the mount and the server hand it each commit (`submit`) and answer the
-    client at once. `close` stops it; what was not identified stays pending."""
+    client at once. `close` stops it; what was not identified stays pending.
+
+    Every file is identified by the workers, none in the daemon: FIDO's signatures would add some 30 MiB to
+    the daemon for good, and its pure-Python matching would hold the GIL from the mount's trio loop."""
 
     def __init__(self, archive: ArchiveRoot):
         self.archive = archive
         self.jobs: queue.Queue = queue.Queue()
-        self.pool: Pool | None = None
+        self.workers: Workers | None = None
         self.stopping = False
-        # multiprocessing's resource tracker (one small process, one pipe, for the life of the process) is
-        # started by the first pool; starting it here keeps the daemon's descriptors steady from its start.
-        from multiprocessing import resource_tracker
-        resource_tracker.ensure_running()
         self.thread = threading.Thread(target=self._run, name="tinyfs-identify", daemon=True)
         self.thread.start()
 
@@ -277,44 +361,51 @@ class Identifier:
         """Stop at once: an instance being identified stays pending (its record is written whole or not
         at all), so that an unmount or a server stop does not wait for a long identification."""
         self.stopping = True
-        if self.pool is not None:
-            self.pool.terminate()
+        workers = self.workers
+        if workers is not None:
+            workers.terminate()
         self.jobs.put(None)
-        self.thread.join(timeout=1)       # (a daemon thread: one still waiting for its pool is left behind)
+        self.thread.join(timeout=5)
 
     def _next_job(self):
-        """The next job; a pool left without work for POOL_IDLE seconds is ended meanwhile, so that an idle
-        mount or server holds no worker processes, memory or descriptors for them."""
-        if self.pool is not None:
+        """The next job; workers left without work for WORKERS_IDLE seconds are ended meanwhile, so that an
+        idle mount or server holds no processes, memory or descriptors for them."""
+        if self.workers is not None:
             try:
-                return self.jobs.get(timeout=POOL_IDLE)
+                return self.jobs.get(timeout=WORKERS_IDLE)
             except queue.Empty:
-                self.pool.terminate()
-                self.pool.join()
-                self.pool = None
+                self._end_workers()
         return self.jobs.get()
 
+    def _end_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.terminate()
+            self.workers = None
+
     def _run(self) -> None:
-        while (job := self._next_job()) is not None:
-            if isinstance(job, threading.Event):
-                job.set()
-                continue
-            rid, iid = job
-            if self.stopping:
-                continue
-            try:
-                # Every file on the pool, none in the daemon: FIDO's signatures would add tens of MiB to
-                # the daemon for good, and its pure-Python matching would hold the GIL from the trio loop.
-                if self.pool is None:
-                    self.pool = new_pool()
-                identify_instance(self.archive, rid, iid, self.pool, here=0)
-            except Exception as e:   # never the thread's end: the instance stays pending, `formats --identify`
-                if not _exists(self.archive, rid, iid):
-                    log.info("formats of %s %s not identified: the instance is gone (dynamic mode)", rid, iid)
-                elif self.stopping:
-                    log.info("formats of %s %s not identified (stopping): %s", rid, iid, e)
-                else:
-                    log.exception("identifying the formats of %s %s", rid, iid)
+        try:
+            while (job := self._next_job()) is not None:
+                if isinstance(job, threading.Event):
+                    job.set()
+                elif not self.stopping:
+                    self._identify(*job)
+        finally:
+            self._end_workers()
+
+    def _identify(self, rid: str, iid: str) -> None:
+        try:
+            if self.workers is None:
+                self.workers = Workers()
+                if self.stopping:              # (close() ran while they started: it did not see them)
+                    return
+            identify_instance(self.archive, rid, iid, self.workers, here=0)
+        except Exception as e:   # never the thread's end: the instance stays pending, `formats --identify`
+            if not _exists(self.archive, rid, iid):
+                log.info("formats of %s %s not identified: the instance is gone (dynamic mode)", rid, iid)
+            elif self.stopping:
+                log.info("formats of %s %s not identified (stopping): %s", rid, iid, e)
+            else:
+                log.exception("identifying the formats of %s %s", rid, iid)
 
 
 def _exists(archive: ArchiveRoot, rid: str, iid: str) -> bool:

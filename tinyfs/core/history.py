@@ -151,6 +151,12 @@ class HistoryIndex:
         self._lock = threading.RLock()
         self._catching: dict[str, threading.Lock] = {}      # rid -> held while this process catches it up
 
+    def open(self) -> None:
+        """Open the database now: a daemon does it at its start, so that its open descriptors stay the
+        same from then on (the first commit or history read would open it anyway)."""
+        with self._lock:
+            self._connection()
+
     # -- reading -------------------------------------------------------------------------------------
     def versions(self, rid: str, path: str) -> list[Version]:
         """Every version of `path`, oldest first (NotFound: no such resource, or no such path ever)."""

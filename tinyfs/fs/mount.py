@@ -202,6 +202,7 @@ def _serve(archive: ArchiveRoot, mountpoint: str, options: list[str], early: _Ea
             raise TinyfsError(f"cannot mount on {mnt}: {e}") from None
         log.info("mounted %s on %s (%s)", archive.root, mnt, ",".join(sorted(options)) or "no options")
         clean = False
+        archive.history.open()
         start_identifier(archive)
         try:
             trio.run(_main, ops, mnt, early)

@@ -81,6 +81,7 @@ def serve(root: str | os.PathLike, listen: str, **options) -> int:
         for line in recover(ctx.archive, store=False):
             log.info("recovery: %s", line)
         ctx.deposits = Deposits(ctx.archive)
+        ctx.archive.history.open()
         start_identifier(ctx.archive)
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
