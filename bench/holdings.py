@@ -205,6 +205,12 @@ class HoldingsBench(Bench):
             after = [r["identified_after_s"] for r in runs if "identified_after_s" in r]
             row["identified_after_s"] = median(after) if after else None
             row["identified_after_each_s"] = after
+            variants = self.workloads[row["workload"]]["variants"]
+            without = {r["rep"]: r["total"] for r in variants.get(row["alternative"], {}).get("runs", [])}
+            row["ratio_each"] = [r["total"] / without[r["rep"]] for r in runs if without.get(r["rep"])]
+            for key, name in (("daemon_cpu_s", "tinyfs"), ("alternative_daemon_cpu_s", row["alternative"])):
+                cpu = [r["daemon_cpu_s"] for r in variants.get(name, {}).get("runs", []) if "daemon_cpu_s" in r]
+                row[key] = median(cpu) if cpu else None
         return rows
 
 
@@ -220,7 +226,13 @@ def render(rows: list[dict]) -> str:
         target = "" if r["target"] is None else f"≤ {r['target']:.2f} " + ("ok" if r["meets_target"] else "MISSED")
         out.append(f"| {r['label']} | {fmt(r['tinyfs_s'])} | {fmt(r['alternative_s'])} | {fmt(r['ratio'], 2)} "
                    f"| {target} |")
+    out.append("\nwith/without within each repetition (the two ran back to back): " + "; ".join(
+        f"{r['workload']} " + ", ".join(f"{x:.2f}" for x in r["ratio_each"]) for r in rows))
     for r in rows:
+        if r["daemon_cpu_s"] is not None:
+            out.append(f"\n{r['label']}: the daemon's CPU seconds during the deposit (less moved by other load than "
+                       f"wall time): with {fmt(r['daemon_cpu_s'], 2)}, without {fmt(r['alternative_daemon_cpu_s'], 2)}, "
+                       f"ratio {fmt(harness.ratio(r['daemon_cpu_s'], r['alternative_daemon_cpu_s']), 2)}")
         if r["identified_after_s"] is not None:
             each = ", ".join(f"{x:.1f}" for x in r["identified_after_each_s"])
             out.append(f"\nbackground identification of the {r['label'].split(',')[0].removeprefix('mount deposit ')} "
