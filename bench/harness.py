@@ -898,6 +898,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http", action="store_true",
                    help="only `tinyfs serve`: GET of the big file and of the small files against nginx, a deposit "
                    "with rclone against a plain WsgiDAV (bench/http.py)")
+    p.add_argument("--holdings", action="store_true",
+                   help="only what verified writes cost an ingest (against --no-verify-writes) and what format "
+                   "identification costs a mount deposit (against --no-identify) (bench/holdings.py)")
     p.add_argument("--tinyfs", type=Path,
                    help="the tinyfs command to measure (default: the one beside this Python), e.g. another "
                    "checkout's .venv/bin/tinyfs, to compare two versions on one machine")
@@ -910,6 +913,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--store s3 runs its own workloads: no --reads, --base or --large")
     if args.http and (args.reads or args.base or args.large or args.replicas or args.store != "local"):
         p.error("--http runs its own workloads: no --reads, --base, --large, --replicas or --store")
+    if args.holdings and (args.reads or args.base or args.large or args.replicas or args.http
+                          or args.store != "local"):
+        p.error("--holdings runs its own workloads: no --reads, --base, --large, --replicas, --http or --store")
     return args
 
 
@@ -930,6 +936,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.http import main as http_main
 
         return http_main(args)
+    if args.holdings:
+        from bench.holdings import main as holdings_main
+
+        return holdings_main(args)
     for tool in ("cp", "mv", "rsync", "find", "ls", "sync", "fusermount3", "cmp", "diff", "stat"):
         if shutil.which(tool) is None:
             print(f"scripts/bench: {tool} is not installed", file=sys.stderr)
