@@ -14,7 +14,7 @@
   background) against one made with `tinyfs init --no-identify`; target 1.30 at most. After each deposit
   into the identifying archive, `tinyfs formats ROOT RID --json` is polled until nothing is pending: the
   seconds from the `mv`'s return to then are reported as information ("identified after"), and no other
-  step runs before identification has ended and the identifier's pool has been let go, so that it never
+  step runs before identification has ended and the identifier's workers have been let go, so that it never
   overlaps a timed step.
 
 As in bench/harness.py: within a repetition the two variants run one after the other in an order rotated
@@ -127,7 +127,7 @@ class HoldingsBench(Bench):
 
     def mount_deposit(self, rep: int) -> None:
         """Like Bench.compare, but after the identifying variant waits (timed apart, as information) until
-        its commit is identified and the identifier's pool has ended, before anything else runs."""
+        its commit is identified and the identifier's workers have ended, before anything else runs."""
         wl, rid, src = "mount-deposit-small", f"small-{rep}", self.src_small
         names = list(self.archives["mount"])
         k = rep % len(names)
@@ -145,7 +145,7 @@ class HoldingsBench(Bench):
                 if name == "tinyfs":
                     extra["identified_after_s"], extra["polls"] = self.wait_identified(root, rid)
                     extra["daemon_cpu_with_identification_s"] = daemon.cpu_seconds() - cpu
-                    time.sleep(pool_idle() + 1)      # the identifier's pool ends after this long without work
+                    time.sleep(workers_idle() + 1)      # the identifier's workers end after this long without work
             except (StepFailed, subprocess.TimeoutExpired, OSError) as e:
                 self.errors.append(f"{wl} / {name} (rep {rep}): {e}")
                 self.say(f"  FAILED {wl} / {name}: {e}")
@@ -214,10 +214,10 @@ class HoldingsBench(Bench):
         return rows
 
 
-def pool_idle() -> float:
-    from tinyfs.core.formats import POOL_IDLE
+def workers_idle() -> float:
+    from tinyfs.core.formats import WORKERS_IDLE
 
-    return POOL_IDLE
+    return WORKERS_IDLE
 
 
 def render(rows: list[dict]) -> str:
