@@ -18,6 +18,7 @@ from conftest import run_tinyfs
 
 from tinyfs import Archive
 from tinyfs.core import formats
+from tinyfs.core.errors import NotFound
 from tinyfs.core.layout import ArchiveRoot
 
 pytestmark = pytest.mark.core
@@ -168,3 +169,18 @@ def test_workers_ended_while_working_fail_the_job_not_the_caller(tmp_path):
             for _ in range(50):
                 workers.identify(files)
     assert all(proc.returncode is not None for proc in workers.procs)
+
+
+def test_the_python_api_gives_a_file_s_format_and_the_summary(tmp_path):
+    archive = Archive.init(tmp_path / "a")
+    iid = deposit(archive)
+    r = archive.get("r")
+    assert r.format("in/scan.png") == formats.Format("fmt/11", "image/png", "Portable Network Graphics", "signature")
+    assert r.format("in/empty", iid).basis == "empty"
+    with pytest.raises(NotFound):
+        r.format("in/nothing-here")
+    formats.records_dir(archive.root, "r").joinpath(f"{iid}.json").unlink()
+    assert archive.formats()["pending"] == [("r", iid)]
+    report = archive.formats(["r"], identify=True)
+    assert report["pending"] == [] and r.format("in/log.gz").puid == "x-fmt/266"
+    assert sum(n for _fmt, n in report["formats"]) == len(SAMPLES)

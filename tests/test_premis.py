@@ -214,3 +214,11 @@ def test_a_bad_since_is_one_line(tmp_path):
     Archive.init(tmp_path / "archive")
     r = run_tinyfs("events", tmp_path / "archive", "--premis", "--since", "yesterday", check=False)
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1 and "--since" in r.stderr
+
+
+def test_the_python_api_writes_the_same_premis_as_the_cli(history):
+    out = io.BytesIO()
+    written = history.premis(out)
+    assert written == len(list(history.events()))
+    valid_premis(out.getvalue())
+    assert out.getvalue() == premis_of(history.root.root)

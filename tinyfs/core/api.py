@@ -102,6 +102,24 @@ class Archive:
         from .commit import purge
         purge(self.root, rid)
 
+    def formats(self, rids: list[str] | None = None, *, identify: bool = False) -> dict:
+        """What `tinyfs formats` says: {"formats": [(Format or None, files)], "pending": [(rid, iid)]} over
+        the current states of `rids` (default: every resource); `identify`: identify what is pending first."""
+        from . import formats
+        if identify:
+            todo = formats.pending(self.root, rids)
+            if todo:
+                with formats.Workers() as workers:
+                    for rid, iid in todo:
+                        formats.identify_instance(self.root, rid, iid, workers)
+        return formats.summary(self.root, rids)
+
+    def premis(self, out: BinaryIO, since: str | None = None) -> int:
+        """Write the event log (from event `since`) as PREMIS 3 XML to the binary file `out`, as
+        `tinyfs events --premis` does; the number of events written."""
+        from .premis import write_premis
+        return write_premis(self.root, out, since)
+
 
 class Resource:
     """Read access to a resource's current state (or any instance's)."""
@@ -133,6 +151,15 @@ class Resource:
         bytes raise FixityError and leave nothing at `dest`. Needs the `ocfl` extra."""
         from .ocflexport import export_ocfl
         return export_ocfl(self._root, self.id, dest, progress=progress)
+
+    def format(self, path: str, instance: InstanceRef = None):
+        """The file's format (a formats.Format: PUID, MIME type, name, basis), or None while the instance
+        that stored its bytes is not identified yet (or for an archive made with --no-identify)."""
+        from .formats import format_of
+        doc = self._doc(instance)
+        if path not in doc.state.files:
+            raise NotFound(f"resource {self.id!r} has no file {path!r} in instance {doc.id}")
+        return format_of(self._root, self.id, doc, path)
 
     def history(self, path: str) -> list[Version]:
         """Every version of a logical path, oldest first: the instance that introduced it (`iid`, `created`,
