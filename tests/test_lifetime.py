@@ -15,6 +15,7 @@ from tinyfs import Archive
 from tinyfs.fs import ops as ops_module
 from tinyfs.fs.held import HeldTrees
 from tinyfs.fs.inodes import KEYED_INOS
+from tinyfs.fs.kernel import Kernel
 from tinyfs.fs.ops import NODE_BYTES, Operations
 
 pytestmark = pytest.mark.adapter
@@ -37,8 +38,8 @@ class Clock:
 def asked(monkeypatch) -> list[tuple[int, bytes]]:
     """The entries the daemon asks the kernel to invalidate (there is no kernel here)."""
     calls = []
-    monkeypatch.setattr(pyfuse3, "invalidate_entry_async",
-                        lambda parent, name, deleted=0, ignore_enoent=False: calls.append((parent, bytes(name))))
+    monkeypatch.setattr(Kernel, "forget_entry_later",
+                        staticmethod(lambda parent, name, deleted=0: calls.append((parent, os.fsencode(name)))))
     return calls
 
 

@@ -8,10 +8,34 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 
 import pyfuse3
 
 log = logging.getLogger(__name__)
+
+
+_later: queue.SimpleQueue = queue.SimpleQueue()
+_later_thread: threading.Thread | None = None
+_later_lock = threading.Lock()
+
+
+def _start_later() -> None:
+    global _later_thread
+    with _later_lock:
+        if _later_thread is None:
+            _later_thread = threading.Thread(target=_invalidate_later, name="tinyfs-invalidate", daemon=True)
+            _later_thread.start()
+
+
+def _invalidate_later() -> None:
+    while (item := _later.get()) is not None:
+        parent, name, deleted = item
+        try:
+            pyfuse3.invalidate_entry(parent, name, deleted)
+        except OSError as e:      # the kernel did not know it, or has unmounted already: nothing to forget
+            log.debug("invalidation of %r in %d not made: %s", name, parent, e)
 
 
 class Kernel:
@@ -30,11 +54,21 @@ class Kernel:
 
     @staticmethod
     def forget_entry_later(parent: int, name: str, deleted: int = 0) -> None:
-        """Queue the invalidation of a name (answered after the reply being made: safe on the loop)."""
-        try:
-            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=deleted, ignore_enoent=True)
-        except Exception:
-            log.debug("could not queue invalidation of %s", name, exc_info=True)
+        """Queue the invalidation of a name (made by a thread after the reply being made: safe on the loop)."""
+        _later.put((parent, os.fsencode(name), deleted))
+        _start_later()
+
+    @staticmethod
+    def finish() -> None:
+        """(at unmount, before pyfuse3.close) Let the queued invalidations end: made, or refused by a kernel
+        that has unmounted already. Not pyfuse3's invalidate_entry_async: its thread could still be making
+        one while close() destroyed the session, and it logs every refusal but ENOENT as a traceback."""
+        global _later_thread
+        thread = _later_thread
+        if thread is not None:
+            _later.put(None)
+            thread.join(timeout=10)
+            _later_thread = None
 
     @staticmethod
     def drop_cached_bytes(ino: int) -> None:

@@ -24,6 +24,7 @@ from ..core.errors import Busy, TinyfsError
 from ..core.formats import start_identifier, stop_identifier
 from ..core.layout import MOUNT_LOCK, ArchiveRoot, lock_archive  # noqa: F401 (re-exported)
 from ..core.recover import recover
+from .kernel import Kernel
 from .notify import sd_notify
 from .ops import CACHE_BYTES, Operations
 
@@ -208,6 +209,7 @@ def _serve(archive: ArchiveRoot, mountpoint: str, options: list[str], early: _Ea
             trio.run(_main, ops, mnt, early)
             clean = True
         finally:
+            Kernel.finish()
             pyfuse3.close(unmount=clean)
             stop_identifier(archive)
         log.info("unmounted %s", mnt)
