@@ -23,7 +23,10 @@ re-makes a missing one from the bag.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -35,6 +38,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 from .durable import write_new
 from .layout import ArchiveRoot
@@ -320,14 +324,18 @@ def _text(element, tag: str) -> str | None:
     return found.text if found is not None and found.text else None
 
 
+@functools.lru_cache(maxsize=1)
 def signature_versions() -> dict[str, str]:
-    import fido
-    from fido.versions import get_local_versions
-
-    versions = get_local_versions()
-    container = versions.pronom_container_signature.removeprefix("container-signature-").removesuffix(".xml")
-    return {"tool": f"fido {fido.__version__}",
-            "signatures": f"PRONOM v{versions.pronom_version}, container {container}"}
+    """The identifier's version and its signature files' (FIDO's conf/versions.xml, which its
+    get_local_versions reads too), without importing FIDO: its package pulls in an HTTP client, some
+    8 MiB a daemon that never identifies a file itself would keep for good."""
+    spec = importlib.util.find_spec("fido")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("format identification needs FIDO (the opf-fido package), which is not installed")
+    conf = ElementTree.parse(Path(spec.submodule_search_locations[0]) / "conf" / "versions.xml").getroot()
+    container = conf.findtext("pronomContainerSignature", "").removeprefix("container-signature-").removesuffix(".xml")
+    return {"tool": f"fido {importlib.metadata.version('opf-fido')}",
+            "signatures": f"PRONOM v{conf.findtext('pronomVersion')}, container {container}"}
 
 
 # -- in the background -------------------------------------------------------------------------------------
